@@ -1,0 +1,39 @@
+# otmf_exp — `make demo` and `make test` are all a newcomer needs (both set up .venv when missing).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-all lint format clean-outputs tables plots bench
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/otmf-exp:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,launchers,plots]'
+
+setup: $(BIN)/otmf-exp ## create .venv with torch and the package (editable) + dev tools
+
+demo: setup ## the default run: OTMF-style continual merging on the offline digits8 suite
+	$(BIN)/python -m otmf_exp.run
+
+test: setup ## fast offline tests (excludes slow, network, gpu markers)
+	$(BIN)/python -m pytest -q
+
+test-all: setup ## every test including slow ones (still offline)
+	$(BIN)/python -m pytest -q -m 'not network and not gpu'
+
+lint: setup ## ruff lint + format check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: setup ## ruff format + autofix
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
+	rm -rf outputs multirun
