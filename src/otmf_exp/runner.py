@@ -92,7 +92,8 @@ class Experiment:
                 weights, self.zero_shot[name], self.data[name], self.cfg.eval_split, self.eval_bs
             )
         return TaskInput(name, i, weights, self.zero_shot[name], self.data[name],
-                         self.data[prev] if prev is not None else None)
+                         self.data[prev] if prev is not None else None,
+                         {t: self.data[t] for t in self.order[: i + 1]})
 
     def _evaluate(self, state: ContinualState, upto: int) -> list[float]:
         if getattr(self.method, "evaluates_individually", False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.individual import Individual
+from otmf_exp.merging.otmf import OTMF
 from otmf_exp.merging.pretrained import Pretrained
 from otmf_exp.merging.task_arithmetic import TaskArithmetic
 
@@ -18,6 +19,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "individual": Individual,
     "averaging": Averaging,
     "task_arithmetic": TaskArithmetic,
+    "otmf": OTMF,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

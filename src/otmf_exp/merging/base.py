@@ -56,7 +56,9 @@ class TaskInput:
         head: zero-shot classification head ``[C, D]`` or ``None`` (text backbones).
         data: this task's data (unlabeled adaptation pool, labeled head-tuning split).
         previous_data: data of the task merged at the previous step (``None`` at step 1);
-            only OTMF's ``pre_data=previous_task`` reads it.
+            read by OTMF's ``pre_data=previous_task`` and continual AdaMerging.
+        seen_data: data of every task seen so far, this one included; read only by options
+            that explicitly revisit earlier tasks (OTMF ``head_tuning.which=all_seen``).
     """
 
     name: str
@@ -65,6 +67,7 @@ class TaskInput:
     head: Tensor | None
     data: Any
     previous_data: Any = None
+    seen_data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,4 +27,7 @@ def build_backbone(cfg: Any, device: torch.device, progress: bool = True) -> Bac
     """Build the backbone named by ``cfg.kind`` on ``device``."""
     if cfg.kind not in BACKBONES:
         raise UserError(f"unknown backbone kind {cfg.kind!r}; known: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.kind](cfg, device, progress)
+    backbone = BACKBONES[cfg.kind](cfg, device, progress)
+    backbone.batch_size = int(cfg.batch_size)
+    backbone.num_workers = int(cfg.num_workers)
+    return backbone

@@ -26,6 +26,9 @@ class Backbone(ABC):
     modality: str = "vision"
     module: nn.Module
     device: torch.device
+    #: inputs per batch for evaluation / feature extraction, data-loader workers (set from config)
+    batch_size: int = 128
+    num_workers: int = 0
 
     # ---- parameters ---------------------------------------------------------------------
     @abstractmethod
