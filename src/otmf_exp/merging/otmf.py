@@ -229,8 +229,8 @@ class OTMF(MergeMethod):
         @torch.no_grad()
         def eval_loss() -> dict[str, float]:
             k = cfg.eval_batches
-            pre = [float(ot(x, f)) for x, f in zip(self._stream(pre_data, k, seed_pre), f_pre[:k])]
-            post = [float(ot(x, f)) for x, f in zip(self._stream(task.data, k, seed_post), f_post[:k])]
+            pre = [float(ot(x, f).detach()) for x, f in zip(self._stream(pre_data, k, seed_pre), f_pre[:k])]
+            post = [float(ot(x, f).detach()) for x, f in zip(self._stream(task.data, k, seed_post), f_post[:k])]
             return {"pre": sum(pre) / max(len(pre), 1), "post": sum(post) / max(len(post), 1)}
 
         init_loss = eval_loss() if cfg.eval_batches > 0 else None
