@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,8 @@ class Experiment:
                 rows, self.records, self.individual = prog["rows"], prog["records"], prog["individual"]
                 start = state.step
                 log.info("resuming from step %d of %d", start, len(self.order))
+        if start == 0:  # a fresh run never mixes with another run's checkpoints
+            shutil.rmtree(checkpoint.ckpt_root(self.out_dir), ignore_errors=True)
         for i in range(start, len(self.order)):
             seed_everything(int(cfg.seed) * 1000 + i)  # per-step seeding: resumed == uninterrupted
             self._step_records = {}

@@ -224,7 +224,10 @@ class OTMF(MergeMethod):
             return bb.features(params, x).float()
 
         def ot(x: Tensor, target: Tensor) -> Tensor:
-            return self.loss_fn(student(x), target)
+            feats = student(x)
+            if not torch.isfinite(feats).all():  # geomloss fails obscurely on inf/NaN inputs
+                return feats.new_tensor(float("nan"))
+            return self.loss_fn(feats, target)
 
         @torch.no_grad()
         def eval_loss() -> dict[str, float]:
