@@ -12,7 +12,6 @@ help: ## show this help
 
 $(BIN)/otmf-exp:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev,launchers,plots]'
 
