@@ -34,5 +34,14 @@ format: setup ## ruff format + autofix
 	$(BIN)/ruff format src tests scripts
 	$(BIN)/ruff check --fix src tests scripts
 
+RUNS ?= multirun outputs
+REPORTS ?= reports
+
+tables: setup ## tables (markdown, LaTeX, CSV) from run dirs into reports/tables (RUNS="dir ..." to choose)
+	$(BIN)/python scripts/make_tables.py $(RUNS) --out $(REPORTS)/tables
+
+plots: setup ## PNG figures from run dirs into reports/plots (RUNS="dir ..." to choose)
+	$(BIN)/python scripts/plot.py $(RUNS) --out $(REPORTS)/plots
+
 clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
 	rm -rf outputs multirun

@@ -47,3 +47,22 @@ def run_cfg(make_cfg, tmp_path: Path, zoo):
         return run_experiment(cfg, out), out
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def digits_multirun(tmp_path_factory, zoo):
+    """A real multirun tree on digits8 (tables, plots, W&B tests): ``python -m otmf_exp.run -m``
+    with 2 methods x 2 task orders, 4 of the 8 tasks, the validation split (small, fast), and
+    W&B in offline mode so every job also leaves its own offline W&B run. Returns the sweep dir."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("multirun") / "sweep"
+    cmd = [sys.executable, "-m", "otmf_exp.run", "-m", "method=averaging,task_arithmetic",
+           "task_order=shuffled", "order_seed=0,1", "task_seq.tasks=[rot90,flip,invert,parity]",
+           "eval_split=validation", "progress=false", "logger=wandb", "logger.mode=offline",
+           f"hydra.sweep.dir={root}"]
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root

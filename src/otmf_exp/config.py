@@ -22,6 +22,8 @@ class BackboneConfig:
     model_id: str | None = None
     #: hub id template of the fine-tuned models, ``{task}`` is replaced by the task's hub suffix
     finetuned: str | None = None
+    #: hub id template of the LoRA adapters (``variant: lora``), e.g. tanganke/flan-t5-base_glue-{task}_lora-16
+    finetuned_lora: str | None = None
     #: a local directory that replaces the hub (``<local_dir>/<id>``), for offline use
     local_dir: str | None = None
     #: full | lora (Flan-T5)
@@ -37,6 +39,9 @@ class BackboneConfig:
     num_workers: int = 0
     #: float32 | bfloat16 | float16 autocast for forward passes on GPU (merging maths stays fp32)
     autocast: str = "float32"
+    #: text-to-text models: answer length for evaluation (greedy generate) and prompt truncation
+    max_new_tokens: int = 10
+    max_input_length: int = 512
 
 
 @dataclass

@@ -17,8 +17,22 @@ def _digits(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
     return digits.build_task(task)
 
 
+def _hf_vision(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
+    from otmf_exp.data.hf_vision import build_vision_task
+
+    return build_vision_task(task, seq_cfg, backbone)
+
+
+def _glue(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
+    from otmf_exp.data.glue import build_glue_task
+
+    return build_glue_task(task, seq_cfg, backbone)
+
+
 TASK_KINDS: dict[str, Callable[[str, Any, Any], TaskData]] = {
     "digits": _digits,
+    "hf_vision": _hf_vision,
+    "glue": _glue,
 }
 
 

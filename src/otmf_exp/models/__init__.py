@@ -18,8 +18,39 @@ def _tiny(cfg: Any, device: torch.device, progress: bool) -> Backbone:
     return TinyBackbone(DigitsZoo(progress=progress), device)
 
 
+def _quiet(progress: bool) -> None:
+    if not progress:  # the hub libraries' own download / loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _hf_clip(cfg: Any, device: torch.device, progress: bool) -> Backbone:
+    from otmf_exp.models.hf_clip import HFClipBackbone
+
+    _quiet(progress)
+    return HFClipBackbone(cfg, device)
+
+
+def _open_clip(cfg: Any, device: torch.device, progress: bool) -> Backbone:
+    from otmf_exp.models.openclip import OpenClipBackbone
+
+    _quiet(progress)
+    return OpenClipBackbone(cfg, device)
+
+
+def _hf_t5(cfg: Any, device: torch.device, progress: bool) -> Backbone:
+    from otmf_exp.models.t5 import T5Backbone
+
+    _quiet(progress)
+    return T5Backbone(cfg, device)
+
+
 BACKBONES: dict[str, Callable[[Any, torch.device, bool], Backbone]] = {
     "tiny": _tiny,
+    "hf_clip": _hf_clip,
+    "open_clip": _open_clip,
+    "hf_t5": _hf_t5,
 }
 
 

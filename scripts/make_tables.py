@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Tables from run dirs or a W&B export: markdown (printed and saved), LaTeX and CSV.
+
+    python scripts/make_tables.py multirun/paper/continual_vision            # a multirun tree
+    python scripts/make_tables.py outputs/a outputs/b --out reports/tables   # several run dirs
+    python scripts/make_tables.py --wandb-export runs.csv                     # an exported W&B project
+    python scripts/make_tables.py multirun --by eval_split --decimals 2 --published-only
+
+Rows are grouped by (protocol, backbone, task_seq, method, varying method_config fields); cells
+are mean ± std over task orders and seeds (n shown), next to the published numbers
+(src/otmf_exp/data/reference_numbers.csv) and the difference. See otmf_exp.tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from otmf_exp import table_render, tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help="run dirs or trees containing metrics.json files")
+    p.add_argument(
+        "--wandb-export",
+        action="append",
+        default=[],
+        help="a W&B runs export (.csv from the UI, or .json list of {name, config, summary})",
+    )
+    p.add_argument("--out", default="reports/tables", help="output directory (default: %(default)s)")
+    p.add_argument("--reference", default=None, help="published numbers CSV (default: the package's copy)")
+    p.add_argument("--by", action="append", default=[], help="extra config key that splits rows (repeatable)")
+    p.add_argument("--decimals", type=int, default=1)
+    p.add_argument(
+        "--published-only",
+        action="store_true",
+        help="also list published methods that were not run (MINGLE, Fisher, ...) in each block",
+    )
+    p.add_argument("--keep-duplicates", action="store_true", help="count identical runs separately")
+    p.add_argument("--quiet", action="store_true", help="do not print the markdown")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if not args.paths and not args.wandb_export:
+        p.error("give run dirs and/or --wandb-export FILE")
+    runs = tables.load_runs(args.paths, keep_duplicates=args.keep_duplicates) if args.paths else []
+    for f in args.wandb_export:
+        runs += tables.load_wandb_export(f)
+    if not runs:
+        print(
+            f"error: no completed runs (metrics.json) under {' '.join(args.paths or args.wandb_export)}",
+            file=sys.stderr,
+        )
+        return 2
+    reference = tables.load_reference(args.reference)
+    rows = tables.aggregate(runs, reference, by=args.by)
+    if args.published_only:
+        rows = sorted(rows + tables.reference_only_rows(rows, reference), key=tables.row_order)
+    files = table_render.write_all(rows, reference, args.out, args.decimals)
+    if not args.quiet:
+        print(files["md"].read_text())
+    print(
+        f"{len(runs)} runs -> {len(rows)} rows; wrote " + ", ".join(str(f) for f in files.values()),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""logger=wandb: offline runs are written and read back; disabled writes nothing; one run per job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from otmf_exp.tracking import NullTracker, make_tracker
+from otmf_exp.wandb_tracker import WandbTracker, read_offline_run, run_name
+
+pytest.importorskip("wandb")
+
+FAST = ("task_order=[rot90]", "eval_split=validation")
+
+
+def _offline_runs(run_dir):
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_disabled_writes_nothing(run_cfg):
+    m, out = run_cfg("method=pretrained", "logger=wandb", "logger.mode=disabled", *FAST)
+    assert (out / "metrics.json").exists() and not (out / "wandb").exists()
+    assert isinstance(make_tracker(OmegaConf.create({"name": "wandb", "mode": "disabled"})), NullTracker)
+
+
+def test_curves_dicts_and_failure_exit_code(tmp_path, monkeypatch):
+    """Loss curves (lists) become first/last/min series + a line chart; a failed run exits 1."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create(
+        {
+            "name": "wandb",
+            "mode": "offline",
+            "project": "p",
+            "entity": None,
+            "group": "g",
+            "tags": [],
+            "dir": None,
+        }
+    )
+    tr = WandbTracker(cfg)
+    tr.start({"method": {"name": "otmf"}, "task_seq": {"name": "digits8"}}, str(tmp_path))
+    tr.log_step(
+        {
+            "step": 1,
+            "task": "a",
+            "acc": {"a": 50.0},
+            "avg_acc": 50.0,
+            "time_s": 0.5,
+            "peak_memory_mb": 10.0,
+            "memory_kind": "cpu_rss",
+            "ot_loss_pre": [3.0, 2.0, 2.5],
+            "head_tuning_loss": {"a": 0.1},
+            "flag": True,
+            "note": "x",
+        }
+    )
+    tr.finish(None, failed=True)
+    tr.finish(None, failed=True)  # idempotent
+    (run,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    r = read_offline_run(run)
+    assert r["exit_code"] == 1 and r["group"] == "g"
+    h = r["history"][0]
+    assert (h["step/ot_loss_pre/first"], h["step/ot_loss_pre/last"], h["step/ot_loss_pre/min"]) == (
+        3.0,
+        2.5,
+        2.0,
+    )
+    assert h["step/head_tuning_loss/a"] == 0.1 and "step/flag" not in h and "step/note" not in h
+    assert any(k.startswith("curves/ot_loss_pre/step_1") for k in h)
+    assert "acc" not in r["summary"]
+
+
+def test_each_multirun_job_has_its_own_offline_run(digits_multirun):
+    """The multirun fixture ran with logger=wandb logger.mode=offline: one W&B run per job in its
+    run dir, named method + overrides, holding that job's own summary, steps and config."""
+    names = set()
+    for f in sorted(digits_multirun.rglob("metrics.json")):
+        m = json.loads(f.read_text())
+        (run,) = _offline_runs(f.parent)  # dir defaults to the run dir
+        r = read_offline_run(run)
+        for k in ("acc", "bwt", "normalized_acc"):
+            assert r["summary"][k] == pytest.approx(m[k]), k
+        t = m["order"][0]
+        assert r["summary"][f"per_task/{t}"] == pytest.approx(m["per_task"][t])
+        assert r["exit_code"] == 0 and r["group"] == "digits8"
+        assert r["name"].startswith(m["method"] + " ") and "order_seed=" in r["name"]
+        assert "progress" not in r["name"] and "logger" not in r["name"]
+        assert r["config"]["method"]["name"] == m["method"] and r["config"]["task_seq"]["name"] == "digits8"
+        steps = [h for h in r["history"] if "step/acc" in h]
+        assert [h["_step"] for h in steps] == [1, 2, 3, 4]
+        assert steps[1][f"step/acc/{t}"] == pytest.approx(m["acc_matrix"][1][0])
+        assert steps[-1]["step/acc"] == pytest.approx(m["acc"])
+        assert all("step/time_s" in h and "step/peak_memory_mb" in h for h in steps)
+        assert any(k.startswith("acc_matrix") for h in r["history"] for k in h)  # the wandb.Table
+        names.add(r["name"])
+    assert len(names) == 4  # nothing shared between jobs
+
+
+def test_run_name_keeps_only_experiment_overrides():
+    ov = [
+        "method=otmf",
+        "alpha=0.5",
+        "progress=false",
+        "logger.mode=offline",
+        "hydra.verbose=true",
+        "out_dir=/x",
+        "task_order=shuffled",
+        "+experiment=paper/ablation_alpha",
+    ]
+    assert run_name("otmf", ov) == "otmf alpha=0.5 task_order=shuffled +experiment=paper/ablation_alpha"
+    assert run_name("averaging", []) == "averaging"
