@@ -175,6 +175,21 @@ def test_end_to_end_every_method_in_process(hub_root, tmp_path, make_cfg, method
     assert len(m["acc_matrix"]) == 2 and (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq,tasks", [("vit8", "[mnist,svhn]"), ("glue8", "[cola,stsb]")])
+def test_cuda_autocast_end_to_end(hub_root, tmp_path, make_cfg, seq, tasks):
+    """CUDA path: pinned batches, worker processes, bfloat16 autocast (run with -m gpu on a GPU box)."""
+    from otmf_exp.runner import run_experiment
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = make_cfg(f"task_seq={seq}", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
+                   f"task_order={tasks}", "method=task_arithmetic", "device=cuda", "backbone.autocast=bfloat16",
+                   "backbone.num_workers=2", "backbone.batch_size=8")
+    m = run_experiment(cfg, tmp_path / "run")
+    assert m["device"].startswith("cuda") and len(m["acc_matrix"]) == 2
+
+
 @pytest.mark.network
 @pytest.mark.parametrize("overrides", [
     ["task_seq=vit20"], ["task_seq=vit20", "backbone=clip_vit_b16"], ["task_seq=vit20", "backbone=clip_vit_l14"],

@@ -78,8 +78,10 @@ def _download(refs: list[Ref], local_dir: str | None) -> None:
 
     for kind, rid, config, splits in refs:
         target = str(Path(local_dir) / rid) if local_dir else None
-        if kind == "model":
-            snapshot_download(rid, allow_patterns=_META + ["*.safetensors", "*.bin"], local_dir=target)
+        if kind == "model":  # safetensors when the repo has them, else the *.bin weights
+            path = snapshot_download(rid, allow_patterns=_META + ["*.safetensors"], local_dir=target)
+            if not any(Path(path).glob("*.safetensors")):
+                snapshot_download(rid, allow_patterns=_META + ["*.bin"], local_dir=target)
         elif local_dir:
             snapshot_download(rid, repo_type="dataset", local_dir=target)
         else:

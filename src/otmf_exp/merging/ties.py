@@ -4,8 +4,9 @@ TIES(τ_1..τ_n) = disjoint_merge(trim(τ_i), elect_sign(trim(τ_i))). The varia
 libraries; each is named here and pinned by ``tests/test_ties.py``:
 
 * **trim** -- keep the entries with ``|τ| ≥ kth``, the ``(d − ⌊density·d⌋)``-th smallest magnitude
-  (entries tied with it are kept too; ``density`` is a fraction). This is FusionBench's
-  ``topk_values_mask`` (from the AdaMerging/TIES code). ``topk_scope``:
+  (entries tied with it are kept too, so ⌊density·d⌋ + 1 entries survive when magnitudes are
+  distinct; ``density`` is a fraction). This is FusionBench's ``topk_values_mask`` (from the
+  AdaMerging/TIES code), off-by-one included. ``topk_scope``:
   ``global`` = d over the whole flattened task vector (FusionBench, the original TIES code; the default),
   ``per_tensor`` = d per parameter tensor (the peft / mergekit variant).
 * **elect** -- sign of the sum of the trimmed vectors. Zero sums take the majority sign
