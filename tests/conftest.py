@@ -10,6 +10,14 @@ from hydra import compose, initialize_config_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tiny models: one intra-op thread is as fast as two, and two threads per process on a shared
+# 2-core box spin-wait (measured: up to 100x slower). Subprocesses inherit OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from otmf_exp.config import register_configs  # noqa: E402
 

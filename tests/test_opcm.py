@@ -15,6 +15,15 @@ from otmf_exp.merging.task_vectors import global_norm, task_vector
 T = torch.tensor
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("alpha,r", [(0.3, 0), (0.5, 1), (0.75, 2), (0.9, 3), (1.0, 0), (1.5, 0)])
 def test_split_rank_on_hand_made_spectrum(alpha, r):
     # cumsum/sum = [0.4, 0.7, 0.9, 1.0]; r = first 0-based index with ratio > α, 0 if none
@@ -56,7 +65,10 @@ def test_projected_update_zero_diag_and_block_in_merged_basis(shape):
 
 def test_alpha_at_least_one_removes_only_the_diagonal():
     g = torch.Generator().manual_seed(3)
-    dm, dt = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    dm, dt = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
     cleaned, r = project_out(dm, dt, alpha=1.0)
     assert r == 0
     u, v = _full_basis(dm)
@@ -88,15 +100,24 @@ class _FakeBackbone:
 
 
 def _ctx(bb, rec=None):
-    return MethodContext(backbone=bb, device=torch.device("cpu"), generator=torch.Generator(),
-                         record=(lambda k, v: rec.__setitem__(k, v)) if rec is not None else (lambda k, v: None))
+    return MethodContext(
+        backbone=bb,
+        device=torch.device("cpu"),
+        generator=torch.Generator(),
+        record=(lambda k, v: rec.__setitem__(k, v)) if rec is not None else (lambda k, v: None),
+    )
 
 
 def test_step_rescales_to_mean_task_vector_norm_and_keeps_inputs():
     g = torch.Generator().manual_seed(0)
-    pre = {"lin.weight": torch.randn(5, 3, generator=g), "lin.bias": torch.randn(5, generator=g),
-           "cls": torch.randn(3, generator=g)}
-    fts = [{k: v + (i + 1) * 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for i in range(3)]
+    pre = {
+        "lin.weight": torch.randn(5, 3, generator=g),
+        "lin.bias": torch.randn(5, generator=g),
+        "cls": torch.randn(3, generator=g),
+    }
+    fts = [
+        {k: v + (i + 1) * 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for i in range(3)
+    ]
     rec = {}
     m = OPCM(OPCMConfig(), _ctx(_FakeBackbone({"lin.weight"}), rec))
     state = m.init(pre)
@@ -114,15 +135,20 @@ def test_step_rescales_to_mean_task_vector_norm_and_keeps_inputs():
     assert 0 <= rec["opcm_split_rank_mean"] < 3
 
 
-@pytest.mark.parametrize("alpha,raw_w", [
-    (0.6, [[3.0, 1.0, 1.0], [1.0, 2.0, 1.0], [0.0, 0.0, 1.0]]),  # r = 1: only the diagonal goes
-    (0.9, [[3.0, 0.0, 1.0], [0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]),  # r = 2: the 2x2 block goes too
-])
+@pytest.mark.parametrize(
+    "alpha,raw_w",
+    [
+        (0.6, [[3.0, 1.0, 1.0], [1.0, 2.0, 1.0], [0.0, 0.0, 1.0]]),  # r = 1: only the diagonal goes
+        (0.9, [[3.0, 0.0, 1.0], [0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]),  # r = 2: the 2x2 block goes too
+    ],
+)
 def test_step_closed_form(alpha, raw_w):
     # Δ_m = diag(3,2,1): U = V = I (up to signs); S ratios [0.5, 0.83, 1]
     pre = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
-    fts = [{"w": torch.diag(T([3.0, 2.0, 1.0])), "b": T([1.0, 0.0, 0.0])},
-           {"w": T([[5.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), "b": T([0.0, 2.0, 0.0])}]
+    fts = [
+        {"w": torch.diag(T([3.0, 2.0, 1.0])), "b": T([1.0, 0.0, 0.0])},
+        {"w": T([[5.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), "b": T([0.0, 2.0, 0.0])},
+    ]
     m = OPCM(OPCMConfig(alpha=alpha), _ctx(_FakeBackbone({"w"})))
     s = m.step(m.init(pre), TaskInput("a", 0, fts[0], None, None), pre)
     assert s.scalars == {"opcm_lambda": 1.0, "opcm_norms": [pytest.approx(15**0.5)]}
@@ -140,15 +166,20 @@ def _tiny_clip():
     from otmf_exp.models.tiny import TinyRecipe, make_module
 
     torch.manual_seed(0)
-    return make_module(TinyRecipe(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                  num_attention_heads=2, projection_dim=8)).eval()
+    return make_module(
+        TinyRecipe(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, projection_dim=8
+        )
+    ).eval()
 
 
 def _fusionbench_opcm(pre: nn.Module, models: list[nn.Module], alpha: float) -> nn.Module:
     """FusionBench 0.2.33 OPCMForCLIP.run, re-expressed: walk leaf modules of the merged model."""
+
     def tv_norm(m):
-        return torch.linalg.norm(torch.cat([(p - q).reshape(-1) for p, q in
-                                            zip(m.parameters(), pre.parameters())]))
+        return torch.linalg.norm(
+            torch.cat([(p - q).reshape(-1) for p, q in zip(m.parameters(), pre.parameters())])
+        )
 
     merged = copy.deepcopy(models[0])
     norms, lam_prev = [float(tv_norm(merged))], 1.0

@@ -91,7 +91,10 @@ def test_joint_is_scaled_ties_and_default_scaling():
 
 def test_continual_fusionbench_recurrence_closed_form():
     pre = {"x": torch.zeros(2)}
-    tasks = [TaskInput("t0", 0, {"x": T([2.0, -4.0])}, None, None), TaskInput("t1", 1, {"x": T([-1.0, 3.0])}, None, None)]
+    tasks = [
+        TaskInput("t0", 0, {"x": T([2.0, -4.0])}, None, None),
+        TaskInput("t1", 1, {"x": T([-1.0, 3.0])}, None, None),
+    ]
     m = Ties(TiesConfig(scaling=0.5, density=1.0), CTX, protocol="continual")
     s1 = m.step(m.init(pre), tasks[0], pre)
     assert torch.equal(s1.merged["x"], T([1.0, -2.0]))  # step 1: λ·τ_1, untrimmed
@@ -104,11 +107,15 @@ def test_continual_fusionbench_recurrence_closed_form():
 def test_first_step_is_untrimmed_even_at_low_density():
     m = Ties(TiesConfig(density=0.2), CTX, protocol="continual")
     s = m.step(m.init(_pre()), _tasks(TVS)[0], _pre())
-    assert torch.allclose(s.merged["a"], 0.5 * TVS[0]["a"]) and torch.allclose(s.merged["b"], 0.5 * TVS[0]["b"])
+    assert torch.allclose(s.merged["a"], 0.5 * TVS[0]["a"]) and torch.allclose(
+        s.merged["b"], 0.5 * TVS[0]["b"]
+    )
 
 
-@pytest.mark.parametrize("key,value", [("density", 0.0), ("density", 1.5), ("topk_scope", "layer"),
-                                       ("merge", "median"), ("scaling", -0.1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("density", 0.0), ("density", 1.5), ("topk_scope", "layer"), ("merge", "median"), ("scaling", -0.1)],
+)
 def test_validate_rejects_bad_values(key, value):
     cfg = OmegaConf.structured(TiesConfig)
     cfg[key] = value

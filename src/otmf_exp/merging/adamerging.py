@@ -66,8 +66,13 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def init_coefficients(n_vectors: int, n_tensors: int, granularity: str, values: Sequence[float],
-                      device: torch.device | str = "cpu") -> Tensor:
+def init_coefficients(
+    n_vectors: int,
+    n_tensors: int,
+    granularity: str,
+    values: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """Coefficient tensor ``[n_vectors]`` (task) or ``[n_vectors, n_tensors]`` (layer), row i filled
     with ``values[i]``; float32, requires grad."""
     v = torch.tensor([float(x) for x in values], dtype=torch.float32, device=device)
@@ -111,8 +116,14 @@ class AdaMerging(MergeMethod):
     @classmethod
     def validate(cls, cfg: Any) -> None:
         checks = [
-            (cfg.granularity in GRANULARITIES, f"method.granularity must be one of {list(GRANULARITIES)}, got {cfg.granularity!r}"),
-            (cfg.adapt_split in SPLITS, f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}"),
+            (
+                cfg.granularity in GRANULARITIES,
+                f"method.granularity must be one of {list(GRANULARITIES)}, got {cfg.granularity!r}",
+            ),
+            (
+                cfg.adapt_split in SPLITS,
+                f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}",
+            ),
             (cfg.steps >= 0, f"method.steps must be >= 0, got {cfg.steps}"),
             (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
             (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
@@ -122,8 +133,16 @@ class AdaMerging(MergeMethod):
                 raise UserError(msg)
 
     # ---- the optimisation ------------------------------------------------------------------
-    def adapt(self, pretrained: StateDict, tvs: Sequence[StateDict], heads: Sequence[Tensor | None],
-              datas: Sequence[Any], init: Sequence[float], what: str, seed: int) -> Tensor:
+    def adapt(
+        self,
+        pretrained: StateDict,
+        tvs: Sequence[StateDict],
+        heads: Sequence[Tensor | None],
+        datas: Sequence[Any],
+        init: Sequence[float],
+        what: str,
+        seed: int,
+    ) -> Tensor:
         """Learn coefficients for ``tvs`` by entropy minimisation on ``datas`` seen through ``heads``
         (one batch per pool per step). Returns the detached coefficients; records the curve."""
         cfg, bb = self.cfg, self.ctx.backbone
@@ -134,11 +153,14 @@ class AdaMerging(MergeMethod):
         bar = tqdm(range(cfg.steps), desc=f"AdaMerging {what}", disable=not self.ctx.progress, leave=False)
         for it in bar:
             params = combine(pretrained, tvs, coef)
-            loss = sum(entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams))
+            loss = sum(
+                entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams)
+            )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"AdaMerging {what}, iteration {it}: non-finite entropy; the last completed step's "
-                    f"checkpoint is kept. Lower method.lr or set method.clamp=true")
+                    f"checkpoint is kept. Lower method.lr or set method.clamp=true"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,11 +197,20 @@ class AdaMerging(MergeMethod):
             datas.append(prev)
             task_heads.append(heads.get(prev.name))
         init_m = self.cfg.init if self.cfg.init_merged is None else self.cfg.init_merged
-        coef = self.adapt(pretrained, [state.merged, tv], task_heads, datas, [init_m, self.cfg.init],
-                          what=f"step {t} ({task.name})", seed=7919 * t)
+        coef = self.adapt(
+            pretrained,
+            [state.merged, tv],
+            task_heads,
+            datas,
+            [init_m, self.cfg.init],
+            what=f"step {t} ({task.name})",
+            seed=7919 * t,
+        )
         return ContinualState(t, self._apply([state.merged, tv], coef), heads, dict(state.scalars))
 
-    def joint(self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]) -> ContinualState:
+    def joint(
+        self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
+    ) -> ContinualState:
         tvs, heads, datas = [], [], []
         for task in tasks:  # all T task vectors are held: memory grows with T
             tvs.append(task_vector(task.weights, pretrained))
@@ -187,5 +218,7 @@ class AdaMerging(MergeMethod):
             datas.append(task.data)
         if not tvs:
             raise UserError("AdaMerging joint merge needs at least one task")
-        coef = self.adapt(pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", seed=104729)
+        coef = self.adapt(
+            pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", seed=104729
+        )
         return ContinualState(len(tvs), self._apply(tvs, coef))

@@ -56,7 +56,9 @@ class MagMax(MergeMethod):
         merged = magmax_step(state.merged, task_vector(task.weights, pretrained), float(self.cfg.scaling))
         return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
 
-    def joint(self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]) -> ContinualState:
+    def joint(
+        self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
+    ) -> ContinualState:
         running: StateDict | None = None
         n = 0
         for task in tasks:

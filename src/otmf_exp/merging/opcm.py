@@ -67,8 +67,9 @@ def split_rank(s: Tensor, alpha: float) -> int:
     return int(hits[0]) if len(hits) else 0
 
 
-def project_out(delta_m: Tensor, delta_t: Tensor, alpha: float,
-                svd_dtype: torch.dtype = torch.float64) -> tuple[Tensor, int]:
+def project_out(
+    delta_m: Tensor, delta_t: Tensor, alpha: float, svd_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, int]:
     """OPCM's cleaned update Δ̃_t ``[m, n]`` of one linear weight and the split rank r.
 
     Args:
@@ -88,9 +89,15 @@ def project_out(delta_m: Tensor, delta_t: Tensor, alpha: float,
     return cleaned.to(delta_t.dtype), r
 
 
-def opcm_merge(merged_tv: Mapping[str, Tensor], new_tv: Mapping[str, Tensor], linear: set[str],
-               keep: set[str], lam_prev: float, alpha: float,
-               svd_dtype: torch.dtype = torch.float64) -> tuple[StateDict, dict[str, int]]:
+def opcm_merge(
+    merged_tv: Mapping[str, Tensor],
+    new_tv: Mapping[str, Tensor],
+    linear: set[str],
+    keep: set[str],
+    lam_prev: float,
+    alpha: float,
+    svd_dtype: torch.dtype = torch.float64,
+) -> tuple[StateDict, dict[str, int]]:
     """The per-layer OPCM update before rescaling: τ = λ_{t−1}·τᵐ + (Δ̃_t for keys in ``linear``,
     τ_t otherwise); keys in ``keep`` stay τᵐ (FusionBench compat). Returns (τ, split rank per linear key)."""
     out: StateDict = {}
@@ -146,11 +153,20 @@ class OPCM(MergeMethod):
         linear, keep = self._layer_sets(set(tv))
         if not linear:
             log.warning("OPCM: the backbone reports no linear weights; every parameter uses the plain rule")
-        merged, ranks = opcm_merge(state.merged, tv, linear, keep, float(state.scalars["opcm_lambda"]),
-                                   float(self.cfg.alpha), SVD_DTYPES[self.cfg.svd_dtype])
+        merged, ranks = opcm_merge(
+            state.merged,
+            tv,
+            linear,
+            keep,
+            float(state.scalars["opcm_lambda"]),
+            float(self.cfg.alpha),
+            SVD_DTYPES[self.cfg.svd_dtype],
+        )
         merged, lam = rescale_to(merged, avg)
         self.ctx.record("opcm_lambda", lam)
         self.ctx.record("opcm_avg_norm", avg)
         if ranks:
             self.ctx.record("opcm_split_rank_mean", sum(ranks.values()) / len(ranks))
-        return ContinualState(state.step + 1, merged, dict(state.heads), {"opcm_lambda": lam, "opcm_norms": norms})
+        return ContinualState(
+            state.step + 1, merged, dict(state.heads), {"opcm_lambda": lam, "opcm_norms": norms}
+        )

@@ -103,7 +103,9 @@ def elect_signs(trimmed: Sequence[Mapping[str, Tensor]], scope: str = "global") 
     return out
 
 
-def disjoint_merge(trimmed: Sequence[Mapping[str, Tensor]], signs: Mapping[str, Tensor], merge: str = "sum") -> StateDict:
+def disjoint_merge(
+    trimmed: Sequence[Mapping[str, Tensor]], signs: Mapping[str, Tensor], merge: str = "sum"
+) -> StateDict:
     """Aggregate, per entry, the trimmed values whose sign agrees with ``signs`` (>0: positive ones,
     otherwise negative ones): ``sum``, ``mean`` over the agreeing non-zero values, or ``max``
     magnitude times the elected sign. Shapes follow ``signs``.
@@ -124,8 +126,9 @@ def disjoint_merge(trimmed: Sequence[Mapping[str, Tensor]], signs: Mapping[str, 
     return out
 
 
-def ties_merge(tvs: Sequence[Mapping[str, Tensor]], density: float, scope: str = "global",
-               merge: str = "sum") -> StateDict:
+def ties_merge(
+    tvs: Sequence[Mapping[str, Tensor]], density: float, scope: str = "global", merge: str = "sum"
+) -> StateDict:
     """TIES(τ_1..τ_n): trim each task vector, elect signs, disjoint-merge (unscaled; same keys/shapes)."""
     trimmed = [trim(tv, density, scope) for tv in tvs]
     return disjoint_merge(trimmed, elect_signs(trimmed, scope), merge)
@@ -166,7 +169,9 @@ class Ties(MergeMethod):
         self.ctx.record("scaling", lam)
         return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
 
-    def joint(self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]) -> ContinualState:
+    def joint(
+        self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
+    ) -> ContinualState:
         tvs = [task_vector(t.weights, pretrained) for t in tasks]  # all T task vectors: memory grows with T
         if not tvs:
             raise UserError("TIES joint merge needs at least one task")
