@@ -22,15 +22,6 @@ T = torch.tensor
 ORDER = ["rot90", "rot180", "flip"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared 2-core box (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_entropy_closed_form():
     assert float(entropy(torch.zeros(4, 10))) == pytest.approx(math.log(10))
     assert float(entropy(T([[100.0, 0.0, 0.0]]))) == pytest.approx(0.0, abs=1e-6)

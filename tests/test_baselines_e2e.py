@@ -4,20 +4,10 @@ import json
 import math
 
 import pytest
-import torch
 
 from otmf_exp.errors import UserError
 
 ORDER = "task_order=[rot90,flip,invert]"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared 2-core box (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CASES = [

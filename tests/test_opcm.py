@@ -15,15 +15,6 @@ from otmf_exp.merging.task_vectors import global_norm, task_vector
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("alpha,r", [(0.3, 0), (0.5, 1), (0.75, 2), (0.9, 3), (1.0, 0), (1.5, 0)])
 def test_split_rank_on_hand_made_spectrum(alpha, r):
     # cumsum/sum = [0.4, 0.7, 0.9, 1.0]; r = first 0-based index with ratio > α, 0 if none
