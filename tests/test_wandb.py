@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -60,6 +61,10 @@ def test_curves_dicts_and_failure_exit_code(tmp_path, monkeypatch):
     tr.finish(None, failed=True)  # idempotent
     (run,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
     r = read_offline_run(run)
+    deadline = time.time() + 20  # wandb-core may flush the exit record just after finish() returns
+    while r["exit_code"] is None and time.time() < deadline:
+        time.sleep(0.2)
+        r = read_offline_run(run)
     assert r["exit_code"] == 1 and r["group"] == "g"
     h = r["history"][0]
     assert (h["step/ot_loss_pre/first"], h["step/ot_loss_pre/last"], h["step/ot_loss_pre/min"]) == (

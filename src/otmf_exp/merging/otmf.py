@@ -284,7 +284,8 @@ class OTMF(MergeMethod):
             merged = masked_merge(tv_prev, tv_new, m_pre.values(), m_post.values(), alpha)
             merged = {k: v.to(tv_prev[k].dtype).detach() for k, v in merged.items()}
             mvals = [v for m in (m_pre, m_post) for v in m.values().values()]
-            self.ctx.record("mask_mean", float(sum(v.sum() for v in mvals) / sum(v.numel() for v in mvals)))
+            # float64: a float32 sum depends on memory alignment, which differs between processes
+            self.ctx.record("mask_mean", float(sum(v.double().sum() for v in mvals) / sum(v.numel() for v in mvals)))
         self.ctx.record("ot_loss_pre", curve_pre)
         self.ctx.record("ot_loss_post", curve_post)
         if init_loss is not None:
