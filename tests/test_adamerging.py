@@ -162,3 +162,26 @@ def test_validate_rejects_bad_values(key, value):
     cfg[key] = value
     with pytest.raises(UserError, match=key):
         AdaMerging.validate(cfg)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_per_task_backward_equals_summed_backward(digits, granularity):
+    """The memory-lean default (one pool's activations at a time) gives FusionBench's gradient."""
+    bb, pre, tasks = digits
+    tvs = [task_vector(t.weights, pre) for t in tasks]
+    grads, losses = {}, {}
+    for mode in ("per_task", "summed"):
+        m = _method(bb, {}, batch_size=8, granularity=granularity, backward=mode)
+        coef = init_coefficients(len(tvs), len(pre), granularity, [0.3, 0.5, 0.7])
+        streams = [t.data.batches("test", 8, 11 + j) for j, t in enumerate(tasks)]
+        losses[mode] = m._backward(combine(pre, tvs, coef), [t.head for t in tasks], streams, "test", 0)
+        grads[mode] = coef.grad.clone()
+    assert losses["per_task"] == pytest.approx(losses["summed"], rel=1e-5)
+    assert grads["summed"].abs().max() > 0
+    assert torch.allclose(grads["per_task"], grads["summed"], rtol=1e-4, atol=1e-7)
+
+
+def test_backward_mode_is_validated():
+    cfg = OmegaConf.merge(OmegaConf.structured(AdaMergingConfig), {"backward": "sometimes"})
+    with pytest.raises(UserError, match="method.backward"):
+        AdaMerging.validate(cfg)

@@ -94,7 +94,7 @@ class Experiment:
             )
         return TaskInput(name, i, weights, self.zero_shot[name], self.data[name],
                          self.data[prev] if prev is not None else None,
-                         {t: self.data[t] for t in self.order[: i + 1]})
+                         {t: self.data[t] for t in self.order[: i + 1]}, owned=True)
 
     def _evaluate(self, state: ContinualState, upto: int) -> list[float]:
         if getattr(self.method, "evaluates_individually", False):

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, task_vector
+from otmf_exp.merging.task_vectors import StateDict
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("task", "layer")
+BACKWARDS = ("per_task", "summed")
 SPLITS = ("train", "validation", "test")
 MAX_CURVE_POINTS = 100
 
@@ -57,6 +58,10 @@ class AdaMergingConfig:
     clamp: bool = False
     #: split of the unlabeled adaptation pool (test = the AdaMerging convention)
     adapt_split: str = "test"
+    #: per_task: backward after each pool's batch, gradients accumulated (activations of one batch
+    #: alive at a time) | summed: one backward of the summed entropy (FusionBench; activations of
+    #: every pool's batch alive at once). Same gradient up to float summation order.
+    backward: str = "per_task"
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -124,6 +129,10 @@ class AdaMerging(MergeMethod):
                 cfg.adapt_split in SPLITS,
                 f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}",
             ),
+            (
+                cfg.backward in BACKWARDS,
+                f"method.backward must be one of {list(BACKWARDS)}, got {cfg.backward!r}",
+            ),
             (cfg.steps >= 0, f"method.steps must be >= 0, got {cfg.steps}"),
             (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
             (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
@@ -145,34 +154,57 @@ class AdaMerging(MergeMethod):
     ) -> Tensor:
         """Learn coefficients for ``tvs`` by entropy minimisation on ``datas`` seen through ``heads``
         (one batch per pool per step). Returns the detached coefficients; records the curve."""
-        cfg, bb = self.cfg, self.ctx.backbone
+        cfg = self.cfg
         coef = init_coefficients(len(tvs), len(pretrained), cfg.granularity, init, device=self.ctx.device)
         opt = torch.optim.Adam([coef], lr=cfg.lr)
         streams = [d.batches(cfg.adapt_split, cfg.batch_size, seed + 101 * j) for j, d in enumerate(datas)]
         curve: list[float] = []
         bar = tqdm(range(cfg.steps), desc=f"AdaMerging {what}", disable=not self.ctx.progress, leave=False)
         for it in bar:
-            params = combine(pretrained, tvs, coef)
-            loss = sum(
-                entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams)
-            )
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"AdaMerging {what}, iteration {it}: non-finite entropy; the last completed step's "
-                    f"checkpoint is kept. Lower method.lr or set method.clamp=true"
-                )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            params = combine(pretrained, tvs, coef)
+            loss = self._backward(params, heads, streams, what, it)
+            del params
             opt.step()
             if cfg.clamp:
                 with torch.no_grad():
                     coef.clamp_(0.0, 1.0)
-            curve.append(float(loss.detach()) / len(datas))
+            curve.append(loss / len(datas))
             if self.ctx.progress and it % 10 == 0:
                 bar.set_postfix(entropy=f"{curve[-1]:.4f}")
         self.ctx.record("entropy_curve", subsample(curve))
         self.ctx.record("coefficients", coefficient_summary(coef))
         return coef.detach()
+
+    def _backward(self, params: StateDict, heads: Sequence[Tensor | None], streams: Sequence[Iterator], what: str,
+                  it: int) -> float:
+        """Entropy summed over one batch per pool; fills ``coef.grad`` (after ``zero_grad``). Returns the loss."""
+        bb = self.ctx.backbone
+
+        def check(loss: Tensor) -> None:
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"AdaMerging {what}, iteration {it}: non-finite entropy; the last completed step's "
+                    f"checkpoint is kept. Lower method.lr or set method.clamp=true"
+                )
+
+        if self.cfg.backward == "summed":
+            loss = sum(entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams))
+            check(loss)
+            loss.backward()
+            return float(loss.detach())
+        # per task: backprop each pool's entropy into leaf copies of the merged weights (one batch of
+        # activations alive at a time), then push the accumulated weight gradient through the combination
+        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        total = 0.0
+        for h, s in zip(heads, streams):
+            loss = entropy(bb.logits(leaves, h, bb.to_device(next(s)["inputs"])))
+            check(loss)
+            loss.backward()
+            total += float(loss.detach())
+        keys = [k for k, v in leaves.items() if v.grad is not None]
+        torch.autograd.backward([params[k] for k in keys], [leaves[k].grad for k in keys])
+        return total
 
     @staticmethod
     def _apply(tvs: Sequence[StateDict], coef: Tensor) -> StateDict:
@@ -183,7 +215,7 @@ class AdaMerging(MergeMethod):
     # ---- protocols ---------------------------------------------------------------------------
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         t = state.step + 1
-        tv = task_vector(task.weights, pretrained)
+        tv = task.task_vector(pretrained)
         heads = dict(state.heads)
         if task.head is not None:
             heads.setdefault(task.name, task.head)
@@ -213,7 +245,7 @@ class AdaMerging(MergeMethod):
     ) -> ContinualState:
         tvs, heads, datas = [], [], []
         for task in tasks:  # all T task vectors are held: memory grows with T
-            tvs.append(task_vector(task.weights, pretrained))
+            tvs.append(task.task_vector(pretrained))
             heads.append(task.head)
             datas.append(task.data)
         if not tvs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, add, task_vector
+from otmf_exp.merging.task_vectors import StateDict, add
 
 
 @dataclass
@@ -28,5 +28,5 @@ class Averaging(MergeMethod):
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         t = state.step + 1
-        merged = running_mean(state.merged, task_vector(task.weights, pretrained), t)
+        merged = running_mean(state.merged, task.task_vector(pretrained), t)
         return ContinualState(t, merged, dict(state.heads), dict(state.scalars))

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from otmf_exp.merging.task_vectors import StateDict, apply, zeros_like
+from otmf_exp.merging.task_vectors import StateDict, apply, check_compatible, task_vector, zeros_like
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class TaskInput:
             read by OTMF's ``pre_data=previous_task`` and continual AdaMerging.
         seen_data: data of every task seen so far, this one included; read only by options
             that explicitly revisit earlier tasks (OTMF ``head_tuning.which=all_seen``).
+        owned: ``weights`` were loaded for this step alone (the runner's case), so
+            :meth:`task_vector` may turn them into τ_t in place instead of allocating a copy.
     """
 
     name: str
@@ -68,6 +70,21 @@ class TaskInput:
     data: Any
     previous_data: Any = None
     seen_data: dict[str, Any] = field(default_factory=dict)
+    owned: bool = False
+
+    def task_vector(self, pretrained: StateDict) -> StateDict:
+        """τ_t = θ_t − θ₀. With ``owned`` weights, computed in place (one weight copy less at the
+        step's peak) and ``weights`` is cleared: read θ_t before calling this. Otherwise a new dict."""
+        if not self.owned or self.weights is None:
+            return task_vector(self.weights, pretrained)
+        check_compatible(self.weights, pretrained)
+        ptrs = [v.untyped_storage().data_ptr() for v in self.weights.values()]
+        if len(set(ptrs)) != len(ptrs):  # tied tensors: subtracting in place twice would be wrong
+            return task_vector(self.weights, pretrained)
+        with torch.no_grad():
+            tv = {k: self.weights[k].sub_(pretrained[k]) for k in pretrained}
+        self.weights = None  # now τ, not θ_t
+        return tv
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, task_vector
+from otmf_exp.merging.task_vectors import StateDict
 
 
 @dataclass
@@ -24,5 +24,5 @@ class Individual(MergeMethod):
     evaluates_individually = True
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        return ContinualState(state.step + 1, task_vector(task.weights, pretrained), dict(state.heads),
+        return ContinualState(state.step + 1, task.task_vector(pretrained), dict(state.heads),
                               dict(state.scalars))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, scale, task_vector
+from otmf_exp.merging.task_vectors import StateDict, scale
 
 
 @dataclass
@@ -53,7 +53,7 @@ class MagMax(MergeMethod):
             raise UserError(f"method.scaling must be >= 0, got {cfg.scaling}")
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        merged = magmax_step(state.merged, task_vector(task.weights, pretrained), float(self.cfg.scaling))
+        merged = magmax_step(state.merged, task.task_vector(pretrained), float(self.cfg.scaling))
         return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
 
     def joint(
@@ -62,7 +62,7 @@ class MagMax(MergeMethod):
         running: StateDict | None = None
         n = 0
         for task in tasks:
-            tv = task_vector(task.weights, pretrained)
+            tv = task.task_vector(pretrained)
             running = tv if running is None else maxabs(running, tv)
             n += 1
         if running is None:

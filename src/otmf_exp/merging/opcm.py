@@ -36,7 +36,7 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, global_norm, scale, task_vector
+from otmf_exp.merging.task_vectors import StateDict, global_norm, scale
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class OPCM(MergeMethod):
         return linear, keep
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        tv = task_vector(task.weights, pretrained)
+        tv = task.task_vector(pretrained)
         norm = global_norm(tv)
         if state.step == 0:
             self.ctx.record("opcm_lambda", 1.0)

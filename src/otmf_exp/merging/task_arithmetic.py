@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, add, task_vector
+from otmf_exp.merging.task_vectors import StateDict, add
 
 
 @dataclass
@@ -28,5 +28,5 @@ class TaskArithmetic(MergeMethod):
     main_coef = "scaling"
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        merged = task_arithmetic_step(state.merged, task_vector(task.weights, pretrained), self.cfg.scaling)
+        merged = task_arithmetic_step(state.merged, task.task_vector(pretrained), self.cfg.scaling)
         return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))

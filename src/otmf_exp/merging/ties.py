@@ -160,7 +160,7 @@ class Ties(MergeMethod):
         return ties_merge(tvs, self.cfg.density, self.cfg.topk_scope, self.cfg.merge)
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        tv = task_vector(task.weights, pretrained)
+        tv = task.task_vector(pretrained)
         lam = self.scaling
         if state.step == 0:  # FusionBench: the first model enters untrimmed
             merged = scale(tv, lam)
