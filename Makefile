@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all lint format clean-outputs tables plots
+.PHONY: help setup demo test test-all lint format clean-outputs tables plots bench bench-quick
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ tables: setup ## tables (markdown, LaTeX, CSV) from run dirs into reports/tables
 
 plots: setup ## PNG figures from run dirs into reports/plots (RUNS="dir ..." to choose)
 	$(BIN)/python scripts/plot.py $(RUNS) --out $(REPORTS)/plots
+
+bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if present) -> BENCHMARKS.md, benchmarks.json
+	$(BIN)/python scripts/bench.py
+
+bench-quick: setup ## same measurements with fewer iterations (CPU-sized, ~30 min on 2 cores)
+	$(BIN)/python scripts/bench.py --quick
 
 clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
 	rm -rf outputs multirun

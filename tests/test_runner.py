@@ -40,9 +40,12 @@ def test_individual_and_pretrained_reference_rows(run_cfg):
 
 def test_task_arithmetic_continual_equals_joint(run_cfg):
     c, _ = run_cfg(*SHORT, "method=task_arithmetic", "save_merged=true")
-    j, _ = run_cfg(*SHORT, "method=task_arithmetic", "protocol=joint")
+    j, out = run_cfg(*SHORT, "method=task_arithmetic", "protocol=joint")
     assert c["acc"] == pytest.approx(j["acc"])
     assert j["bwt"] is None and len(j["acc_matrix"]) == 1
+    # joint time_s is the merge only, like continual: loading + individual evaluation reported apart
+    rec = json.loads((out / "steps.jsonl").read_text())
+    assert rec["load_time_s"] > 0 and 0 <= rec["time_s"] < rec["load_time_s"]
 
 
 def test_save_merged_writes_mergeable_state(run_cfg, zoo):

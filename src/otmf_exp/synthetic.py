@@ -23,6 +23,7 @@ from torch import Tensor
 
 from otmf_exp.data.base import TaskData, subset_indices
 from otmf_exp.models.clip_vision import ClipVisionBackbone
+from otmf_exp.models.hf_clip import autocast_context
 
 #: HF CLIPVisionConfig fields of the paper's backbones (openai/clip-vit-*), plus a tiny one for smoke tests
 ARCHS: dict[str, dict[str, int]] = {
@@ -77,7 +78,7 @@ class SyntheticBackbone(ClipVisionBackbone):
     """A real-size CLIP image tower with random weights; θ_t = θ₀ + ``noise``·N(0, 1) (seeded per task)."""
 
     def __init__(self, arch: str = "vit_b32", device: torch.device | str = "cpu", seed: int = 0,
-                 noise: float = 1e-3) -> None:
+                 noise: float = 1e-3, autocast: str = "float32") -> None:
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if arch not in ARCHS:
@@ -87,6 +88,13 @@ class SyntheticBackbone(ClipVisionBackbone):
         torch.manual_seed(seed)
         super().__init__(CLIPVisionModelWithProjection(CLIPVisionConfig(**ARCHS[arch])), device)
         self.image_size = ARCHS[arch]["image_size"]
+        self.autocast = autocast
+        autocast_context(self.device, autocast)  # validates the name
+
+    def features(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        """As HF CLIP: ``backbone.autocast`` (bfloat16 | float16) wraps the forward on CUDA."""
+        with autocast_context(self.device, self.autocast):
+            return super().features(params, inputs).float()
 
     def load_finetuned(self, task: str) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(_seed(self.seed, "finetuned", task))

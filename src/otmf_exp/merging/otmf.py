@@ -299,11 +299,10 @@ class OTMF(MergeMethod):
                     m.save_best()
             if cfg.l1 > 0:
                 loss = loss + cfg.l1 * sum(m.mean_abs() for m in masks)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
             loss.backward()
             for o in opts:
                 o.step()
+                o.zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
         t_train = time.perf_counter() - t0
         # free the optimiser state and gradients before building the result (lower peak memory)
         del opt_pre, opt_post
