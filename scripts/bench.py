@@ -236,6 +236,9 @@ def machine(device: str) -> dict:
             "device": device}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc:  # glibc allocator settings change what RSS shows; say so in the report
+        info["malloc_env"] = malloc
     return info
 
 
@@ -348,7 +351,7 @@ def render(res: dict) -> str:
         "",
         f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_cores']} CPU cores, {m['ram_gb']} GB RAM, torch {m['torch']}, "
         f"{m['torch_threads']} torch threads, device `{m['device']}`, autocast {res.get('autocast', 'float32')}, "
-        f"{m['platform']}.",
+        f"{m['platform']}" + (f", glibc env {m['malloc_env']}" if m.get("malloc_env") else "") + ".",
         "",
         f"Model: CLIP image tower `{res['arch']}` (HF CLIPVisionModelWithProjection from its config, random "
         f"weights, {_fmt(res.get('model_mb', 0) * 2**20 / 4e6, 1)} M mergeable parameters), W = one copy of the mergeable weights = {_fmt(res.get('model_mb'), 0)} MB. Memory: {mem}. "

@@ -23,7 +23,7 @@ def _strip(m: dict) -> dict:
 
 def _steps(out: Path) -> list[dict]:
     rows = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in STEP_TIMING} for r in rows]
+    return [{k: v for k, v in r.items() if k not in STEP_TIMING and not k.startswith("time_")} for r in rows]
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
