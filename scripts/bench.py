@@ -41,6 +41,7 @@ MARK = "BENCH_RESULT "
 JOINT = {"joint adamerging (task), 8 tasks, summed backward (FusionBench)": "summed",
          "joint adamerging (task), 8 tasks, per-task backward (default)": "per_task"}
 REF_JOINT = next(iter(JOINT))
+LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
     "otmf_vs_joint_adamerging_memory": 0.5,
     "flat_step_last_vs_step2": 1.05,
@@ -322,6 +323,9 @@ def merge_into(path: Path, new: dict) -> dict:
         if old.get(key, "float32" if key == "autocast" else None) != new[key]:
             raise SystemExit(f"error: --merge: {path} was measured with {key}={old.get(key)!r}, this run "
                              f"{new[key]!r}; rerun every part instead")
+    if old["machine"].get("malloc_env") != new["machine"].get("malloc_env"):
+        raise SystemExit(f"error: --merge: {path} was measured with other glibc MALLOC_* settings (--live-rss); "
+                         "rerun every part instead")
     if old["machine"]["device"] != new["machine"]["device"] or old["machine"]["cpu_cores"] != new["machine"]["cpu_cores"]:
         raise SystemExit(f"error: --merge: {path} comes from another machine or device; rerun every part instead")
     for part in ("step", "flat", "ratio"):
@@ -441,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of the table names")
     ap.add_argument("--autocast", default="float32", help="float32 | bfloat16 | float16 forward passes (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in workers")
+    ap.add_argument("--live-rss", action="store_true",
+                    help="CPU: glibc returns freed tensors >= 1 MiB to the OS at once (MALLOC_MMAP_THRESHOLD_/"
+                         "MALLOC_TRIM_THRESHOLD_), so peak RSS tracks live memory instead of the allocator's high water")
     ap.add_argument("--merge", action="store_true",
                     help="update benchmarks.json in --out with what this run measures (same machine and mode only)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -450,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         print(MARK + json.dumps(worker(spec)), flush=True)
         return 0
 
+    if args.live_rss:  # read by run_worker (workers inherit the environment) and recorded by machine()
+        os.environ.update(LIVE_RSS_ENV)
     import torch
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
