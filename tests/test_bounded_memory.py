@@ -77,6 +77,7 @@ def test_owned_task_vector_is_computed_in_place():
     tv = task.task_vector(pre)
     assert torch.equal(tv["a"], torch.tensor([1.0, -2.0])) and torch.equal(tv["b"], torch.tensor([[1.0]]))
     assert tv["a"].data_ptr() == ptr and task.weights is None  # no new weight-sized tensor; θ_t is gone
+    assert task.task_vector(pre) is tv  # a second call returns the same τ, never θ_t − 2θ₀ or an error
     assert torch.equal(pre["a"], torch.tensor([1.0, 2.0]))
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otmf_exp.data.base import TaskData, subset_indices
+from otmf_exp.data.base import TaskData, index_plan
 from otmf_exp.models.clip_vision import ClipVisionBackbone
 from otmf_exp.models.hf_clip import autocast_context
 
@@ -64,12 +64,7 @@ class SyntheticTaskData(TaskData):
         return torch.randn(3, self.image_size, self.image_size, generator=g)
 
     def loader(self, split, batch_size, *, shuffle=False, seed=0, fraction=1.0):
-        n = self.size(split)
-        idx = subset_indices(n, fraction, seed) if fraction < 1.0 else torch.arange(n)
-        if shuffle:
-            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(seed)))]
-        for i in range(0, len(idx), batch_size):
-            j = idx[i : i + batch_size].tolist()
+        for j in index_plan(self.size(split), batch_size, shuffle=shuffle, seed=seed, fraction=fraction):
             yield {"inputs": torch.stack([self._example(split, k) for k in j]),
                    "labels": torch.tensor([k % len(self.classnames) for k in j])}
 

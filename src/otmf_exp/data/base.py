@@ -28,6 +28,15 @@ def subset_indices(n: int, fraction: float, seed: int) -> Tensor:
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
+def index_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, fraction: float) -> list[list[int]]:
+    """Batches of indices into ``range(n)``: a fixed ``fraction`` subset (by ``seed``), optionally shuffled."""
+    idx = subset_indices(n, fraction, seed) if fraction < 1.0 else torch.arange(n)
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed))
+        idx = idx[torch.randperm(len(idx), generator=g)]
+    return [idx[i : i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+
+
 def validation_split(n_train: int, fraction: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
     """FusionBench-style validation split: ``fraction`` of train with ``seed``; returns (train_idx, val_idx)."""
     g = torch.Generator().manual_seed(int(seed))
@@ -89,10 +98,5 @@ class TensorTaskData(TaskData):
 
     def loader(self, split, batch_size, *, shuffle=False, seed=0, fraction=1.0):
         x, y = self._get(split)
-        idx = subset_indices(len(y), fraction, seed) if fraction < 1.0 else torch.arange(len(y))
-        if shuffle:
-            g = torch.Generator().manual_seed(int(seed))
-            idx = idx[torch.randperm(len(idx), generator=g)]
-        for i in range(0, len(idx), batch_size):
-            j = idx[i : i + batch_size]
+        for j in index_plan(len(y), batch_size, shuffle=shuffle, seed=seed, fraction=fraction):
             yield {"inputs": x[j], "labels": y[j]}

@@ -13,15 +13,13 @@ the parsed numbers, with unparsable answers read as 0.0 (a constant answer gives
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from otmf_exp import hub
-from otmf_exp.data.base import TaskData
-from otmf_exp.data.hf_loading import batch_loader, index_plan, split_view
+from otmf_exp.data.hf_loading import HubSplitsTaskData, split_view
 from otmf_exp.errors import UserError
 
 GLUE_DATASET = "nyu-mll/glue"
@@ -147,7 +145,7 @@ class TextCollate:
                 "targets": list(batch["target"])}
 
 
-class GlueTaskData(TaskData):
+class GlueTaskData(HubSplitsTaskData):
     """One GLUE task, tokenized once per split (``Dataset.map``, cached by ``datasets``)."""
 
     classnames = None
@@ -183,15 +181,6 @@ class GlueTaskData(TaskData):
                                              remove_columns=keep, desc=f"tokenize {self.name}/{split}")
             self._splits[split] = ds
         return self._splits[split]
-
-    def size(self, split: str) -> int:
-        return len(self._get(split))
-
-    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-               fraction: float = 1.0) -> Iterable[dict[str, Any]]:
-        ds = self._get(split)
-        plan = index_plan(len(ds), batch_size, shuffle=shuffle, seed=seed, fraction=fraction)
-        return batch_loader(ds, plan, self._collate, self.num_workers, self.pin_memory)
 
 
 def build_glue_task(task: str, seq_cfg: Any, backbone: Any) -> GlueTaskData:

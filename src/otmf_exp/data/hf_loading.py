@@ -15,16 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from otmf_exp.data.base import subset_indices, validation_split
-
-
-def index_plan(n: int, batch_size: int, *, shuffle: bool, seed: int, fraction: float) -> list[list[int]]:
-    """Batches of indices into ``range(n)``: a fixed ``fraction`` subset (by ``seed``), optionally shuffled."""
-    idx = subset_indices(n, fraction, seed) if fraction < 1.0 else torch.arange(n)
-    if shuffle:
-        g = torch.Generator().manual_seed(int(seed))
-        idx = idx[torch.randperm(len(idx), generator=g)]
-    return [idx[i : i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+from otmf_exp.data.base import TaskData, index_plan, validation_split
 
 
 def batch_loader(dataset: Any, plan: list[list[int]], collate: Callable[[dict], dict], num_workers: int,
@@ -57,3 +48,26 @@ def split_view(load: Callable[[str], Any], split: str, hub_test: str, hub_train:
 def as_long(values: Iterable[Any]) -> Tensor:
     """Labels (ints or bools) as a LongTensor."""
     return torch.tensor([int(v) for v in values], dtype=torch.long)
+
+
+class HubSplitsTaskData(TaskData):
+    """A task whose splits are ``datasets.Dataset`` objects built lazily by ``_get(split)`` and read
+    through :func:`batch_loader` with ``self._collate``, ``self.num_workers``, ``self.pin_memory``."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def _get(self, split: str) -> Any:
+        raise NotImplementedError
+
+    def _collate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def size(self, split: str) -> int:
+        return len(self._get(split))
+
+    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+               fraction: float = 1.0) -> Iterable[dict[str, Any]]:
+        ds = self._get(split)
+        plan = index_plan(len(ds), batch_size, shuffle=shuffle, seed=seed, fraction=fraction)
+        return batch_loader(ds, plan, self._collate, self.num_workers, self.pin_memory)

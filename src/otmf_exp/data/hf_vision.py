@@ -10,15 +10,14 @@ written to the datasets cache on purpose: at 224² they take ~600 KB per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from otmf_exp import hub
-from otmf_exp.data.base import TaskData
-from otmf_exp.data.hf_loading import as_long, batch_loader, index_plan, split_view
+from otmf_exp.data.hf_loading import HubSplitsTaskData, as_long, split_view
 from otmf_exp.data.vision_tasks import VISION_TASKS, VisionTask, classnames
 from otmf_exp.errors import UserError
 
@@ -37,8 +36,10 @@ def _collate(batch: dict[str, Any]) -> dict[str, Any]:
     return {"inputs": torch.as_tensor(batch["pixel_values"]), "labels": as_long(batch["label"])}
 
 
-class HFVisionTaskData(TaskData):
+class HFVisionTaskData(HubSplitsTaskData):
     """One image task: lazily loaded splits, preprocessed per batch for a given backbone."""
+
+    _collate = staticmethod(_collate)
 
     def __init__(self, name: str, spec: VisionTask, local_dir: str | None, image_transform: Callable,
                  num_workers: int = 0, pin_memory: bool = False, names: list[str] | None = None) -> None:
@@ -79,15 +80,6 @@ class HFVisionTaskData(TaskData):
             self._splits[split] = ds.with_transform(ImageBatch(self.image_transform, image, label),
                                                     columns=[image, label])
         return self._splits[split]
-
-    def size(self, split: str) -> int:
-        return len(self._get(split))
-
-    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-               fraction: float = 1.0) -> Iterable[dict[str, Any]]:
-        ds = self._get(split)
-        plan = index_plan(len(ds), batch_size, shuffle=shuffle, seed=seed, fraction=fraction)
-        return batch_loader(ds, plan, _collate, self.num_workers, self.pin_memory)
 
 
 def build_vision_task(task: str, seq_cfg: Any, backbone: Any) -> HFVisionTaskData:

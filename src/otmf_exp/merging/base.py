@@ -71,20 +71,24 @@ class TaskInput:
     previous_data: Any = None
     seen_data: dict[str, Any] = field(default_factory=dict)
     owned: bool = False
+    _vector: StateDict | None = field(default=None, init=False, repr=False)
 
     def task_vector(self, pretrained: StateDict) -> StateDict:
         """τ_t = θ_t − θ₀. With ``owned`` weights, computed in place (one weight copy less at the
-        step's peak) and ``weights`` is cleared: read θ_t before calling this. Otherwise a new dict."""
-        if not self.owned or self.weights is None:
+        step's peak), ``weights`` is cleared (read θ_t before calling this) and later calls return
+        the same τ_t. Otherwise a new dict."""
+        if self._vector is not None:
+            return self._vector
+        if not self.owned:
             return task_vector(self.weights, pretrained)
         check_compatible(self.weights, pretrained)
         ptrs = [v.untyped_storage().data_ptr() for v in self.weights.values()]
         if len(set(ptrs)) != len(ptrs):  # tied tensors: subtracting in place twice would be wrong
             return task_vector(self.weights, pretrained)
         with torch.no_grad():
-            tv = {k: self.weights[k].sub_(pretrained[k]) for k in pretrained}
+            self._vector = {k: self.weights[k].sub_(pretrained[k]) for k in pretrained}
         self.weights = None  # now τ, not θ_t
-        return tv
+        return self._vector
 
 
 @dataclass
