@@ -14,7 +14,7 @@ leaks into another's numbers; memory = CUDA max allocated on GPU, sampled peak R
   eval   Backbone.evaluate throughput vs a raw forward pass of the same module on the same images
   e2e    the offline default run (``python -m otmf_exp.run``) end to end, cold cache and warm
 
-Models: ``otmf_exp.synthetic`` -- CLIPVisionModelWithProjection built from ViT-B/32's config with
+Models: ``otmf_exp.offline.synthetic`` -- CLIPVisionModelWithProjection built from ViT-B/32's config with
 random weights (87.5 M mergeable parameters), θ_t = θ₀ + seeded noise, random 224×224 images.
 """
 
@@ -38,8 +38,10 @@ PARTS = ("step", "flat", "ratio", "eval", "e2e")
 MARK = "BENCH_RESULT "
 #: joint task-wise AdaMerging runs of the ratio part: the FusionBench implementation (the paper's
 #: comparator; the memory target is against it) and our default, which backpropagates per task
-JOINT = {"joint adamerging (task), 8 tasks, summed backward (FusionBench)": "summed",
-         "joint adamerging (task), 8 tasks, per-task backward (default)": "per_task"}
+JOINT = {
+    "joint adamerging (task), 8 tasks, summed backward (FusionBench)": "summed",
+    "joint adamerging (task), 8 tasks, per-task backward (default)": "per_task",
+}
 REF_JOINT = next(iter(JOINT))
 LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
@@ -60,8 +62,14 @@ def plan(quick: bool) -> dict:
     it_step = 10 if quick else 100  # part step/ratio: OTMF iterations = AdaMerging steps
     it_flat = 2 if quick else 10  # part flat: memory does not depend on the count (>= 2: both OTMF sides)
     eval_batches = 1 if quick else 4
-    return {"iterations_step": it_step, "iterations_flat": it_flat, "otmf_eval_batches": eval_batches,
-            "batch_size": 16, "eval_images": 128 if quick else 512, "eval_batch_size": 64 if quick else 128}
+    return {
+        "iterations_step": it_step,
+        "iterations_flat": it_flat,
+        "otmf_eval_batches": eval_batches,
+        "batch_size": 16,
+        "eval_images": 128 if quick else 512,
+        "eval_batch_size": 64 if quick else 128,
+    }
 
 
 def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict]]:
@@ -75,8 +83,10 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
         "adamerging (task)": ("adamerging", {"granularity": "task", "steps": iterations}),
         "adamerging (layer)": ("adamerging", {"granularity": "layer", "steps": iterations}),
         "otmf": ("otmf", {"iterations": iterations, "eval_batches": eval_batches}),
-        "otmf (tensor masks)": ("otmf", {"iterations": iterations, "eval_batches": eval_batches,
-                                         "mask.granularity": "tensor"}),
+        "otmf (tensor masks)": (
+            "otmf",
+            {"iterations": iterations, "eval_batches": eval_batches, "mask.granularity": "tensor"},
+        ),
     }
 
 
@@ -86,8 +96,7 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
 def _method_config(method: str, overrides: dict):
     from hydra import compose, initialize_config_module
 
-    from otmf_exp.config import register_configs
-    from otmf_exp.validation import method_config
+    from otmf_exp.config import method_config, register_configs
 
     register_configs()
     ovr = [f"method={method}"] + [f"method.{k}={v}" for k, v in overrides.items()]
@@ -112,7 +121,7 @@ class _Mem:
 def _setup(spec: dict):
     import torch
 
-    from otmf_exp.synthetic import SyntheticBackbone
+    from otmf_exp.offline.synthetic import SyntheticBackbone
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -126,7 +135,7 @@ def worker(spec: dict) -> dict:
     torch, device, bb = _setup(spec)
     from otmf_exp.merging import METHODS, MethodContext, TaskInput
     from otmf_exp.merging.task_vectors import num_bytes
-    from otmf_exp.resources import measure
+    from otmf_exp.runtime.measure import measure
 
     mem = _Mem(device)
     model_mb = num_bytes(bb.pretrained_state()) / 2**20
@@ -138,25 +147,49 @@ def worker(spec: dict) -> dict:
     datas = {t: bb.task_data(t, sizes) for t in names}
     heads = {t: bb.zero_shot_head(datas[t]) for t in names}
     records: dict = {}
-    ctx = MethodContext(bb, device, torch.Generator().manual_seed(0), progress=False,
-                        record=lambda k, v: records.__setitem__(k, v))
-    method = METHODS[spec["method"]](_method_config(spec["method"], spec["overrides"]), ctx,
-                                     protocol=spec["kind"])
+    ctx = MethodContext(
+        bb,
+        device,
+        torch.Generator().manual_seed(0),
+        progress=False,
+        record=lambda k, v: records.__setitem__(k, v),
+    )
+    method = METHODS[spec["method"]](
+        _method_config(spec["method"], spec["overrides"]), ctx, protocol=spec["kind"]
+    )
     pre = bb.pretrained_state()
 
     def task_input(i: int):
         t = names[i]
-        return TaskInput(t, i, bb.load_finetuned(t), heads[t], datas[t], datas[names[i - 1]] if i else None,
-                         {s: datas[s] for s in names[: i + 1]}, owned=True)
+        return TaskInput(
+            t,
+            i,
+            bb.load_finetuned(t),
+            heads[t],
+            datas[t],
+            datas[names[i - 1]] if i else None,
+            {s: datas[s] for s in names[: i + 1]},
+            owned=True,
+        )
 
     base = mem.now_mb()
-    out = {"model_mb": model_mb, "baseline_mb": base, "memory_kind": "cuda_max_allocated"
-           if device.type == "cuda" else "cpu_rss", "steps": []}
+    out = {
+        "model_mb": model_mb,
+        "baseline_mb": base,
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss",
+        "steps": [],
+    }
     if spec["kind"] == "joint":
         with measure(device) as u:
             state = method.joint(pre, (task_input(i) for i in range(n)))
-        out["steps"].append({"step": n, "wall_s": u.wall_s, "peak_mb": u.peak_memory_mb,
-                             "state_mb": num_bytes(state.merged) / 2**20})
+        out["steps"].append(
+            {
+                "step": n,
+                "wall_s": u.wall_s,
+                "peak_mb": u.peak_memory_mb,
+                "state_mb": num_bytes(state.merged) / 2**20,
+            }
+        )
         return out
     state = method.init(pre)
     for i in range(n):
@@ -165,11 +198,23 @@ def worker(spec: dict) -> dict:
         with measure(device) as u:
             state = method.step(state, task, pre)
         del task
-        state_mb = (num_bytes(state.merged) + sum(h.numel() * h.element_size() for h in state.heads.values())) / 2**20
-        out["steps"].append({"step": i + 1, "wall_s": u.wall_s, "peak_mb": u.peak_memory_mb, "state_mb": state_mb,
-                             "phases": {k[5:]: v for k, v in records.items() if k.startswith("time_")}})
-        print(f"  {spec['label']}: step {i + 1}/{n} {u.wall_s:.1f}s peak {u.peak_memory_mb:.0f} MB",
-              file=sys.stderr, flush=True)
+        state_mb = (
+            num_bytes(state.merged) + sum(h.numel() * h.element_size() for h in state.heads.values())
+        ) / 2**20
+        out["steps"].append(
+            {
+                "step": i + 1,
+                "wall_s": u.wall_s,
+                "peak_mb": u.peak_memory_mb,
+                "state_mb": state_mb,
+                "phases": {k[5:]: v for k, v in records.items() if k.startswith("time_")},
+            }
+        )
+        print(
+            f"  {spec['label']}: step {i + 1}/{n} {u.wall_s:.1f}s peak {u.peak_memory_mb:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -221,20 +266,28 @@ def run_worker(spec: dict, log) -> dict:
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"error: benchmark worker {spec.get('label')} failed (exit {proc.returncode}); "
-                         f"rerun it alone: {shlex.join(cmd)}")
+        raise SystemExit(
+            f"error: benchmark worker {spec.get('label')} failed (exit {proc.returncode}); "
+            f"rerun it alone: {shlex.join(cmd)}"
+        )
     log(f"{spec.get('label', spec['kind'])}: {time.perf_counter() - t0:.0f}s")
-    return json.loads(lines[-1][len(MARK):])
+    return json.loads(lines[-1][len(MARK) :])
 
 
 def machine(device: str) -> dict:
     import psutil
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "device": device}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "device": device,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -255,7 +308,9 @@ def e2e(log) -> dict:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             wall = time.perf_counter() - t0
             if proc.returncode != 0 or not (run_dir / "metrics.json").is_file():
-                raise SystemExit(f"error: the default run failed ({kind}); run `python -m otmf_exp.run` to see why")
+                raise SystemExit(
+                    f"error: the default run failed ({kind}); run `python -m otmf_exp.run` to see why"
+                )
             m = json.loads((run_dir / "metrics.json").read_text())
             out[kind] = {"wall_s": wall, "experiment_s": m["wall_time_s"], "acc": m["acc"]}
             log(f"e2e {kind}: {wall:.1f}s (ACC {m['acc']:.2f})")
@@ -276,29 +331,37 @@ def summarise(res: dict) -> dict:
         rows["max_peak_mb"] = max(s["peak_mb"] for s in f)
         rows["peak_over_baseline_mb"] = rows["max_peak_mb"] - rows["baseline_mb"]
     if "otmf" in steps and "adamerging (task)" in steps:
-        r["otmf_vs_continual_adamerging_time"] = steps["otmf"]["median_step_s"] / steps["adamerging (task)"]["median_step_s"]
+        r["otmf_vs_continual_adamerging_time"] = (
+            steps["otmf"]["median_step_s"] / steps["adamerging (task)"]["median_step_s"]
+        )
     joint = res.get("ratio", {}).get(REF_JOINT)
     lean = res.get("ratio", {}).get(list(JOINT)[1])
     if lean and "otmf" in steps:
-        r["otmf_vs_joint_adamerging_per_task_memory"] = steps["otmf"]["max_peak_mb"] / lean["steps"][0]["peak_mb"]
+        r["otmf_vs_joint_adamerging_per_task_memory"] = (
+            steps["otmf"]["max_peak_mb"] / lean["steps"][0]["peak_mb"]
+        )
     if joint and "otmf" in steps:
         jpeak = joint["steps"][0]["peak_mb"]
         r["otmf_vs_joint_adamerging_memory"] = steps["otmf"]["max_peak_mb"] / jpeak
-        r["otmf_vs_joint_adamerging_memory_above_baseline"] = (
-            steps["otmf"]["peak_over_baseline_mb"] / (jpeak - joint["baseline_mb"]))
+        r["otmf_vs_joint_adamerging_memory_above_baseline"] = steps["otmf"]["peak_over_baseline_mb"] / (
+            jpeak - joint["baseline_mb"]
+        )
         if "otmf (tensor masks)" in steps:
             r["otmf_tensor_vs_joint_adamerging_memory"] = steps["otmf (tensor masks)"]["max_peak_mb"] / jpeak
         # time: joint AdaMerging runs `iterations_flat` steps; compare per iteration
         its_j, its_s = res["plan"]["iterations_flat"], res["plan"]["iterations_step"]
-        r["otmf_step_vs_joint_adamerging_time_per_iteration"] = (
-            (steps["otmf"]["median_step_s"] / its_s) / (joint["steps"][0]["wall_s"] / its_j))
+        r["otmf_step_vs_joint_adamerging_time_per_iteration"] = (steps["otmf"]["median_step_s"] / its_s) / (
+            joint["steps"][0]["wall_s"] / its_j
+        )
     flat = res.get("flat", {})
     worst = 0.0
     for rows in flat.values():
         peaks = {s["step"]: s["peak_mb"] for s in rows["steps"]}
         last = max(peaks)
         rows["last_vs_step2"] = peaks[last] / peaks[2] if 2 in peaks else None
-        rows["state_growth_mb"] = rows["steps"][-1]["state_mb"] - rows["steps"][1]["state_mb"] if len(rows["steps"]) > 1 else 0.0
+        rows["state_growth_mb"] = (
+            rows["steps"][-1]["state_mb"] - rows["steps"][1]["state_mb"] if len(rows["steps"]) > 1 else 0.0
+        )
         worst = max(worst, rows["last_vs_step2"] or 0.0)
     if flat:
         r["flat_step_last_vs_step2"] = worst
@@ -321,13 +384,22 @@ def merge_into(path: Path, new: dict) -> dict:
     old = json.loads(path.read_text())
     for key in ("quick", "arch", "autocast"):
         if old.get(key, "float32" if key == "autocast" else None) != new[key]:
-            raise SystemExit(f"error: --merge: {path} was measured with {key}={old.get(key)!r}, this run "
-                             f"{new[key]!r}; rerun every part instead")
+            raise SystemExit(
+                f"error: --merge: {path} was measured with {key}={old.get(key)!r}, this run "
+                f"{new[key]!r}; rerun every part instead"
+            )
     if old["machine"].get("malloc_env") != new["machine"].get("malloc_env"):
-        raise SystemExit(f"error: --merge: {path} was measured with other glibc MALLOC_* settings (--live-rss); "
-                         "rerun every part instead")
-    if old["machine"]["device"] != new["machine"]["device"] or old["machine"]["cpu_cores"] != new["machine"]["cpu_cores"]:
-        raise SystemExit(f"error: --merge: {path} comes from another machine or device; rerun every part instead")
+        raise SystemExit(
+            f"error: --merge: {path} was measured with other glibc MALLOC_* settings (--live-rss); "
+            "rerun every part instead"
+        )
+    if (
+        old["machine"]["device"] != new["machine"]["device"]
+        or old["machine"]["cpu_cores"] != new["machine"]["cpu_cores"]
+    ):
+        raise SystemExit(
+            f"error: --merge: {path} comes from another machine or device; rerun every part instead"
+        )
     for part in ("step", "flat", "ratio"):
         if part in new:
             old[part] = {**old.get(part, {}), **new[part]}
@@ -368,88 +440,139 @@ def render(res: dict) -> str:
         "| target | value | limit | met |",
         "|---|---|---|---|",
     ]
-    names = {"otmf_vs_joint_adamerging_memory": "OTMF step peak memory / joint task-wise AdaMerging (8 tasks)",
-             "flat_step_last_vs_step2": "worst continual method: peak memory at last step / step 2",
-             "otmf_vs_continual_adamerging_time": "OTMF step time / continual AdaMerging step (equal iterations, batch)",
-             "eval_vs_raw_forward": "evaluate throughput / raw forward throughput",
-             "default_run_warm_s": "default offline run, warm (s)"}
+    names = {
+        "otmf_vs_joint_adamerging_memory": "OTMF step peak memory / joint task-wise AdaMerging (8 tasks)",
+        "flat_step_last_vs_step2": "worst continual method: peak memory at last step / step 2",
+        "otmf_vs_continual_adamerging_time": "OTMF step time / continual AdaMerging step (equal iterations, batch)",
+        "eval_vs_raw_forward": "evaluate throughput / raw forward throughput",
+        "default_run_warm_s": "default offline run, warm (s)",
+    }
     for key, c in s["targets"].items():
         op = "≥" if key == "eval_vs_raw_forward" else "≤"
-        out.append(f"| {names[key]} | {_fmt(c['value'])} | {op} {c['target']} | {'yes' if c['met'] else '**no**'} |")
+        out.append(
+            f"| {names[key]} | {_fmt(c['value'])} | {op} {c['target']} | {'yes' if c['met'] else '**no**'} |"
+        )
     r = s["ratios"]
-    extra = [("otmf_vs_joint_adamerging_memory_above_baseline", "same, memory above the process baseline"),
-             ("otmf_tensor_vs_joint_adamerging_memory", "OTMF with tensor-granularity masks / joint AdaMerging"),
-             ("otmf_vs_joint_adamerging_per_task_memory", "OTMF / joint AdaMerging with per-task backward (ours)"),
-             ("otmf_step_vs_joint_adamerging_time_per_iteration", "OTMF / joint AdaMerging time per iteration")]
+    extra = [
+        ("otmf_vs_joint_adamerging_memory_above_baseline", "same, memory above the process baseline"),
+        ("otmf_tensor_vs_joint_adamerging_memory", "OTMF with tensor-granularity masks / joint AdaMerging"),
+        ("otmf_vs_joint_adamerging_per_task_memory", "OTMF / joint AdaMerging with per-task backward (ours)"),
+        ("otmf_step_vs_joint_adamerging_time_per_iteration", "OTMF / joint AdaMerging time per iteration"),
+    ]
     for key, label in extra:
         if key in r:
             out.append(f"| {label} | {_fmt(r[key])} | (info) | |")
     if "step" in res:
-        out += ["", "## 1. One continual step per method", "",
-                "Median over steps 2..T (step 1 copies τ₁ for every fusing method); peak = max over those steps; "
-                "baseline = the process after loading θ₀ (before step 1); phases from `time_*` records.", "",
-                "| method | step time (s) | peak (MB) | peak − baseline (MB) | (peak − baseline) / W | carried state (MB) | phases (s) |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## 1. One continual step per method",
+            "",
+            "Median over steps 2..T (step 1 copies τ₁ for every fusing method); peak = max over those steps; "
+            "baseline = the process after loading θ₀ (before step 1); phases from `time_*` records.",
+            "",
+            "| method | step time (s) | peak (MB) | peak − baseline (MB) | (peak − baseline) / W | carried state (MB) | phases (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, rows in res["step"].items():
             ph = rows["steps"][-1].get("phases") or {}
             phs = ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) or "—"
             over = rows["peak_over_baseline_mb"]
-            out.append(f"| {name} | {_fmt(rows['median_step_s'])} | {_fmt(rows['max_peak_mb'], 0)} | {_fmt(over, 0)} | "
-                       f"{_fmt(over / res['model_mb'], 1)} | {_fmt(rows['steps'][-1]['state_mb'], 0)} | {phs} |")
+            out.append(
+                f"| {name} | {_fmt(rows['median_step_s'])} | {_fmt(rows['max_peak_mb'], 0)} | {_fmt(over, 0)} | "
+                f"{_fmt(over / res['model_mb'], 1)} | {_fmt(rows['steps'][-1]['state_mb'], 0)} | {phs} |"
+            )
     if "flat" in res:
         n = max(len(v["steps"]) for v in res["flat"].values())
-        out += ["", f"## 2. Peak memory (MB) after each of {n} continual steps", "",
-                "| method | step 2 | step 5 | step 10 | step 15 | last | last / step 2 | state growth 2→last (MB) |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"## 2. Peak memory (MB) after each of {n} continual steps",
+            "",
+            "| method | step 2 | step 5 | step 10 | step 15 | last | last / step 2 | state growth 2→last (MB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, rows in res["flat"].items():
             pk = {st["step"]: st["peak_mb"] for st in rows["steps"]}
             cells = [_fmt(pk.get(k), 0) for k in (2, 5, 10, 15)] + [_fmt(pk[max(pk)], 0)]
-            out.append(f"| {name} | {' | '.join(cells)} | {_fmt(rows['last_vs_step2'], 3)} | {_fmt(rows['state_growth_mb'], 2)} |")
+            out.append(
+                f"| {name} | {' | '.join(cells)} | {_fmt(rows['last_vs_step2'], 3)} | {_fmt(rows['state_growth_mb'], 2)} |"
+            )
         out += ["", "Per-step series: `flat` in the JSON file."]
     if "ratio" in res:
-        out += ["", "## 3. OTMF step vs joint task-wise AdaMerging over 8 tasks", "",
-                "| run | time (s) | iterations | peak (MB) | peak − baseline (MB) |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "## 3. OTMF step vs joint task-wise AdaMerging over 8 tasks",
+            "",
+            "| run | time (s) | iterations | peak (MB) | peak − baseline (MB) |",
+            "|---|---|---|---|---|",
+        ]
         for label, j in res["ratio"].items():
             st = j["steps"][0]
-            out.append(f"| {label}, batch {p['batch_size']} per task | {_fmt(st['wall_s'])} | {p['iterations_flat']} | "
-                       f"{_fmt(st['peak_mb'], 0)} | {_fmt(st['peak_mb'] - j['baseline_mb'], 0)} |")
+            out.append(
+                f"| {label}, batch {p['batch_size']} per task | {_fmt(st['wall_s'])} | {p['iterations_flat']} | "
+                f"{_fmt(st['peak_mb'], 0)} | {_fmt(st['peak_mb'] - j['baseline_mb'], 0)} |"
+            )
         for name in ("otmf", "otmf (tensor masks)", "adamerging (task)"):
             if name in res.get("step", {}):
                 rows = res["step"][name]
-                out.append(f"| {name} continual step, batch {p['batch_size']} | {_fmt(rows['median_step_s'])} | "
-                           f"{p['iterations_step']} | {_fmt(rows['max_peak_mb'], 0)} | {_fmt(rows['peak_over_baseline_mb'], 0)} |")
+                out.append(
+                    f"| {name} continual step, batch {p['batch_size']} | {_fmt(rows['median_step_s'])} | "
+                    f"{p['iterations_step']} | {_fmt(rows['max_peak_mb'], 0)} | {_fmt(rows['peak_over_baseline_mb'], 0)} |"
+                )
     if "eval" in res:
         e = res["eval"]
-        out += ["", "## 4. Evaluation throughput", "",
-                "| path | images/s |", "|---|---|",
-                f"| raw forward (`module(pixel_values=x)`, batches already on the device) | {_fmt(e['raw_per_s'], 1)} |",
-                f"| `Backbone.evaluate` (loader, transfer, functional_call, head, argmax) | {_fmt(e['evaluate_per_s'], 1)} |",
-                "", f"{e['images']} images, batch {e['batch_size']}, best of {res['plan'].get('repeats', 3)} after a warm-up."]
+        out += [
+            "",
+            "## 4. Evaluation throughput",
+            "",
+            "| path | images/s |",
+            "|---|---|",
+            f"| raw forward (`module(pixel_values=x)`, batches already on the device) | {_fmt(e['raw_per_s'], 1)} |",
+            f"| `Backbone.evaluate` (loader, transfer, functional_call, head, argmax) | {_fmt(e['evaluate_per_s'], 1)} |",
+            "",
+            f"{e['images']} images, batch {e['batch_size']}, best of {res['plan'].get('repeats', 3)} after a warm-up.",
+        ]
     if "e2e" in res:
         e = res["e2e"]
-        out += ["", "## 5. Default offline run (`python -m otmf_exp.run`)", "",
-                "| cache | wall (s, incl. interpreter start) | experiment (s) | ACC |", "|---|---|---|---|",
-                f"| cold (builds the digits8 zoo) | {_fmt(e['cold']['wall_s'], 1)} | {_fmt(e['cold']['experiment_s'], 1)} | {_fmt(e['cold']['acc'])} |",
-                f"| warm | {_fmt(e['warm']['wall_s'], 1)} | {_fmt(e['warm']['experiment_s'], 1)} | {_fmt(e['warm']['acc'])} |"]
+        out += [
+            "",
+            "## 5. Default offline run (`python -m otmf_exp.run`)",
+            "",
+            "| cache | wall (s, incl. interpreter start) | experiment (s) | ACC |",
+            "|---|---|---|---|",
+            f"| cold (builds the digits8 zoo) | {_fmt(e['cold']['wall_s'], 1)} | {_fmt(e['cold']['experiment_s'], 1)} | {_fmt(e['cold']['acc'])} |",
+            f"| warm | {_fmt(e['warm']['wall_s'], 1)} | {_fmt(e['warm']['experiment_s'], 1)} | {_fmt(e['warm']['acc'])} |",
+        ]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer iterations (CPU-sized); same architecture and batch")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer iterations (CPU-sized); same architecture and batch"
+    )
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--out", default=str(ROOT), help="directory for BENCHMARKS.md and benchmarks.json")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--arch", default="vit_b32", help="vit_b32 | vit_b16 | vit_l14 | tiny (tiny: smoke tests only)")
+    ap.add_argument(
+        "--arch", default="vit_b32", help="vit_b32 | vit_b16 | vit_l14 | tiny (tiny: smoke tests only)"
+    )
     ap.add_argument("--steps", type=int, default=20, help="continual steps in the flatness part")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the table names")
-    ap.add_argument("--autocast", default="float32", help="float32 | bfloat16 | float16 forward passes (CUDA only)")
+    ap.add_argument(
+        "--autocast", default="float32", help="float32 | bfloat16 | float16 forward passes (CUDA only)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in workers")
-    ap.add_argument("--live-rss", action="store_true",
-                    help="CPU: glibc returns freed tensors >= 1 MiB to the OS at once (MALLOC_MMAP_THRESHOLD_/"
-                         "MALLOC_TRIM_THRESHOLD_), so peak RSS tracks live memory instead of the allocator's high water")
-    ap.add_argument("--merge", action="store_true",
-                    help="update benchmarks.json in --out with what this run measures (same machine and mode only)")
+    ap.add_argument(
+        "--live-rss",
+        action="store_true",
+        help="CPU: glibc returns freed tensors >= 1 MiB to the OS at once (MALLOC_MMAP_THRESHOLD_/"
+        "MALLOC_TRIM_THRESHOLD_), so peak RSS tracks live memory instead of the allocator's high water",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="update benchmarks.json in --out with what this run measures (same machine and mode only)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -472,17 +595,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pl = plan(args.quick) | {"repeats": 2 if args.quick else 3}
     if args.autocast not in ("float32", "bfloat16", "float16"):
-        print(f"error: --autocast must be float32, bfloat16 or float16, got {args.autocast!r}", file=sys.stderr)
+        print(
+            f"error: --autocast must be float32, bfloat16 or float16, got {args.autocast!r}", file=sys.stderr
+        )
         return 2
-    base = {"arch": args.arch, "device": device, "threads": args.threads, "autocast": args.autocast, "eval_batch_size": pl["eval_batch_size"],
-            "eval_images": pl["eval_images"], "repeats": pl["repeats"]}
+    base = {
+        "arch": args.arch,
+        "device": device,
+        "threads": args.threads,
+        "autocast": args.autocast,
+        "eval_batch_size": pl["eval_batch_size"],
+        "eval_images": pl["eval_images"],
+        "repeats": pl["repeats"],
+    }
     runs_step = method_runs(pl["iterations_step"], pl["otmf_eval_batches"])
     runs_flat = method_runs(pl["iterations_flat"], pl["otmf_eval_batches"])
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         unknown = [m for m in keep if m not in runs_step]
         if unknown:
-            print(f"error: unknown method {unknown[0]!r}; choose from {', '.join(runs_step)}", file=sys.stderr)
+            print(
+                f"error: unknown method {unknown[0]!r}; choose from {', '.join(runs_step)}", file=sys.stderr
+            )
             return 2
         runs_step = {k: v for k, v in runs_step.items() if k in keep}
         runs_flat = {k: v for k, v in runs_flat.items() if k in keep}
@@ -491,25 +625,68 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    res: dict = {"command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
-                 "arch": args.arch, "autocast": args.autocast, "plan": pl, "machine": machine(device)}
+    res: dict = {
+        "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "arch": args.arch,
+        "autocast": args.autocast,
+        "plan": pl,
+        "machine": machine(device),
+    }
     if "step" in parts or "ratio" in parts:
-        wanted = runs_step if "step" in parts else {k: v for k, v in runs_step.items()
-                                                     if k in ("otmf", "otmf (tensor masks)", "adamerging (task)")}
+        wanted = (
+            runs_step
+            if "step" in parts
+            else {
+                k: v
+                for k, v in runs_step.items()
+                if k in ("otmf", "otmf (tensor masks)", "adamerging (task)")
+            }
+        )
         res["step"] = {}
         for name, (method, ovr) in wanted.items():
-            res["step"][name] = run_worker(base | {"kind": "continual", "label": f"step {name}", "method": method,
-                                                   "overrides": ovr, "tasks": 3}, log)
+            res["step"][name] = run_worker(
+                base
+                | {
+                    "kind": "continual",
+                    "label": f"step {name}",
+                    "method": method,
+                    "overrides": ovr,
+                    "tasks": 3,
+                },
+                log,
+            )
     if "flat" in parts:
-        res["flat"] = {name: run_worker(base | {"kind": "continual", "label": f"flat {name}", "method": method,
-                                                "overrides": ovr, "tasks": args.steps}, log)
-                       for name, (method, ovr) in runs_flat.items()}
+        res["flat"] = {
+            name: run_worker(
+                base
+                | {
+                    "kind": "continual",
+                    "label": f"flat {name}",
+                    "method": method,
+                    "overrides": ovr,
+                    "tasks": args.steps,
+                },
+                log,
+            )
+            for name, (method, ovr) in runs_flat.items()
+        }
     if "ratio" in parts:
-        res["ratio"] = {label: run_worker(
-            base | {"kind": "joint", "label": label, "method": "adamerging", "tasks": 8,
-                    "overrides": {"granularity": "task", "steps": pl["iterations_flat"], "backward": mode}}, log)
-            for label, mode in JOINT.items()}
+        res["ratio"] = {
+            label: run_worker(
+                base
+                | {
+                    "kind": "joint",
+                    "label": label,
+                    "method": "adamerging",
+                    "tasks": 8,
+                    "overrides": {"granularity": "task", "steps": pl["iterations_flat"], "backward": mode},
+                },
+                log,
+            )
+            for label, mode in JOINT.items()
+        }
     if "eval" in parts:
         res["eval"] = run_worker(base | {"kind": "eval", "label": "eval"}, log)
         res["model_mb"] = res["eval"]["model_mb"]

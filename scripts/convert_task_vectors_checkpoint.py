@@ -44,7 +44,7 @@ def convert(src: Path, out: Path) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from otmf_exp.models.openclip import normalise_keys
+    from otmf_exp.models.open_clip import normalise_keys
 
     obj = torch.load(src, map_location="cpu", weights_only=False)
     sd = normalise_keys({k: v for k, v in _state_dict(obj).items() if isinstance(v, torch.Tensor)})
@@ -73,10 +73,19 @@ def _directory_jobs(src: Path, out: Path) -> list[tuple[Path, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", type=Path, help="a pickled checkpoint file, or a task_vectors checkpoint directory")
-    ap.add_argument("--out", type=Path, required=True, help="output .safetensors file (or directory for a directory)")
-    ap.add_argument("--code", type=Path, action="append", default=[],
-                    help="directory to put on sys.path so the pickled classes import (repeatable)")
+    ap.add_argument(
+        "src", type=Path, help="a pickled checkpoint file, or a task_vectors checkpoint directory"
+    )
+    ap.add_argument(
+        "--out", type=Path, required=True, help="output .safetensors file (or directory for a directory)"
+    )
+    ap.add_argument(
+        "--code",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory to put on sys.path so the pickled classes import (repeatable)",
+    )
     args = ap.parse_args(argv)
     for p in args.code:
         sys.path.insert(0, str(p.expanduser()))

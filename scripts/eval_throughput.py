@@ -1,6 +1,6 @@
 """Per-example throughput of ``backbone.evaluate`` vs a raw forward of the same module (tiny models).
 
-Builds the tiny stand-in models and datasets of ``otmf_exp.tiny_hub`` in a temp dir, then times:
+Builds the tiny stand-in models and datasets of ``otmf_exp.offline.tiny_hub`` in a temp dir, then times:
 
   evaluate      backbone.evaluate(θ0, head, data, "test", bs): reading + preprocessing (DataLoader,
                 backbone.num_workers) + functional_call forward + head + accuracy
@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from otmf_exp import tiny_hub
     from otmf_exp.config import BackboneConfig
     from otmf_exp.data import build_task_data
     from otmf_exp.models import build_backbone
+    from otmf_exp.offline import tiny_hub
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.backbone == "hf_t5":
             tiny_hub.build_t5(root, ["cola"], lora=None)
             tiny_hub.build_glue_datasets(root, ["cola"], n_train=10, n_val=args.n)
-            cfg.name, cfg.kind, cfg.model_id, cfg.finetuned = "flan_t5_base", "hf_t5", tiny_hub.T5_ID, tiny_hub.T5_FT
-            seq = OmegaConf.create({"name": "glue8", "kind": "glue", "tasks": ["cola"], "local_dir": str(root)})
+            cfg.name, cfg.kind, cfg.model_id, cfg.finetuned = (
+                "flan_t5_base",
+                "hf_t5",
+                tiny_hub.T5_ID,
+                tiny_hub.T5_FT,
+            )
+            seq = OmegaConf.create(
+                {"name": "glue8", "kind": "glue", "tasks": ["cola"], "local_dir": str(root)}
+            )
             task = "cola"
         else:
             task = "mnist"
@@ -78,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.arch = str(tiny_hub.build_open_clip(root, [task]))
                 cfg.name, cfg.kind, cfg.model_id = "openclip_vit_b32", "open_clip", tiny_hub.OPENCLIP_ID
                 cfg.checkpoint_dir = str(root / "checkpoints")
-            seq = OmegaConf.create({"name": "vit8", "kind": "hf_vision", "tasks": [task], "local_dir": str(root)})
+            seq = OmegaConf.create(
+                {"name": "vit8", "kind": "hf_vision", "tasks": [task], "local_dir": str(root)}
+            )
         bb = build_backbone(cfg, device, progress=False)
         data = build_task_data(task, seq, bb)
         head = bb.zero_shot_head(data)
@@ -103,11 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     bb.module(x)
 
-        rows = [("evaluate", _rate(evaluate, n, args.repeats)), ("data only", _rate(data_only, n, args.repeats)),
-                ("raw forward", _rate(raw, n, args.repeats))]
+        rows = [
+            ("evaluate", _rate(evaluate, n, args.repeats)),
+            ("data only", _rate(data_only, n, args.repeats)),
+            ("raw forward", _rate(raw, n, args.repeats)),
+        ]
     unit = "examples/s"
-    print(f"{args.backbone}: n={n} batch={bs} workers={args.num_workers} threads={torch.get_num_threads()} "
-          f"device={device}")
+    print(
+        f"{args.backbone}: n={n} batch={bs} workers={args.num_workers} threads={torch.get_num_threads()} "
+        f"device={device}"
+    )
     for name, r in rows:
         print(f"  {name:12s} {r:10.1f} {unit}   ({1e3 / r:.3f} ms/example)")
     print(f"  evaluate / raw forward = {rows[0][1] / rows[2][1]:.2f}")

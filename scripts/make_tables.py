@@ -8,7 +8,7 @@
 
 Rows are grouped by (protocol, backbone, task_seq, method, varying method_config fields); cells
 are mean ± std over task orders and seeds (n shown), next to the published numbers
-(src/otmf_exp/data/reference_numbers.csv) and the difference. See otmf_exp.tables.
+(src/otmf_exp/data/reference_numbers.csv) and the difference. See otmf_exp.reporting.tables.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from otmf_exp import table_render, tables
+from otmf_exp.reporting import render, tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = tables.aggregate(runs, reference, by=args.by)
     if args.published_only:
         rows = sorted(rows + tables.reference_only_rows(rows, reference), key=tables.row_order)
-    files = table_render.write_all(rows, reference, args.out, args.decimals)
+    files = render.write_all(rows, reference, args.out, args.decimals)
     if not args.quiet:
         print(files["md"].read_text())
     print(

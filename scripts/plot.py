@@ -5,7 +5,7 @@ curves per run, ACC vs number of tasks and time / memory per step per method.
     python scripts/plot.py multirun/paper/continual_vision --out reports/plots
     python scripts/plot.py multirun outputs --per-run-limit 1     # one heatmap/curve per row
 
-See otmf_exp.plots for the figures and their pixel sizes.
+See otmf_exp.reporting.plots for the figures and their pixel sizes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from otmf_exp.plots import plot_all
+from otmf_exp.reporting.plots import plot_all
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ _BUILT: dict[str, Path] = {}
 def hub_root(tmp_path_factory) -> Path:
     """``<root>`` holding tiny CLIP / open_clip / Flan-T5 models and datasets in the hub layout."""
     if "root" not in _BUILT:
-        from otmf_exp import tiny_hub
+        from otmf_exp.offline import tiny_hub
 
         root = tmp_path_factory.mktemp("tiny_hub")
         tiny_hub.build_hf_clip(root, VISION)
@@ -37,7 +37,7 @@ def hub_root(tmp_path_factory) -> Path:
         tiny_hub.build_open_clip(root, list(OPENCLIP_LAYOUTS), layouts=OPENCLIP_LAYOUTS)
         _BUILT["root"] = root
     else:  # registered per process; re-register in case another test reset open_clip's registry
-        from otmf_exp import tiny_hub
+        from otmf_exp.offline import tiny_hub
 
         tiny_hub.openclip_config(_BUILT["root"])
     return _BUILT["root"]
@@ -69,43 +69,88 @@ def backbone_cfg(**kw):
 
 
 def clip_cfg(root: Path, **kw):
-    from otmf_exp import tiny_hub
+    from otmf_exp.offline import tiny_hub
 
-    return backbone_cfg(**{"name": "clip_vit_b32", "kind": "hf_clip", "model_id": tiny_hub.CLIP_ID,
-                           "finetuned": tiny_hub.CLIP_FT, "local_dir": str(root), **kw})
+    return backbone_cfg(
+        **{
+            "name": "clip_vit_b32",
+            "kind": "hf_clip",
+            "model_id": tiny_hub.CLIP_ID,
+            "finetuned": tiny_hub.CLIP_FT,
+            "local_dir": str(root),
+            **kw,
+        }
+    )
 
 
 def t5_cfg(root: Path, **kw):
-    from otmf_exp import tiny_hub
+    from otmf_exp.offline import tiny_hub
 
-    return backbone_cfg(**{"name": "flan_t5_base", "kind": "hf_t5", "model_id": tiny_hub.T5_ID,
-                           "finetuned": tiny_hub.T5_FT, "finetuned_lora": tiny_hub.T5_LORA, "local_dir": str(root), **kw})
+    return backbone_cfg(
+        **{
+            "name": "flan_t5_base",
+            "kind": "hf_t5",
+            "model_id": tiny_hub.T5_ID,
+            "finetuned": tiny_hub.T5_FT,
+            "finetuned_lora": tiny_hub.T5_LORA,
+            "local_dir": str(root),
+            **kw,
+        }
+    )
 
 
 def openclip_cfg(root: Path, **kw):
-    from otmf_exp import tiny_hub
+    from otmf_exp.offline import tiny_hub
 
-    return backbone_cfg(**{"name": "openclip_vit_b32", "kind": "open_clip",
-                           "arch": str(root / f"{tiny_hub.OPENCLIP_ARCH}.json"), "pretrained_tag": None,
-                           "model_id": tiny_hub.OPENCLIP_ID, "local_dir": str(root),
-                           "checkpoint_dir": str(root / "checkpoints"), **kw})
+    return backbone_cfg(
+        **{
+            "name": "openclip_vit_b32",
+            "kind": "open_clip",
+            "arch": str(root / f"{tiny_hub.OPENCLIP_ARCH}.json"),
+            "pretrained_tag": None,
+            "model_id": tiny_hub.OPENCLIP_ID,
+            "local_dir": str(root),
+            "checkpoint_dir": str(root / "checkpoints"),
+            **kw,
+        }
+    )
 
 
 def seq_cfg(name: str, kind: str, root: Path | None):
-    return OmegaConf.create({"name": name, "kind": kind, "tasks": [], "local_dir": str(root) if root else None})
+    return OmegaConf.create(
+        {"name": name, "kind": kind, "tasks": [], "local_dir": str(root) if root else None}
+    )
 
 
 def run_cli(*overrides: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     """``python -m otmf_exp.run <overrides>`` in a subprocess (offline, progress bars off)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-                **(env or {})}
-    return subprocess.run([sys.executable, "-m", "otmf_exp.run", "progress=false", *overrides],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "otmf_exp.run", "progress=false", *overrides],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 #: per-method knobs that keep an end-to-end run on tiny models to a second or two (applied when present)
-FAST = {"iterations": 2, "steps": 2, "max_steps": 2, "epochs": 1, "batch_size": 4, "eval_batches": 1,
-        "head_tuning.epochs": 2, "head_tuning.batch_size": 4}
+FAST = {
+    "iterations": 2,
+    "steps": 2,
+    "max_steps": 2,
+    "epochs": 1,
+    "batch_size": 4,
+    "eval_batches": 1,
+    "head_tuning.epochs": 2,
+    "head_tuning.batch_size": 4,
+}
 
 
 def fast_method_overrides(make_cfg, method: str, *base: str) -> list[str]:

@@ -37,7 +37,7 @@ def make_cfg():
 
 @pytest.fixture(scope="session")
 def zoo():
-    from otmf_exp.zoo import DigitsZoo
+    from otmf_exp.offline.zoo import DigitsZoo
 
     z = DigitsZoo(progress=False)
     z.build()
@@ -66,10 +66,21 @@ def digits_multirun(tmp_path_factory, zoo):
     import sys
 
     root = tmp_path_factory.mktemp("multirun") / "sweep"
-    cmd = [sys.executable, "-m", "otmf_exp.run", "-m", "method=averaging,task_arithmetic",
-           "task_order=shuffled", "order_seed=0,1", "task_seq.tasks=[rot90,flip,invert,parity]",
-           "eval_split=validation", "progress=false", "logger=wandb", "logger.mode=offline",
-           f"hydra.sweep.dir={root}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "otmf_exp.run",
+        "-m",
+        "method=averaging,task_arithmetic",
+        "task_order=shuffled",
+        "order_seed=0,1",
+        "task_seq.tasks=[rot90,flip,invert,parity]",
+        "eval_split=validation",
+        "progress=false",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.sweep.dir={root}",
+    ]
     env = {**os.environ, "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

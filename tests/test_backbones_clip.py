@@ -9,11 +9,11 @@ import pytest
 import torch
 from _hub_fixtures import clip_cfg, fast_method_overrides, run_cli, seq_cfg
 
-from otmf_exp import tiny_hub
 from otmf_exp.data import build_task_data
 from otmf_exp.data.vision_tasks import VISION_TASKS, VIT8, VIT14, VIT20, classnames
 from otmf_exp.errors import UserError
 from otmf_exp.models import build_backbone
+from otmf_exp.offline import tiny_hub
 
 # shared fixtures (tests/_hub_fixtures.py)
 _one_thread = fx._one_thread
@@ -34,7 +34,9 @@ def test_task_sequences_match_the_spec(make_cfg):
         cfg = make_cfg(f"task_seq={name}")
         assert list(cfg.task_seq.tasks) == tasks and cfg.task_seq.kind == "hf_vision"
         assert cfg.backbone.name == "clip_vit_b32"  # default backbone of the vision sequences
-    assert VISION_TASKS["svhn"].config == "cropped_digits" and VISION_TASKS["food101"].test_split == "validation"
+    assert (
+        VISION_TASKS["svhn"].config == "cropped_digits" and VISION_TASKS["food101"].test_split == "validation"
+    )
     assert VISION_TASKS["fer2013"].rename == {"jpg": "image", "cls": "label"}
     assert VISION_TASKS["cifar100"].label[0] == "fine_label"
     assert classnames("mnist") == [str(i) for i in range(10)] and len(classnames("sun397")) == 397
@@ -138,12 +140,20 @@ def test_missing_model_under_local_dir_names_the_path(tmp_path):
 def test_missing_model_offline_exits_2_with_one_line(tmp_path):
     """No local_dir, empty HF cache, HF_HUB_OFFLINE=1: one error line, exit code 2, no metrics.json."""
     out = tmp_path / "run"
-    proc = run_cli("task_seq=vit8", "task_order=[mnist]", "method=task_arithmetic", f"out_dir={out}",
-                   env={"HF_HOME": str(tmp_path / "hf_home"), "OTMF_EXP_CACHE": str(tmp_path / "c")})
+    proc = run_cli(
+        "task_seq=vit8",
+        "task_order=[mnist]",
+        "method=task_arithmetic",
+        f"out_dir={out}",
+        env={"HF_HOME": str(tmp_path / "hf_home"), "OTMF_EXP_CACHE": str(tmp_path / "c")},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1
-    assert "'openai/clip-vit-base-patch32'" in errors[0] and "hf download openai/clip-vit-base-patch32" in errors[0]
+    assert (
+        "'openai/clip-vit-base-patch32'" in errors[0]
+        and "hf download openai/clip-vit-base-patch32" in errors[0]
+    )
     assert "backbone.local_dir" in errors[0]
     assert not (out / "metrics.json").exists()
 
@@ -151,9 +161,16 @@ def test_missing_model_offline_exits_2_with_one_line(tmp_path):
 def test_end_to_end_cli_task_arithmetic(hub_root, tmp_path):
     out = tmp_path / "run"
     cache = tmp_path / "otmf_cache"
-    proc = run_cli("task_seq=vit8", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
-                   "task_order=[mnist,svhn]", "method=task_arithmetic", f"out_dir={out}", "backbone.num_workers=1",
-                   env={"OTMF_EXP_CACHE": str(cache)})
+    proc = run_cli(
+        "task_seq=vit8",
+        f"backbone.local_dir={hub_root}",
+        f"task_seq.local_dir={hub_root}",
+        "task_order=[mnist,svhn]",
+        "method=task_arithmetic",
+        f"out_dir={out}",
+        "backbone.num_workers=1",
+        env={"OTMF_EXP_CACHE": str(cache)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["backbone"] == "clip_vit_b32" and m["order"] == ["mnist", "svhn"]
@@ -168,8 +185,14 @@ def test_end_to_end_every_method_in_process(hub_root, tmp_path, make_cfg, method
 
     if method not in METHODS:
         pytest.skip(f"method {method!r} not registered yet")
-    base = ["task_seq=vit14", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
-            "task_order=[mnist,pcam]", "backbone.batch_size=8", "backbone.num_workers=0"]
+    base = [
+        "task_seq=vit14",
+        f"backbone.local_dir={hub_root}",
+        f"task_seq.local_dir={hub_root}",
+        "task_order=[mnist,pcam]",
+        "backbone.batch_size=8",
+        "backbone.num_workers=0",
+    ]
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
     m = run_experiment(cfg, tmp_path / "run")
     assert len(m["acc_matrix"]) == 2 and (tmp_path / "run" / "metrics.json").exists()
@@ -183,19 +206,35 @@ def test_cuda_autocast_end_to_end(hub_root, tmp_path, make_cfg, seq, tasks):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    cfg = make_cfg(f"task_seq={seq}", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
-                   f"task_order={tasks}", "method=task_arithmetic", "device=cuda", "backbone.autocast=bfloat16",
-                   "backbone.num_workers=2", "backbone.batch_size=8")
+    cfg = make_cfg(
+        f"task_seq={seq}",
+        f"backbone.local_dir={hub_root}",
+        f"task_seq.local_dir={hub_root}",
+        f"task_order={tasks}",
+        "method=task_arithmetic",
+        "device=cuda",
+        "backbone.autocast=bfloat16",
+        "backbone.num_workers=2",
+        "backbone.batch_size=8",
+    )
     m = run_experiment(cfg, tmp_path / "run")
     assert m["device"].startswith("cuda") and len(m["acc_matrix"]) == 2
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("overrides", [
-    ["task_seq=vit20"], ["task_seq=vit20", "backbone=clip_vit_b16"], ["task_seq=vit20", "backbone=clip_vit_l14"],
-    ["task_seq=vit8", "backbone=openclip_vit_b32"], ["task_seq=vit8", "backbone=openclip_vit_b16"],
-    ["task_seq=vit8", "backbone=openclip_vit_l14"], ["task_seq=glue8"], ["task_seq=glue8", "backbone.variant=lora"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["task_seq=vit20"],
+        ["task_seq=vit20", "backbone=clip_vit_b16"],
+        ["task_seq=vit20", "backbone=clip_vit_l14"],
+        ["task_seq=vit8", "backbone=openclip_vit_b32"],
+        ["task_seq=vit8", "backbone=openclip_vit_b16"],
+        ["task_seq=vit8", "backbone=openclip_vit_l14"],
+        ["task_seq=glue8"],
+        ["task_seq=glue8", "backbone.variant=lora"],
+    ],
+)
 def test_real_hub_ids_resolve(overrides):
     """Every model and dataset id of the real benchmarks exists on the hub (users with network: -m network)."""
     import os
@@ -203,6 +242,11 @@ def test_real_hub_ids_resolve(overrides):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "0"}
-    proc = subprocess.run([sys.executable, "-m", "otmf_exp.prefetch", *overrides, "--check"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "otmf_exp.hub.prefetch", *overrides, "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

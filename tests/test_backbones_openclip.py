@@ -12,10 +12,10 @@ import pytest
 import torch
 from _hub_fixtures import openclip_cfg, seq_cfg
 
-from otmf_exp import tiny_hub
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import UserError
 from otmf_exp.models import build_backbone
+from otmf_exp.offline import tiny_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,16 +34,20 @@ def _reference(hub_root, visual_sd=None):
     import open_clip
 
     m = open_clip.create_model(tiny_hub.OPENCLIP_ARCH)
-    m.load_state_dict(torch.load(hub_root / tiny_hub.OPENCLIP_ID / "open_clip_pytorch_model.bin", weights_only=True))
+    m.load_state_dict(
+        torch.load(hub_root / tiny_hub.OPENCLIP_ID / "open_clip_pytorch_model.bin", weights_only=True)
+    )
     if visual_sd is not None:
         m.visual.load_state_dict(visual_sd)
     return m.eval()
 
 
 def test_configs_compose(make_cfg):
-    for name, arch, repo in (("openclip_vit_b32", "ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
-                             ("openclip_vit_b16", "ViT-B-16", "timm/vit_base_patch16_clip_224.openai"),
-                             ("openclip_vit_l14", "ViT-L-14", "timm/vit_large_patch14_clip_224.openai")):
+    for name, arch, repo in (
+        ("openclip_vit_b32", "ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
+        ("openclip_vit_b16", "ViT-B-16", "timm/vit_base_patch16_clip_224.openai"),
+        ("openclip_vit_l14", "ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
+    ):
         cfg = make_cfg("task_seq=vit8", f"backbone={name}")
         assert cfg.backbone.kind == "open_clip" and cfg.backbone.arch == arch
         assert cfg.backbone.pretrained_tag == "openai" and cfg.backbone.model_id == repo
@@ -55,12 +59,14 @@ def test_mergeable_is_the_whole_image_tower(oc):
     assert "visual.proj" in names and "visual.class_embedding" in names
 
 
-@pytest.mark.parametrize("task", ["mnist", "pcam", "svhn"])  # <task>.pt (model.* keys), PCAM/finetuned.pt, .safetensors
+@pytest.mark.parametrize(
+    "task", ["mnist", "pcam", "svhn"]
+)  # <task>.pt (model.* keys), PCAM/finetuned.pt, .safetensors
 def test_finetuned_layouts_and_features(oc, hub_root, task):
     ft = oc.load_finetuned(task)
     pre = oc.pretrained_state()
     assert set(ft) == set(pre) and any(not torch.equal(ft[k], pre[k]) for k in ft)
-    ref = _reference(hub_root, {k[len("visual."):]: v for k, v in ft.items()})
+    ref = _reference(hub_root, {k[len("visual.") :]: v for k, v in ft.items()})
     x = torch.randn(2, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE)
     with torch.no_grad():
         assert torch.allclose(oc.features(ft, x), ref.encode_image(x), atol=1e-5)
@@ -72,9 +78,19 @@ def test_pickled_module_is_refused_then_converted(oc, hub_root, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "scripts/convert_task_vectors_checkpoint.py" in msg and "pickled" in msg
     out = tmp_path / "converted" / "fer2013.safetensors"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_task_vectors_checkpoint.py"),
-                           str(hub_root / "checkpoints" / "fer2013.pt"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_task_vectors_checkpoint.py"),
+            str(hub_root / "checkpoints" / "fer2013.pt"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     conv = build_backbone(openclip_cfg(hub_root, checkpoint_dir=str(out.parent)), torch.device("cpu"), False)
     ft = conv.load_finetuned("fer2013")
@@ -109,10 +125,19 @@ def test_data_uses_open_clip_preprocessing(oc, hub_root):
 def test_end_to_end_in_process(hub_root, tmp_path, make_cfg):
     from otmf_exp.runner import run_experiment
 
-    cfg = make_cfg("task_seq=vit8", "backbone=openclip_vit_b32", f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
-                   "backbone.pretrained_tag=null", f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
-                   f"backbone.local_dir={hub_root}", f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
-                   f"task_seq.local_dir={hub_root}", "task_order=[mnist,svhn]", "method=task_arithmetic",
-                   "backbone.num_workers=0", "backbone.batch_size=8")
+    cfg = make_cfg(
+        "task_seq=vit8",
+        "backbone=openclip_vit_b32",
+        f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
+        "backbone.pretrained_tag=null",
+        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
+        f"backbone.local_dir={hub_root}",
+        f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
+        f"task_seq.local_dir={hub_root}",
+        "task_order=[mnist,svhn]",
+        "method=task_arithmetic",
+        "backbone.num_workers=0",
+        "backbone.batch_size=8",
+    )
     m = run_experiment(cfg, tmp_path / "run")
     assert m["backbone"] == "openclip_vit_b32" and len(m["acc_matrix"]) == 2

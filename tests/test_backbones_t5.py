@@ -9,12 +9,12 @@ import pytest
 import torch
 from _hub_fixtures import fast_method_overrides, run_cli, seq_cfg, t5_cfg
 
-from otmf_exp import tiny_hub
 from otmf_exp.data import build_task_data
 from otmf_exp.data.glue import GLUE8, PROMPTS, exact_match, render, score, spearman
 from otmf_exp.errors import UserError
 from otmf_exp.models import build_backbone
 from otmf_exp.models.functional import swapped_parameters
+from otmf_exp.offline import tiny_hub
 
 # shared fixtures (tests/_hub_fixtures.py)
 _one_thread = fx._one_thread
@@ -40,7 +40,11 @@ def _inputs(t5, texts):
 def test_glue8_config_and_prompts(make_cfg):
     cfg = make_cfg("task_seq=glue8")
     assert list(cfg.task_seq.tasks) == GLUE8 == sorted(GLUE8)
-    assert cfg.backbone.name == "flan_t5_base" and cfg.backbone.kind == "hf_t5" and cfg.backbone.variant == "full"
+    assert (
+        cfg.backbone.name == "flan_t5_base"
+        and cfg.backbone.kind == "hf_t5"
+        and cfg.backbone.variant == "full"
+    )
     assert cfg.backbone.finetuned_lora == "tanganke/flan-t5-base_glue-{task}_lora-16"
     assert PROMPTS["mnli"].test_split == "validation_matched"
     assert all(PROMPTS[t].test_split == "validation" for t in GLUE8 if t != "mnli")
@@ -144,12 +148,23 @@ def test_lora_variant_merges_the_adapter(hub_root, t5):
     lora = build_backbone(t5_cfg(hub_root, variant="lora"), torch.device("cpu"), False)
     got = lora.load_finetuned("cola")
     base = AutoModelForSeq2SeqLM.from_pretrained(hub_root / tiny_hub.T5_ID)
-    ref = PeftModel.from_pretrained(base, str(hub_root / tiny_hub.T5_LORA.format(task="cola"))).merge_and_unload()
+    ref = PeftModel.from_pretrained(
+        base, str(hub_root / tiny_hub.T5_LORA.format(task="cola"))
+    ).merge_and_unload()
     ref_sd = ref.state_dict()
     pre = t5.pretrained_state()
     changed = {k for k in got if not torch.equal(got[k], pre[k])}
-    assert changed and all(k.endswith(("SelfAttention.q.weight", "SelfAttention.v.weight",
-                                       "EncDecAttention.q.weight", "EncDecAttention.v.weight")) for k in changed)
+    assert changed and all(
+        k.endswith(
+            (
+                "SelfAttention.q.weight",
+                "SelfAttention.v.weight",
+                "EncDecAttention.q.weight",
+                "EncDecAttention.v.weight",
+            )
+        )
+        for k in changed
+    )
     assert all(torch.allclose(got[k], ref_sd[k]) for k in got)
 
 
@@ -162,26 +177,47 @@ def test_bad_options_are_user_errors(hub_root):
 
 def test_end_to_end_cli_full(hub_root, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("task_seq=glue8", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
-                   "task_order=[cola,stsb]", "method=task_arithmetic", f"out_dir={out}", "backbone.num_workers=0",
-                   env={"OTMF_EXP_CACHE": str(tmp_path / "c")})
+    proc = run_cli(
+        "task_seq=glue8",
+        f"backbone.local_dir={hub_root}",
+        f"task_seq.local_dir={hub_root}",
+        "task_order=[cola,stsb]",
+        "method=task_arithmetic",
+        f"out_dir={out}",
+        "backbone.num_workers=0",
+        env={"OTMF_EXP_CACHE": str(tmp_path / "c")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["backbone"] == "flan_t5_base" and len(m["acc_matrix"]) == 2
     assert all(-100.0 <= a <= 100.0 for a in m["acc_matrix"][1])
 
 
-@pytest.mark.parametrize("method,variant", [("task_arithmetic", "lora"), ("ties", "full"), ("opcm", "full"),
-                                            ("adamerging", "full"), ("otmf", "full")])
+@pytest.mark.parametrize(
+    "method,variant",
+    [
+        ("task_arithmetic", "lora"),
+        ("ties", "full"),
+        ("opcm", "full"),
+        ("adamerging", "full"),
+        ("otmf", "full"),
+    ],
+)
 def test_end_to_end_methods_in_process(hub_root, tmp_path, make_cfg, method, variant):
     from otmf_exp.merging import METHODS
     from otmf_exp.runner import run_experiment
 
     if method not in METHODS:
         pytest.skip(f"method {method!r} not registered yet")
-    base = ["task_seq=glue8", f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}",
-            "task_order=[cola,stsb]", f"backbone.variant={variant}", "backbone.batch_size=8",
-            "backbone.num_workers=0"]
+    base = [
+        "task_seq=glue8",
+        f"backbone.local_dir={hub_root}",
+        f"task_seq.local_dir={hub_root}",
+        "task_order=[cola,stsb]",
+        f"backbone.variant={variant}",
+        "backbone.batch_size=8",
+        "backbone.num_workers=0",
+    ]
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
     m = run_experiment(cfg, tmp_path / "run")
     assert len(m["acc_matrix"]) == 2 and (tmp_path / "run" / "metrics.json").exists()

@@ -11,8 +11,13 @@ from otmf_exp.errors import UserError
 
 def _cli(tmp_path, *args):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    p = subprocess.run([sys.executable, "-m", "otmf_exp.run", f"out_dir={tmp_path / 'run'}", "progress=false",
-                        *args], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "otmf_exp.run", f"out_dir={tmp_path / 'run'}", "progress=false", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     return p
 
 
@@ -53,7 +58,9 @@ def test_unwritable_output_dir(tmp_path, zoo):
         target = "/proc/otmf_exp_cannot_write_here"
     else:
         target = str(ro / "run")
-    p = subprocess.run([sys.executable, "-m", "otmf_exp.run", f"out_dir={target}"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "otmf_exp.run", f"out_dir={target}"], capture_output=True, text=True
+    )
     assert p.returncode == 2 and "not writable" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -44,7 +44,7 @@ def test_opcm_rejects_joint(run_cfg):
 
 
 def test_alpha_sets_main_coefficient(make_cfg):
-    from otmf_exp.validation import method_config
+    from otmf_exp.config import method_config
 
     assert method_config(make_cfg("method=ties", "alpha=0.7")).scaling == 0.7
     assert method_config(make_cfg("method=magmax", "alpha=0.2")).scaling == 0.2
@@ -55,7 +55,7 @@ def test_alpha_sets_main_coefficient(make_cfg):
 
 @pytest.mark.parametrize("override", ["method.density=0", "method.merge=median", "method.alpha=-1"])
 def test_bad_values_fail_before_work(make_cfg, override):
-    from otmf_exp.validation import method_config
+    from otmf_exp.config import method_config
 
     method = {"method.density=0": "ties", "method.merge=median": "ties", "method.alpha=-1": "opcm"}[override]
     with pytest.raises(UserError):

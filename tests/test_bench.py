@@ -17,8 +17,21 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_bench_writes_tables_and_json(tmp_path):
     out = tmp_path / "bench"
-    proc = _run("--quick", "--arch", "tiny", "--device", "cpu", "--steps", "3", "--only", "step,flat,ratio,eval",
-                "--methods", "otmf", "--out", str(out))
+    proc = _run(
+        "--quick",
+        "--arch",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--only",
+        "step,flat,ratio,eval",
+        "--methods",
+        "otmf",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "benchmarks.json").read_text())
     md = (out / "BENCHMARKS.md").read_text()
@@ -31,18 +44,27 @@ def test_bench_writes_tables_and_json(tmp_path):
     assert len(res["ratio"]) == 2 and all(v["steps"][0]["peak_mb"] > 0 for v in res["ratio"].values())
     assert res["eval"]["raw_per_s"] > 0 and res["eval"]["evaluate_per_s"] > 0
     ratios = res["summary"]["ratios"]
-    assert {"otmf_vs_joint_adamerging_memory", "flat_step_last_vs_step2", "eval_vs_raw_forward"} <= set(ratios)
+    assert {"otmf_vs_joint_adamerging_memory", "flat_step_last_vs_step2", "eval_vs_raw_forward"} <= set(
+        ratios
+    )
     # the markdown shows every table and the ratio it computed
-    for heading in ("## Targets", "## 1. One continual step", "## 2. Peak memory", "## 3. OTMF step vs joint",
-                    "## 4. Evaluation throughput"):
+    for heading in (
+        "## Targets",
+        "## 1. One continual step",
+        "## 2. Peak memory",
+        "## 3. OTMF step vs joint",
+        "## 4. Evaluation throughput",
+    ):
         assert heading in md
     assert f"{ratios['otmf_vs_joint_adamerging_memory']:.2f}" in md
     assert "python scripts/bench.py --quick --arch tiny" in md
 
 
 def test_bench_bad_input_one_line(tmp_path):
-    for args, needle in ((["--only", "nonsense"], "unknown part 'nonsense'"),
-                         (["--methods", "nope"], "unknown method 'nope'")):
+    for args, needle in (
+        (["--only", "nonsense"], "unknown part 'nonsense'"),
+        (["--methods", "nope"], "unknown method 'nope'"),
+    ):
         proc = _run(*args, "--out", str(tmp_path))
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and needle in proc.stderr

@@ -15,14 +15,19 @@ import weakref
 import pytest
 import torch
 
+from otmf_exp.config import method_config
 from otmf_exp.merging import METHODS, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
-from otmf_exp.synthetic import SyntheticBackbone
-from otmf_exp.validation import method_config
+from otmf_exp.offline.synthetic import SyntheticBackbone
 
 FAST = {
     "adamerging": ["method.steps=2", "method.batch_size=4"],
-    "otmf": ["method.iterations=2", "method.batch_size=4", "method.eval_batches=1", "method.head_tuning.epochs=2"],
+    "otmf": [
+        "method.iterations=2",
+        "method.batch_size=4",
+        "method.eval_batches=1",
+        "method.head_tuning.epochs=2",
+    ],
 }
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols and n != "individual")
 T = 6
@@ -39,8 +44,11 @@ def backbone():
 def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
     bb = backbone
     cfg = method_config(make_cfg(f"method={name}", *FAST.get(name, [])))
-    method = METHODS[name](cfg, MethodContext(bb, torch.device("cpu"), torch.Generator().manual_seed(0),
-                                              progress=False), "continual")
+    method = METHODS[name](
+        cfg,
+        MethodContext(bb, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False),
+        "continual",
+    )
     pre = bb.pretrained_state()
     names = [f"t{i}" for i in range(T)]
     sizes = {"train": 16, "validation": 8, "test": 16}
@@ -52,15 +60,26 @@ def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
     for i, n in enumerate(names):
         weights = bb.load_finetuned(n)
         refs = [weakref.ref(v) for v in weights.values()]
-        task = TaskInput(n, i, weights, bb.zero_shot_head(datas[n]), datas[n], datas[names[i - 1]] if i else None,
-                         {m: datas[m] for m in names[: i + 1]})
+        task = TaskInput(
+            n,
+            i,
+            weights,
+            bb.zero_shot_head(datas[n]),
+            datas[n],
+            datas[names[i - 1]] if i else None,
+            {m: datas[m] for m in names[: i + 1]},
+        )
         state = method.step(state, task, pre)
         del task, weights
         gc.collect()
-        assert not any(r() is not None for r in refs), f"{name} keeps the fine-tuned weights of step {i + 1} alive"
+        assert not any(r() is not None for r in refs), (
+            f"{name} keeps the fine-tuned weights of step {i + 1} alive"
+        )
         assert state.step == i + 1
         assert set(state.merged) == set(pre)
-        assert num_bytes(state.merged) == w, f"{name}: merged state is not exactly one task vector at step {i + 1}"
+        assert num_bytes(state.merged) == w, (
+            f"{name}: merged state is not exactly one task vector at step {i + 1}"
+        )
         assert len(state.heads) <= i + 1
         assert all(h.numel() * h.element_size() <= head_bytes for h in state.heads.values())
         scalar_sizes.append(len(json.dumps(state.scalars)))
@@ -84,7 +103,10 @@ def test_owned_task_vector_is_computed_in_place():
 def test_not_owned_or_tied_task_vector_is_a_copy():
     pre = {"a": torch.tensor([1.0]), "b": torch.tensor([1.0])}
     shared = torch.tensor([3.0])
-    for owned, w in ((False, {"a": torch.tensor([3.0]), "b": torch.tensor([3.0])}), (True, {"a": shared, "b": shared})):
+    for owned, w in (
+        (False, {"a": torch.tensor([3.0]), "b": torch.tensor([3.0])}),
+        (True, {"a": shared, "b": shared}),
+    ):
         task = TaskInput("t", 0, w, None, None, owned=owned)
         tv = task.task_vector(pre)
         assert torch.equal(tv["a"], torch.tensor([2.0])) and torch.equal(tv["b"], torch.tensor([2.0]))

@@ -2,13 +2,12 @@
 
 from pathlib import Path
 
+import otmf_exp.conf
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-import otmf_exp
-
-CONF = Path(otmf_exp.__file__).parent / "conf"
+CONF = Path(otmf_exp.conf.__file__).parent
 
 
 def _options(group: str) -> list[str]:
@@ -25,8 +24,10 @@ def test_every_option_composes(make_cfg, group):
 
 
 def test_experiment_presets_compose(make_cfg):
-    presets = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
-                     for p in (CONF / "experiment").rglob("*.yaml"))
+    presets = sorted(
+        p.relative_to(CONF / "experiment").with_suffix("").as_posix()
+        for p in (CONF / "experiment").rglob("*.yaml")
+    )
     assert presets
     for p in presets:
         try:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from _hub_fixtures import clip_cfg, openclip_cfg
 
-from otmf_exp import tiny_hub
 from otmf_exp.data.vision_tasks import VISION_TASKS, classnames
 from otmf_exp.models import build_backbone, heads
+from otmf_exp.offline import tiny_hub
 
 # shared fixtures (tests/_hub_fixtures.py)
 _one_thread = fx._one_thread
@@ -31,8 +31,11 @@ def oc(hub_root):
 
 
 def _task(name, names=None, templates=None):
-    return SimpleNamespace(name=name, classnames=list(names or classnames(name)),
-                           templates=list(templates or VISION_TASKS[name].templates))
+    return SimpleNamespace(
+        name=name,
+        classnames=list(names or classnames(name)),
+        templates=list(templates or VISION_TASKS[name].templates),
+    )
 
 
 def test_build_head_formula():
@@ -53,7 +56,9 @@ def test_head_shape_and_norm(request, which):
     bb = request.getfixturevalue(which)
     h = bb.zero_shot_head(_task("cifar100"))
     scale = (bb.clip.logit_scale.exp()).item()
-    dim = bb.features(bb.pretrained_state(), torch.zeros(1, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE)).shape[-1]
+    dim = bb.features(
+        bb.pretrained_state(), torch.zeros(1, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE)
+    ).shape[-1]
     assert h.shape == (100, dim) and h.dtype == torch.float32
     assert torch.allclose(h.norm(dim=-1), torch.full((100,), scale), rtol=1e-5)
 
@@ -68,7 +73,9 @@ def test_hf_head_reproduces_clip_model_logits(clip, hub_root):
     tok = clip.tokenizer(prompts, padding=True, return_tensors="pt")
     x = torch.randn(4, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE)
     with torch.no_grad():
-        ref = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=x).logits_per_image
+        ref = model(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=x
+        ).logits_per_image
         ours = clip.logits(clip.pretrained_state(), clip.zero_shot_head(task), x)
     assert torch.allclose(ours, ref, atol=1e-4)
 

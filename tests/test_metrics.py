@@ -1,6 +1,6 @@
 import pytest
 
-from otmf_exp import metrics
+from otmf_exp.reporting import metrics
 
 # hand-made 3-task matrix: a[j][i] after step j on task i
 A = [

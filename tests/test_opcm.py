@@ -154,7 +154,7 @@ def test_step_closed_form(alpha, raw_w):
 
 # ---- FusionBench compat on a tiny HF CLIP vision tower ---------------------------------------
 def _tiny_clip():
-    from otmf_exp.models.tiny import TinyRecipe, make_module
+    from otmf_exp.offline.tiny_clip import TinyRecipe, make_module
 
     torch.manual_seed(0)
     return make_module(

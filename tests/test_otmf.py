@@ -42,15 +42,27 @@ def _run(bb, data, names=("rot90", "rot180"), **over):
     state = m.init(pre)
     for i, n in enumerate(names):
         prev = data[names[i - 1]] if i else None
-        task = TaskInput(n, i, bb.load_finetuned(n), bb.zero_shot_head(data[n]), data[n], prev,
-                         {k: data[k] for k in names[: i + 1]})
+        task = TaskInput(
+            n,
+            i,
+            bb.load_finetuned(n),
+            bb.zero_shot_head(data[n]),
+            data[n],
+            prev,
+            {k: data[k] for k in names[: i + 1]},
+        )
         state = m.step(state, task, pre)
     return state, rec
 
 
 def test_no_masks_equals_alpha_weighted_continual_task_arithmetic(run_cfg, zoo):
-    _, out = run_cfg("task_order=[rot90,rot180,flip]", "method.mask.enabled=false", "alpha=0.7",
-                     "method.head_tuning.epochs=1", "save_merged=true")
+    _, out = run_cfg(
+        "task_order=[rot90,rot180,flip]",
+        "method.mask.enabled=false",
+        "alpha=0.7",
+        "method.head_tuning.epochs=1",
+        "save_merged=true",
+    )
     merged = load_file(str(out / "merged.safetensors"))
     from otmf_exp.models.tiny import TinyBackbone
 
@@ -93,7 +105,9 @@ def test_only_masks_train_inputs_unchanged(setup):
     s1 = m.step(m.init(pre), TaskInput("rot90", 0, w1, bb.zero_shot_head(data["rot90"]), data["rot90"]), pre)
     s1_merged = {k: v.clone() for k, v in s1.merged.items()}
     head_before = s1.heads["rot90"].clone()
-    s2 = m.step(s1, TaskInput("rot180", 1, w2, bb.zero_shot_head(data["rot180"]), data["rot180"], data["rot90"]), pre)
+    s2 = m.step(
+        s1, TaskInput("rot180", 1, w2, bb.zero_shot_head(data["rot180"]), data["rot180"], data["rot90"]), pre
+    )
     assert all(torch.equal(v, bb.module.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None and not p.requires_grad for p in bb.module.parameters())
     assert all(torch.equal(w2[k], w2_copy[k]) for k in w2)
@@ -148,12 +162,28 @@ def test_which_previous_and_all_seen(setup):
 
 
 OVERRIDES = [
-    ("alpha", 0.6), ("mask.param", "sigmoid"), ("mask.granularity", "tensor"), ("mask.enabled", False),
-    ("sinkhorn.blur", 0.5), ("sinkhorn.p", 1), ("sinkhorn.scaling", 0.9), ("sinkhorn.debias", False),
-    ("schedule", "joint"), ("pre_data", "current_task"), ("adapt_split", "train"), ("lr", 0.05),
-    ("iterations", 2), ("batch_size", 8), ("select", "last"), ("l1", 1.0),
-    ("head_tuning.enabled", False), ("head_tuning.which", "previous"), ("head_tuning.fraction", 0.5),
-    ("head_tuning.split", "validation"), ("head_tuning.lr", 0.05), ("head_tuning.epochs", 1),
+    ("alpha", 0.6),
+    ("mask.param", "sigmoid"),
+    ("mask.granularity", "tensor"),
+    ("mask.enabled", False),
+    ("sinkhorn.blur", 0.5),
+    ("sinkhorn.p", 1),
+    ("sinkhorn.scaling", 0.9),
+    ("sinkhorn.debias", False),
+    ("schedule", "joint"),
+    ("pre_data", "current_task"),
+    ("adapt_split", "train"),
+    ("lr", 0.05),
+    ("iterations", 2),
+    ("batch_size", 8),
+    ("select", "last"),
+    ("l1", 1.0),
+    ("head_tuning.enabled", False),
+    ("head_tuning.which", "previous"),
+    ("head_tuning.fraction", 0.5),
+    ("head_tuning.split", "validation"),
+    ("head_tuning.lr", 0.05),
+    ("head_tuning.epochs", 1),
     ("head_tuning.batch_size", 64),
 ]
 
@@ -165,7 +195,9 @@ def baseline(setup):
 
 @pytest.mark.parametrize("key, value", OVERRIDES, ids=[k for k, _ in OVERRIDES])
 def test_every_hyperparameter_changes_the_result(setup, baseline, key, value):
-    s, rec = _run(*setup, iterations=6, **{key: value}) if key != "iterations" else _run(*setup, iterations=value)
+    s, rec = (
+        _run(*setup, iterations=6, **{key: value}) if key != "iterations" else _run(*setup, iterations=value)
+    )
     base, base_rec = baseline
     same_w = all(torch.equal(s.merged[k], base.merged[k]) for k in s.merged)
     same_h = all(torch.equal(s.heads[k], base.heads[k]) for k in s.heads)

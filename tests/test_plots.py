@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from otmf_exp import plots
+from otmf_exp.reporting import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from otmf_exp.validation import check_run_config, method_config
+from otmf_exp.config import check_run_config, method_config
 
-CONF = resources.files("otmf_exp") / "conf"
+CONF = resources.files("otmf_exp.conf")
 PRESETS = sorted(p.name[:-5] for p in (CONF / "experiment" / "paper").iterdir() if p.name.endswith(".yaml"))
 #: documented job counts (docs/readme_reproduce.md)
 JOBS = {

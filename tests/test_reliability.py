@@ -40,8 +40,9 @@ def uninterrupted(tmp_path_factory, zoo):
 @pytest.mark.parametrize("k", [1, 3])
 def test_sigkill_after_step_k_then_resume_matches(tmp_path, uninterrupted, k):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = out / "checkpoints" / f"step_{k:03d}"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -75,8 +76,9 @@ def test_keep_checkpoints(run_cfg):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_state(tmp_path, zoo):
     out = tmp_path / "run"
-    r = subprocess.run(_cmd(out, "method.lr=1e30", "method.select=last"), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        _cmd(out, "method.lr=1e30", "method.select=last"), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 2, r.stderr
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "non-finite OT loss" in err[0] and "step 2" in err[0]

@@ -14,8 +14,20 @@ def test_smoke_default_experiment_reduced(run_cfg):
     for f in ("metrics.json", "steps.jsonl", "acc_matrix.csv", "config.yaml", "run.log"):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("acc", "bwt", "normalized_acc", "per_task", "acc_matrix", "order", "method", "task_seq",
-                "backbone", "seed", "wall_time_s", "peak_memory_mb"):
+    for key in (
+        "acc",
+        "bwt",
+        "normalized_acc",
+        "per_task",
+        "acc_matrix",
+        "order",
+        "method",
+        "task_seq",
+        "backbone",
+        "seed",
+        "wall_time_s",
+        "peak_memory_mb",
+    ):
         assert key in saved, key
     assert saved["order"] == ["rot90", "rot180", "flip"] and saved["method"] == "otmf"
     mat = saved["acc_matrix"]
@@ -26,7 +38,9 @@ def test_smoke_default_experiment_reduced(run_cfg):
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert len(steps[1]["ot_loss_pre"]) == 3 and len(steps[1]["ot_loss_post"]) == 3
     rows = list(csv.reader((out / "acc_matrix.csv").open()))
-    assert rows[0] == ["step", "rot90", "rot180", "flip"] and float(rows[3][1]) == pytest.approx(mat[2][0], abs=1e-3)
+    assert rows[0] == ["step", "rot90", "rot180", "flip"] and float(rows[3][1]) == pytest.approx(
+        mat[2][0], abs=1e-3
+    )
 
 
 def test_individual_and_pretrained_reference_rows(run_cfg):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from otmf_exp import table_render, tables
+from otmf_exp.reporting import render, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_published_numbers_side_by_side(digits_multirun, tmp_path):
     assert ta["acc_ref"] is None and ta["acc_delta"] is None
     extra = tables.reference_only_rows(rows, tables.load_reference(ref))
     assert [(r["method"], r["acc_ref"], r["n"]) for r in extra] == [("mingle", 90.0, 0)]
-    md, _ = table_render.render(rows + extra, tables.load_reference(ref), d=1)
+    md, _ = render.render(rows + extra, tables.load_reference(ref), d=1)
     line = next(ln for ln in md.splitlines() if ln.startswith("| averaging | 2 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "70.0 ± 1.5" and cells[4] == f"{exp['acc_mean'] - 70.0:+.1f}" and cells[-1] == "toy"

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from otmf_exp.tracking import NullTracker, make_tracker
-from otmf_exp.wandb_tracker import WandbTracker, read_offline_run, run_name
+from otmf_exp.tracking.wandb import WandbTracker, read_offline_run, run_name
 
 pytest.importorskip("wandb")
 

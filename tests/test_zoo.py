@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from otmf_exp.data import digits
-from otmf_exp.models.tiny import TinyRecipe
-from otmf_exp.zoo import DigitsZoo
+from otmf_exp.offline.tiny_clip import TinyRecipe
+from otmf_exp.offline.zoo import DigitsZoo
 
 SMALL = TinyRecipe(pretrain_epochs=1, finetune_epochs=1)
 
@@ -22,12 +22,16 @@ def test_build_is_deterministic_and_recipe_keyed(tmp_path):
         sa, sb = load_file(str(a.dir / f)), load_file(str(b.dir / f))
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
     assert DigitsZoo(TinyRecipe(pretrain_epochs=2), root=tmp_path).dir != a.dir  # changed recipe -> new cache
-    assert a.is_built() and not any(p.name.startswith(".") for p in a.dir.parent.iterdir())  # no temp leftovers
+    assert a.is_built() and not any(
+        p.name.startswith(".") for p in a.dir.parent.iterdir()
+    )  # no temp leftovers
 
 
 def test_export_cli(tmp_path, zoo):
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "otmf_exp.zoo", "export", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "otmf_exp.offline.zoo", "export", str(out)], check=True, capture_output=True
+    )
     names = {p.name for p in out.iterdir()}
     assert {"pretrained.safetensors", "heads.safetensors", "config.json"} <= names
     assert {f"{t}.safetensors" for t in digits.DIGITS8} <= names

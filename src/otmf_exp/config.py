@@ -1,4 +1,4 @@
-"""Structured config schemas (Hydra ConfigStore): a typo fails at compose time.
+"""Config schemas (Hydra ConfigStore) and the checks of a composed config before any heavy work.
 
 Each method's schema is the ``Config`` dataclass in its own module (registered here from
 ``merging.METHODS``), so adding a method needs no edit in this file.
@@ -6,11 +6,14 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+
+from otmf_exp.errors import UserError
 
 
 @dataclass
@@ -106,3 +109,76 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     for name, cls in METHODS.items():
         cs.store(group="method", name=f"{name}_schema", node=cls.Config)
+
+
+# ---- checks of a composed config (run before any heavy work) ------------------------------------
+def resolve_order(cfg: DictConfig) -> list[str]:
+    """The task order: ``given``, ``shuffled`` (by ``order_seed``) or an explicit list."""
+    tasks = list(cfg.task_seq.tasks)
+    if not tasks:
+        raise UserError(
+            f"task_seq {cfg.task_seq.name!r} has no tasks; list at least one under task_seq.tasks"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"task_seq {cfg.task_seq.name!r} repeats a task: {tasks}")
+    order = cfg.task_order
+    if isinstance(order, (list, ListConfig)):
+        order = [str(t) for t in order]
+        if not order:
+            raise UserError("task_order is an empty list; give at least one task name")
+        unknown = [t for t in order if t not in tasks]
+        if unknown:
+            raise UserError(
+                f"task_order names unknown task {unknown[0]!r}; tasks of {cfg.task_seq.name}: {tasks}"
+            )
+        if len(set(order)) != len(order):
+            dup = next(t for t in order if order.count(t) > 1)
+            raise UserError(f"task_order repeats task {dup!r}; name each task at most once")
+        return order
+    if order == "given":
+        return tasks
+    if order == "shuffled":
+        rng = random.Random(int(cfg.order_seed))
+        shuffled = list(tasks)
+        rng.shuffle(shuffled)
+        return shuffled
+    raise UserError(f"task_order must be 'given', 'shuffled' or a list of task names, got {order!r}")
+
+
+def method_config(cfg: DictConfig) -> Any:
+    from otmf_exp.merging import METHODS
+
+    """The method's config with the top-level ``alpha`` applied to its main coefficient."""
+    name = cfg.method.name
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    cls = METHODS[name]
+    mcfg = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True))
+    OmegaConf.set_struct(mcfg, True)
+    if cfg.alpha is not None:
+        a = float(cfg.alpha)
+        if not 0.0 <= a <= 1.0:
+            raise UserError(f"alpha must be in [0, 1], got {a}")
+        if cls.main_coef is None:
+            raise UserError(f"method {name!r} has no coefficient for alpha to set; remove alpha={a}")
+        with open_dict(mcfg):
+            mcfg[cls.main_coef] = a
+    if hasattr(cls, "validate"):
+        cls.validate(mcfg)
+    return mcfg
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    from otmf_exp.merging import METHODS
+
+    if cfg.protocol not in ("continual", "joint"):
+        raise UserError(f"protocol must be 'continual' or 'joint', got {cfg.protocol!r}")
+    cls = METHODS.get(cfg.method.name)
+    if cls is not None and cfg.protocol not in cls.protocols:
+        raise UserError(
+            f"method {cfg.method.name!r} supports protocol {list(cls.protocols)}, not {cfg.protocol!r}"
+        )
+    if cfg.keep_checkpoints not in ("last", "all", "none"):
+        raise UserError(f"keep_checkpoints must be last, all or none, got {cfg.keep_checkpoints!r}")
+    if cfg.backbone.batch_size < 1:
+        raise UserError(f"backbone.batch_size must be >= 1, got {cfg.backbone.batch_size}")

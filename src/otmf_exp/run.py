@@ -1,8 +1,8 @@
 """Hydra entry point: compose -> run_experiment -> metrics dict.
 
-    python -m otmf_exp.run                              # offline digits8 suite
-    python -m otmf_exp.run task_seq=vit8 alpha=0.8      # ViT-B/32 on TA8 (needs the hub)
-    python -m otmf_exp.run -m method=averaging,task_arithmetic
+python -m otmf_exp.run                              # offline digits8 suite
+python -m otmf_exp.run task_seq=vit8 alpha=0.8      # ViT-B/32 on TA8 (needs the hub)
+python -m otmf_exp.run -m method=averaging,task_arithmetic
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from otmf_exp.config import register_configs
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
-from otmf_exp.report import print_summary
+from otmf_exp.reporting.summary import print_summary
 from otmf_exp.runner import run_experiment
 
 log = logging.getLogger("otmf_exp")
@@ -31,7 +31,7 @@ def _out_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="run")
+@hydra.main(version_base="1.3", config_path="pkg://otmf_exp.conf", config_name="run")
 def _main(cfg: DictConfig) -> Any:
     try:
         result = run_experiment(cfg, _out_dir(cfg))

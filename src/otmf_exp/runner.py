@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from otmf_exp import checkpoint, io, metrics
+from otmf_exp.config import check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import UserError
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.models import build_backbone
-from otmf_exp.resources import measure
+from otmf_exp.reporting import metrics
+from otmf_exp.runtime import checkpoint, files
+from otmf_exp.runtime.files import check_writable
+from otmf_exp.runtime.measure import measure
 from otmf_exp.tracking import make_tracker
-from otmf_exp.validation import check_run_config, check_writable, method_config, resolve_order
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,27 @@ class Experiment:
             self.individual[name] = self.backbone.evaluate(
                 weights, self.zero_shot[name], self.data[name], self.cfg.eval_split, self.eval_bs
             )
-        return TaskInput(name, i, weights, self.zero_shot[name], self.data[name],
-                         self.data[prev] if prev is not None else None,
-                         {t: self.data[t] for t in self.order[: i + 1]}, owned=True)
+        return TaskInput(
+            name,
+            i,
+            weights,
+            self.zero_shot[name],
+            self.data[name],
+            self.data[prev] if prev is not None else None,
+            {t: self.data[t] for t in self.order[: i + 1]},
+            owned=True,
+        )
 
     def _evaluate(self, state: ContinualState, upto: int) -> list[float]:
         if getattr(self.method, "evaluates_individually", False):
             return [self.individual[t] for t in self.order[: upto + 1]]
         weights = self.method.merged(state, self.pretrained)
-        return [self.backbone.evaluate(weights, self._head(state, t), self.data[t], self.cfg.eval_split, self.eval_bs)
-                for t in self.order[: upto + 1]]
+        return [
+            self.backbone.evaluate(
+                weights, self._head(state, t), self.data[t], self.cfg.eval_split, self.eval_bs
+            )
+            for t in self.order[: upto + 1]
+        ]
 
     # ---- the experiment -------------------------------------------------------------------
     def setup(self) -> None:
@@ -116,8 +129,13 @@ class Experiment:
             if d.size(cfg.eval_split) == 0:
                 raise UserError(f"task {t!r}: split {cfg.eval_split!r} is empty")
         self.zero_shot = {t: self.backbone.zero_shot_head(self.data[t]) for t in self.order}
-        ctx = MethodContext(self.backbone, self.device, torch.Generator().manual_seed(int(cfg.seed)),
-                            progress=cfg.progress, record=self._record)
+        ctx = MethodContext(
+            self.backbone,
+            self.device,
+            torch.Generator().manual_seed(int(cfg.seed)),
+            progress=cfg.progress,
+            record=self._record,
+        )
         self.method = METHODS[cfg.method.name](self.method_cfg, ctx, protocol=cfg.protocol)
         self.pretrained = self.backbone.pretrained_state()
         self.individual: dict[str, float] = {}
@@ -128,7 +146,7 @@ class Experiment:
         result = None
         try:
             self.setup()
-            io.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+            files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
             tracker.start(OmegaConf.to_container(self.cfg, resolve=True), str(self.out_dir))
             t0 = time.perf_counter()
             if self.cfg.protocol == "continual":
@@ -153,7 +171,9 @@ class Experiment:
             if found is not None:
                 state, prog = found
                 if prog["order"] != self.order or prog["method"] != cfg.method.name:
-                    raise UserError(f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir")
+                    raise UserError(
+                        f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir"
+                    )
                 rows, self.records, self.individual = prog["rows"], prog["records"], prog["individual"]
                 start = state.step
                 log.info("resuming from step %d of %d", start, len(self.order))
@@ -169,18 +189,42 @@ class Experiment:
             t_eval = time.perf_counter()
             row = self._evaluate(state, i)
             rows.append(row)
-            rec = {"step": i + 1, "task": self.order[i], "acc": dict(zip(self.order, row)),
-                   "avg_acc": sum(row) / len(row), "time_s": usage.wall_s,
-                   "eval_time_s": time.perf_counter() - t_eval, "peak_memory_mb": usage.peak_memory_mb,
-                   "memory_kind": usage.memory_kind, **self._step_records}
+            rec = {
+                "step": i + 1,
+                "task": self.order[i],
+                "acc": dict(zip(self.order, row)),
+                "avg_acc": sum(row) / len(row),
+                "time_s": usage.wall_s,
+                "eval_time_s": time.perf_counter() - t_eval,
+                "peak_memory_mb": usage.peak_memory_mb,
+                "memory_kind": usage.memory_kind,
+                **self._step_records,
+            }
             self.records.append(rec)
-            io.write_text(self.out_dir / "steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+            files.write_text(
+                self.out_dir / "steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
+            )
             tracker.log_step(rec)
-            log.info("step %d/%d %-12s avg acc %.2f (merge %.2fs)", i + 1, len(self.order), self.order[i],
-                     rec["avg_acc"], usage.wall_s)
-            checkpoint.save(self.out_dir, state, {"order": self.order, "method": cfg.method.name, "rows": rows,
-                                                  "records": self.records, "individual": self.individual},
-                            cfg.keep_checkpoints)
+            log.info(
+                "step %d/%d %-12s avg acc %.2f (merge %.2fs)",
+                i + 1,
+                len(self.order),
+                self.order[i],
+                rec["avg_acc"],
+                usage.wall_s,
+            )
+            checkpoint.save(
+                self.out_dir,
+                state,
+                {
+                    "order": self.order,
+                    "method": cfg.method.name,
+                    "rows": rows,
+                    "records": self.records,
+                    "individual": self.individual,
+                },
+                cfg.keep_checkpoints,
+            )
         matrix = [list(r) + [None] * (len(self.order) - len(r)) for r in rows]
         return matrix, state
 
@@ -201,12 +245,19 @@ class Experiment:
         row = self._evaluate(state, len(self.order) - 1)
         # time_s = merging only, as in the continual protocol (loading θ_t and the individual
         # evaluations happen lazily inside the method's task stream and are reported apart)
-        rec = {"step": len(self.order), "task": "joint", "acc": dict(zip(self.order, row)),
-               "avg_acc": sum(row) / len(row), "time_s": usage.wall_s - load_s, "load_time_s": load_s,
-               "peak_memory_mb": usage.peak_memory_mb,
-               "memory_kind": usage.memory_kind, **self._step_records}
+        rec = {
+            "step": len(self.order),
+            "task": "joint",
+            "acc": dict(zip(self.order, row)),
+            "avg_acc": sum(row) / len(row),
+            "time_s": usage.wall_s - load_s,
+            "load_time_s": load_s,
+            "peak_memory_mb": usage.peak_memory_mb,
+            "memory_kind": usage.memory_kind,
+            **self._step_records,
+        }
         self.records.append(rec)
-        io.write_text(self.out_dir / "steps.jsonl", json.dumps(rec) + "\n")
+        files.write_text(self.out_dir / "steps.jsonl", json.dumps(rec) + "\n")
         tracker.log_step(rec)
         return [row], state
 
@@ -215,25 +266,33 @@ class Experiment:
         final = metrics.final_row(matrix)
         ind = [self.individual.get(t) for t in self.order]
         out = {
-            "method": cfg.method.name, "task_seq": cfg.task_seq.name, "backbone": cfg.backbone.name,
-            "protocol": cfg.protocol, "seed": int(cfg.seed), "order": self.order,
-            "alpha": cfg.alpha, "method_config": OmegaConf.to_container(self.method_cfg, resolve=True),
-            "acc": metrics.acc(matrix), "bwt": metrics.bwt(matrix),
+            "method": cfg.method.name,
+            "task_seq": cfg.task_seq.name,
+            "backbone": cfg.backbone.name,
+            "protocol": cfg.protocol,
+            "seed": int(cfg.seed),
+            "order": self.order,
+            "alpha": cfg.alpha,
+            "method_config": OmegaConf.to_container(self.method_cfg, resolve=True),
+            "acc": metrics.acc(matrix),
+            "bwt": metrics.bwt(matrix),
             "normalized_acc": metrics.normalized_acc(matrix, ind) if None not in ind else None,
-            "per_task": dict(zip(self.order, final)), "individual": dict(zip(self.order, ind)),
+            "per_task": dict(zip(self.order, final)),
+            "individual": dict(zip(self.order, ind)),
             "acc_matrix": matrix,
             "wall_time_s": wall,
             "peak_memory_mb": max(r["peak_memory_mb"] for r in self.records),
-            "memory_kind": self.records[-1]["memory_kind"], "device": str(self.device),
+            "memory_kind": self.records[-1]["memory_kind"],
+            "device": str(self.device),
         }
         if cfg.save_merged:
             from safetensors.torch import save_file
 
             merged = {k: v.contiguous().cpu() for k, v in self.method.merged(state, self.pretrained).items()}
-            with io.atomic_path(self.out_dir / "merged.safetensors") as tmp:
+            with files.atomic_path(self.out_dir / "merged.safetensors") as tmp:
                 save_file(merged, str(tmp))
-        io.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
-        io.write_json(self.out_dir / "metrics.json", out)
+        files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
+        files.write_json(self.out_dir / "metrics.json", out)
         return out
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from otmf_exp import hub
 from otmf_exp.data.hf_loading import HubSplitsTaskData, split_view
 from otmf_exp.errors import UserError
+from otmf_exp.hub import resolve
 
 GLUE_DATASET = "nyu-mll/glue"
 GLUE8 = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
@@ -44,30 +44,51 @@ _YN = ("yes", "no")
 _NY = ("no", "yes")
 PROMPTS: dict[str, GluePrompt] = {
     "cola": GluePrompt(
-        "Indicate if the following sentence is grammatically correct or not: \"{sentence}\". "
-        "Answere 'acceptable' or 'unacceptable'.", ("sentence",), ("unacceptable", "acceptable")),
+        'Indicate if the following sentence is grammatically correct or not: "{sentence}". '
+        "Answere 'acceptable' or 'unacceptable'.",
+        ("sentence",),
+        ("unacceptable", "acceptable"),
+    ),
     "mnli": GluePrompt(
         "Does the premise: '{premise}' logically imply, contradict, or is neutral to the hypothesis: "
         "'{hypothesis}'? Answere with 'entailment', 'contradiction', or 'neutral'.",
-        ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), test_split="validation_matched"),
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
+        test_split="validation_matched",
+    ),
     "mrpc": GluePrompt(
         "Are the following sentences '{sentence1}' and '{sentence2}' conveying the same meaning? "
-        "Answere with 'yes' or 'no'.", ("sentence1", "sentence2"), _NY),
+        "Answere with 'yes' or 'no'.",
+        ("sentence1", "sentence2"),
+        _NY,
+    ),
     "qnli": GluePrompt(
         "Given the context: '{sentence}', does the question '{question}' have an answer based on the "
-        "information provided? Answer with 'yes' or 'no'.", ("sentence", "question"), _YN),
+        "information provided? Answer with 'yes' or 'no'.",
+        ("sentence", "question"),
+        _YN,
+    ),
     "qqp": GluePrompt(
         "Do the questions '{question1}' and '{question2}' have the same intent? Answere with 'yes' or 'no'.",
-        ("question1", "question2"), _NY),
+        ("question1", "question2"),
+        _NY,
+    ),
     "rte": GluePrompt(
         "Does the text: '{sentence1}' entail that '{sentence2}' is true? Provide 'yes' or 'no'.",
-        ("sentence1", "sentence2"), _YN),
+        ("sentence1", "sentence2"),
+        _YN,
+    ),
     "sst2": GluePrompt(
         "Given the sentence '{sentence}', determine the sentiment. Is it positive or negative?",
-        ("sentence",), ("negative", "positive")),
+        ("sentence",),
+        ("negative", "positive"),
+    ),
     "stsb": GluePrompt(
         "Consider the sentences '{sentence1}' and '{sentence2}'. On a scale from 1 (completely different) "
-        "to 5 (completely similar), rate the similarity.", ("sentence1", "sentence2"), None),
+        "to 5 (completely similar), rate the similarity.",
+        ("sentence1", "sentence2"),
+        None,
+    ),
 }
 
 
@@ -76,7 +97,11 @@ def render(task: str, example: dict[str, Any]) -> tuple[str, str]:
     p = PROMPTS[task]
     text = p.template.format(**{f: example[f] for f in p.fields})
     label = example["label"]
-    answer = f"{float(label):.1f}" if p.answers is None else (p.answers[int(label)] if 0 <= int(label) < len(p.answers) else "")
+    answer = (
+        f"{float(label):.1f}"
+        if p.answers is None
+        else (p.answers[int(label)] if 0 <= int(label) < len(p.answers) else "")
+    )
     return text, answer
 
 
@@ -141,8 +166,11 @@ class TextCollate:
             input_ids[i, : len(x)] = x
             mask[i, : len(x)] = 1
         labels = torch.tensor(batch["label"], dtype=torch.float32 if self.regression else torch.long)
-        return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "labels": labels,
-                "targets": list(batch["target"])}
+        return {
+            "inputs": {"input_ids": input_ids, "attention_mask": mask},
+            "labels": labels,
+            "targets": list(batch["target"]),
+        }
 
 
 class GlueTaskData(HubSplitsTaskData):
@@ -150,8 +178,15 @@ class GlueTaskData(HubSplitsTaskData):
 
     classnames = None
 
-    def __init__(self, name: str, tokenizer: Any, local_dir: str | None, max_length: int = 512,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        tokenizer: Any,
+        local_dir: str | None,
+        max_length: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
         self.name = name
         self.prompt = PROMPTS[name]
         self.metric = self.prompt.metric
@@ -166,10 +201,12 @@ class GlueTaskData(HubSplitsTaskData):
 
     def _load_hub(self, hub_split: str) -> Any:
         if hub_split not in self._hub:
-            ds = hub.load_split(GLUE_DATASET, self.name, hub_split, self.local_dir)
+            ds = resolve.load_split(GLUE_DATASET, self.name, hub_split, self.local_dir)
             missing = [c for c in (*self.prompt.fields, "label") if c not in ds.column_names]
             if missing:
-                raise UserError(f"GLUE task {self.name!r}: dataset has no column {missing[0]!r} ({ds.column_names})")
+                raise UserError(
+                    f"GLUE task {self.name!r}: dataset has no column {missing[0]!r} ({ds.column_names})"
+                )
             self._hub[hub_split] = ds
         return self._hub[hub_split]
 
@@ -177,8 +214,12 @@ class GlueTaskData(HubSplitsTaskData):
         if split not in self._splits:
             ds = split_view(self._load_hub, split, self.prompt.test_split, "train")
             keep = [*self.prompt.fields, "label"]
-            ds = ds.select_columns(keep).map(Tokenize(self.name, self.tokenizer, self.max_length), batched=True,
-                                             remove_columns=keep, desc=f"tokenize {self.name}/{split}")
+            ds = ds.select_columns(keep).map(
+                Tokenize(self.name, self.tokenizer, self.max_length),
+                batched=True,
+                remove_columns=keep,
+                desc=f"tokenize {self.name}/{split}",
+            )
             self._splits[split] = ds
         return self._splits[split]
 
@@ -188,8 +229,15 @@ def build_glue_task(task: str, seq_cfg: Any, backbone: Any) -> GlueTaskData:
     if task not in PROMPTS:
         raise UserError(f"unknown GLUE task {task!r}; known: {sorted(PROMPTS)}")
     if getattr(backbone, "modality", None) != "text" or getattr(backbone, "tokenizer", None) is None:
-        raise UserError(f"task_seq {seq_cfg.name!r} is a text benchmark; use a text backbone (backbone=flan_t5_base)")
+        raise UserError(
+            f"task_seq {seq_cfg.name!r} is a text benchmark; use a text backbone (backbone=flan_t5_base)"
+        )
     device = getattr(backbone, "device", torch.device("cpu"))
-    return GlueTaskData(task, backbone.tokenizer, seq_cfg.get("local_dir"),
-                        max_length=int(getattr(backbone, "max_input_length", 512)),
-                        num_workers=int(getattr(backbone, "num_workers", 0)), pin_memory=device.type == "cuda")
+    return GlueTaskData(
+        task,
+        backbone.tokenizer,
+        seq_cfg.get("local_dir"),
+        max_length=int(getattr(backbone, "max_input_length", 512)),
+        num_workers=int(getattr(backbone, "num_workers", 0)),
+        pin_memory=device.type == "cuda",
+    )

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from otmf_exp.data.base import TaskData, index_plan, validation_split
 
 
-def batch_loader(dataset: Any, plan: list[list[int]], collate: Callable[[dict], dict], num_workers: int,
-                 pin_memory: bool) -> Iterable[dict[str, Any]]:
+def batch_loader(
+    dataset: Any, plan: list[list[int]], collate: Callable[[dict], dict], num_workers: int, pin_memory: bool
+) -> Iterable[dict[str, Any]]:
     """A DataLoader reading ``dataset[batch_indices]`` for each planned batch.
 
     Workers: ``num_workers`` capped at the CPU count and at the number of batches (a worker per
@@ -28,12 +29,19 @@ def batch_loader(dataset: Any, plan: list[list[int]], collate: Callable[[dict], 
     if not plan:
         return []
     workers = max(0, min(int(num_workers), os.cpu_count() or 1, len(plan) - 1))
-    return DataLoader(dataset, batch_size=None, sampler=plan, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory)
+    return DataLoader(
+        dataset, batch_size=None, sampler=plan, collate_fn=collate, num_workers=workers, pin_memory=pin_memory
+    )
 
 
-def split_view(load: Callable[[str], Any], split: str, hub_test: str, hub_train: str,
-               val_fraction: float = 0.1, val_seed: int = 0) -> Any:
+def split_view(
+    load: Callable[[str], Any],
+    split: str,
+    hub_test: str,
+    hub_train: str,
+    val_fraction: float = 0.1,
+    val_seed: int = 0,
+) -> Any:
     """Our split from hub splits: ``test`` = the hub's test split; ``train`` / ``validation`` = the
     hub's train split cut once into 90% / 10% (seed 0) -- disjoint."""
     if split == "test":
@@ -66,8 +74,9 @@ class HubSplitsTaskData(TaskData):
     def size(self, split: str) -> int:
         return len(self._get(split))
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-               fraction: float = 1.0) -> Iterable[dict[str, Any]]:
+    def loader(
+        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, fraction: float = 1.0
+    ) -> Iterable[dict[str, Any]]:
         ds = self._get(split)
         plan = index_plan(len(ds), batch_size, shuffle=shuffle, seed=seed, fraction=fraction)
         return batch_loader(ds, plan, self._collate, self.num_workers, self.pin_memory)

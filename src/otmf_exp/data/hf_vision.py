@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from otmf_exp import hub
 from otmf_exp.data.hf_loading import HubSplitsTaskData, as_long, split_view
 from otmf_exp.data.vision_tasks import VISION_TASKS, VisionTask, classnames
 from otmf_exp.errors import UserError
+from otmf_exp.hub import resolve
 
 
 class ImageBatch:
@@ -41,8 +41,16 @@ class HFVisionTaskData(HubSplitsTaskData):
 
     _collate = staticmethod(_collate)
 
-    def __init__(self, name: str, spec: VisionTask, local_dir: str | None, image_transform: Callable,
-                 num_workers: int = 0, pin_memory: bool = False, names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: VisionTask,
+        local_dir: str | None,
+        image_transform: Callable,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        names: list[str] | None = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.classnames = list(names) if names is not None else classnames(name)
@@ -56,7 +64,7 @@ class HFVisionTaskData(HubSplitsTaskData):
 
     def _load_hub(self, hub_split: str) -> Any:
         if hub_split not in self._hub:
-            ds = hub.load_split(self.spec.dataset, self.spec.config, hub_split, self.local_dir)
+            ds = resolve.load_split(self.spec.dataset, self.spec.config, hub_split, self.local_dir)
             renames = {a: b for a, b in self.spec.rename.items() if a in ds.column_names}
             if renames:
                 ds = ds.rename_columns(renames)
@@ -65,20 +73,25 @@ class HFVisionTaskData(HubSplitsTaskData):
 
     def _columns(self, ds: Any) -> tuple[str, str]:
         if self.spec.image not in ds.column_names:
-            raise UserError(f"task {self.name!r}: dataset {self.spec.dataset!r} has no image column "
-                            f"{self.spec.image!r} (columns: {ds.column_names})")
+            raise UserError(
+                f"task {self.name!r}: dataset {self.spec.dataset!r} has no image column "
+                f"{self.spec.image!r} (columns: {ds.column_names})"
+            )
         label = next((c for c in self.spec.label if c in ds.column_names), None)
         if label is None:
-            raise UserError(f"task {self.name!r}: dataset {self.spec.dataset!r} has none of the label columns "
-                            f"{list(self.spec.label)} (columns: {ds.column_names})")
+            raise UserError(
+                f"task {self.name!r}: dataset {self.spec.dataset!r} has none of the label columns "
+                f"{list(self.spec.label)} (columns: {ds.column_names})"
+            )
         return self.spec.image, label
 
     def _get(self, split: str) -> Any:
         if split not in self._splits:
             ds = split_view(self._load_hub, split, self.spec.test_split, self.spec.train_split)
             image, label = self._columns(ds)
-            self._splits[split] = ds.with_transform(ImageBatch(self.image_transform, image, label),
-                                                    columns=[image, label])
+            self._splits[split] = ds.with_transform(
+                ImageBatch(self.image_transform, image, label), columns=[image, label]
+            )
         return self._splits[split]
 
 
@@ -88,8 +101,16 @@ def build_vision_task(task: str, seq_cfg: Any, backbone: Any) -> HFVisionTaskDat
         raise UserError(f"unknown vision task {task!r}; known: {sorted(VISION_TASKS)}")
     transform = getattr(backbone, "image_transform", None)
     if transform is None:
-        raise UserError(f"task_seq {seq_cfg.name!r} is an image benchmark; backbone "
-                        f"{getattr(backbone, 'name', '?')!r} has no image preprocessing (use a CLIP backbone)")
+        raise UserError(
+            f"task_seq {seq_cfg.name!r} is an image benchmark; backbone "
+            f"{getattr(backbone, 'name', '?')!r} has no image preprocessing (use a CLIP backbone)"
+        )
     device = getattr(backbone, "device", torch.device("cpu"))
-    return HFVisionTaskData(task, VISION_TASKS[task], seq_cfg.get("local_dir"), transform,
-                            num_workers=int(getattr(backbone, "num_workers", 0)), pin_memory=device.type == "cuda")
+    return HFVisionTaskData(
+        task,
+        VISION_TASKS[task],
+        seq_cfg.get("local_dir"),
+        transform,
+        num_workers=int(getattr(backbone, "num_workers", 0)),
+        pin_memory=device.type == "cuda",
+    )

@@ -18,9 +18,26 @@ from pathlib import Path
 
 #: TA8 then the 6 TALL14 additions then the 6 TALL20 additions (standard order)
 TASKS20 = [
-    "sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd",
-    "oxford_flowers102", "pcam", "fer2013", "oxford-iiit-pet", "stl10", "cifar100",
-    "cifar10", "food101", "fashion_mnist", "emnist_letters", "kmnist", "rendered-sst2",
+    "sun397",
+    "stanford-cars",
+    "resisc45",
+    "eurosat",
+    "svhn",
+    "gtsrb",
+    "mnist",
+    "dtd",
+    "oxford_flowers102",
+    "pcam",
+    "fer2013",
+    "oxford-iiit-pet",
+    "stl10",
+    "cifar100",
+    "cifar10",
+    "food101",
+    "fashion_mnist",
+    "emnist_letters",
+    "kmnist",
+    "rendered-sst2",
 ]
 VIT8, VIT14, VIT20 = TASKS20[:8], TASKS20[:14], TASKS20
 
@@ -50,23 +67,60 @@ class VisionTask:
 
 _PHOTO = ("a photo of a {c}.", "a photo of the {c}.")
 _NUMBER = ('a photo of the number: "{c}".',)
-_CARS = _PHOTO + ("a photo of my {c}.", "i love my {c}!", "a photo of my dirty {c}.", "a photo of my clean {c}.",
-                  "a photo of my new {c}.", "a photo of my old {c}.")
-_RESISC = tuple(f"{kind} {view} of {art}{{c}}." for art in ("", "a ", "the ")
-                for kind, view in (("satellite", "imagery"), ("aerial", "imagery"), ("satellite", "photo"),
-                                   ("aerial", "photo"), ("satellite", "view"), ("aerial", "view")))
-_EUROSAT = ("a centered satellite photo of {c}.", "a centered satellite photo of a {c}.",
-            "a centered satellite photo of the {c}.")
+_CARS = _PHOTO + (
+    "a photo of my {c}.",
+    "i love my {c}!",
+    "a photo of my dirty {c}.",
+    "a photo of my clean {c}.",
+    "a photo of my new {c}.",
+    "a photo of my old {c}.",
+)
+_RESISC = tuple(
+    f"{kind} {view} of {art}{{c}}."
+    for art in ("", "a ", "the ")
+    for kind, view in (
+        ("satellite", "imagery"),
+        ("aerial", "imagery"),
+        ("satellite", "photo"),
+        ("aerial", "photo"),
+        ("satellite", "view"),
+        ("aerial", "view"),
+    )
+)
+_EUROSAT = (
+    "a centered satellite photo of {c}.",
+    "a centered satellite photo of a {c}.",
+    "a centered satellite photo of the {c}.",
+)
 _GTSRB = tuple(f'a {how} photo of a "{{c}}" traffic sign.' for how in ("zoomed in", "centered", "close up"))
-_DTD = tuple(f"a photo of {art} {{c}} {what}." for art in ("a", "the") for what in ("texture", "pattern", "thing", "object"))
+_DTD = tuple(
+    f"a photo of {art} {{c}} {what}."
+    for art in ("a", "the")
+    for what in ("texture", "pattern", "thing", "object")
+)
 _CIFAR = tuple(
     f"a {adj}photo of {art} {size}{{c}}."
     for art in ("a", "the")
-    for adj, size in (("", ""), ("blurry ", ""), ("black and white ", ""), ("low contrast ", ""),
-                      ("high contrast ", ""), ("bad ", ""), ("good ", ""), ("", "small "), ("", "big "))
+    for adj, size in (
+        ("", ""),
+        ("blurry ", ""),
+        ("black and white ", ""),
+        ("low contrast ", ""),
+        ("high contrast ", ""),
+        ("bad ", ""),
+        ("good ", ""),
+        ("", "small "),
+        ("", "big "),
+    )
 )
-_FER = ("a photo of a {c} looking face.", "a photo of a face showing the emotion: {c}.",
-        "a photo of a face looking {c}.", "a face that looks {c}.", "they look {c}.", "look at how {c} they are.")
+_FER = (
+    "a photo of a {c} looking face.",
+    "a photo of a face showing the emotion: {c}.",
+    "a photo of a face looking {c}.",
+    "a face that looks {c}.",
+    "they look {c}.",
+    "look at how {c} they are.",
+)
 
 VISION_TASKS: dict[str, VisionTask] = {
     "sun397": VisionTask("tanganke/sun397", _PHOTO),
@@ -77,7 +131,9 @@ VISION_TASKS: dict[str, VisionTask] = {
     "gtsrb": VisionTask("tanganke/gtsrb", _GTSRB),
     "mnist": VisionTask("ylecun/mnist", _NUMBER),
     "dtd": VisionTask("tanganke/dtd", _DTD),
-    "oxford_flowers102": VisionTask("dpdl-benchmark/oxford_flowers102", ("a photo of a {c}, a type of flower.",)),
+    "oxford_flowers102": VisionTask(
+        "dpdl-benchmark/oxford_flowers102", ("a photo of a {c}, a type of flower.",)
+    ),
     "pcam": VisionTask("1aurent/PatchCamelyon", ("this is a photo of {c}",)),  # bool labels -> int
     "fer2013": VisionTask("clip-benchmark/wds_fer2013", _FER, rename={"jpg": "image", "cls": "label"}),
     "oxford-iiit-pet": VisionTask("timm/oxford-iiit-pet", ("a photo of a {c}, a type of pet.",)),
@@ -93,11 +149,26 @@ VISION_TASKS: dict[str, VisionTask] = {
 
 #: dataset class names of the task_vectors / TALL-masks code (their checkpoint directory names)
 TASK_VECTORS_NAMES = {
-    "sun397": "SUN397", "stanford-cars": "Cars", "resisc45": "RESISC45", "eurosat": "EuroSAT", "svhn": "SVHN",
-    "gtsrb": "GTSRB", "mnist": "MNIST", "dtd": "DTD", "oxford_flowers102": "Flowers102", "pcam": "PCAM",
-    "fer2013": "FER2013", "oxford-iiit-pet": "OxfordIIITPet", "stl10": "STL10", "cifar100": "CIFAR100",
-    "cifar10": "CIFAR10", "food101": "Food101", "fashion_mnist": "FashionMNIST", "emnist_letters": "EMNIST",
-    "kmnist": "KMNIST", "rendered-sst2": "RenderedSST2",
+    "sun397": "SUN397",
+    "stanford-cars": "Cars",
+    "resisc45": "RESISC45",
+    "eurosat": "EuroSAT",
+    "svhn": "SVHN",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "dtd": "DTD",
+    "oxford_flowers102": "Flowers102",
+    "pcam": "PCAM",
+    "fer2013": "FER2013",
+    "oxford-iiit-pet": "OxfordIIITPet",
+    "stl10": "STL10",
+    "cifar100": "CIFAR100",
+    "cifar10": "CIFAR10",
+    "food101": "Food101",
+    "fashion_mnist": "FashionMNIST",
+    "emnist_letters": "EMNIST",
+    "kmnist": "KMNIST",
+    "rendered-sst2": "RenderedSST2",
 }
 
 

@@ -176,8 +176,14 @@ class AdaMerging(MergeMethod):
         self.ctx.record("coefficients", coefficient_summary(coef))
         return coef.detach()
 
-    def _backward(self, params: StateDict, heads: Sequence[Tensor | None], streams: Sequence[Iterator], what: str,
-                  it: int) -> float:
+    def _backward(
+        self,
+        params: StateDict,
+        heads: Sequence[Tensor | None],
+        streams: Sequence[Iterator],
+        what: str,
+        it: int,
+    ) -> float:
         """Entropy summed over one batch per pool; fills ``coef.grad`` (after ``zero_grad``). Returns the loss."""
         bb = self.ctx.backbone
 
@@ -189,7 +195,9 @@ class AdaMerging(MergeMethod):
                 )
 
         if self.cfg.backward == "summed":
-            loss = sum(entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams))
+            loss = sum(
+                entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams)
+            )
             check(loss)
             loss.backward()
             return float(loss.detach())

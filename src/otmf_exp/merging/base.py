@@ -122,7 +122,9 @@ class MergeMethod(ABC):
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         """Merge one new task into the state; must not modify ``state`` or ``task`` in place."""
 
-    def joint(self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]) -> ContinualState:
+    def joint(
+        self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
+    ) -> ContinualState:
         """Joint protocol: default folds :meth:`step` over the tasks in the given order."""
         state = self.init(pretrained)
         for task in tasks:

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def cached_features(backbone: Any, params: StateDict, data: Any, split: str, fraction: float, seed: int,
-                    batch_size: int) -> tuple[Tensor, Tensor]:
+def cached_features(
+    backbone: Any, params: StateDict, data: Any, split: str, fraction: float, seed: int, batch_size: int
+) -> tuple[Tensor, Tensor]:
     """Features ``[N, D]`` (float32) and labels ``[N]`` of ``fraction`` of ``split`` (fixed subset by ``seed``)."""
     feats, labels = [], []
     for batch in data.loader(split, batch_size, fraction=fraction, seed=seed):
@@ -34,8 +35,17 @@ def cached_features(backbone: Any, params: StateDict, data: Any, split: str, fra
     return torch.cat(feats), torch.cat(labels)
 
 
-def train_head(head: Tensor, feats: Tensor, labels: Tensor, *, lr: float, epochs: int, batch_size: int,
-               seed: int, what: str = "head") -> tuple[Tensor, list[float]]:
+def train_head(
+    head: Tensor,
+    feats: Tensor,
+    labels: Tensor,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    what: str = "head",
+) -> tuple[Tensor, list[float]]:
     """Train a copy of ``head`` [C, D] with logits ``normalize(f) @ head.T``; returns (head, loss per epoch).
 
     The logit scale stays folded into ``head`` (its norm), as for CLIP zero-shot heads.
@@ -52,7 +62,9 @@ def train_head(head: Tensor, feats: Tensor, labels: Tensor, *, lr: float, epochs
             j = perm[i : i + batch_size]
             loss = F.cross_entropy(x[j] @ w.T, labels[j])
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"{what}: non-finite cross-entropy at epoch {epoch}; lower head_tuning.lr")
+                raise NonFiniteLossError(
+                    f"{what}: non-finite cross-entropy at epoch {epoch}; lower head_tuning.lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -90,15 +90,19 @@ class OTMFConfig:
 
 
 _CHOICES = {
-    "mask.param": ("identity", "sigmoid"), "mask.granularity": ("element", "tensor"),
-    "schedule": ("alternate", "joint"), "pre_data": ("previous_task", "current_task"),
-    "select": ("best", "last"), "head_tuning.which": ("current", "previous", "all_seen"),
+    "mask.param": ("identity", "sigmoid"),
+    "mask.granularity": ("element", "tensor"),
+    "schedule": ("alternate", "joint"),
+    "pre_data": ("previous_task", "current_task"),
+    "select": ("best", "last"),
+    "head_tuning.which": ("current", "previous", "all_seen"),
     "sinkhorn.backend": ("tensorized", "online", "multiscale", "auto"),
 }
 
 
-def masked_merge(tv_prev: StateDict, tv_new: StateDict, m_pre: StateDict | None, m_post: StateDict | None,
-                 alpha: float) -> StateDict:
+def masked_merge(
+    tv_prev: StateDict, tv_new: StateDict, m_pre: StateDict | None, m_post: StateDict | None, alpha: float
+) -> StateDict:
     """τᵐ = α·(M_pre ⊙ τᵐ_prev) + (1−α)·(M_post ⊙ τ_new); ``None`` masks mean all-ones."""
     out = {}
     for k in tv_prev:
@@ -115,8 +119,13 @@ class _Masks:
         self.sigmoid = cfg.param == "sigmoid"
         init = 0.0 if self.sigmoid else 1.0
         self.raw = {
-            k: torch.full(v.shape if cfg.granularity == "element" else (), init, dtype=torch.float32,
-                          device=v.device, requires_grad=True)
+            k: torch.full(
+                v.shape if cfg.granularity == "element" else (),
+                init,
+                dtype=torch.float32,
+                device=v.device,
+                requires_grad=True,
+            )
             for k, v in like.items()
         }
         self._best: StateDict | None = None
@@ -176,12 +185,22 @@ class OTMF(MergeMethod):
             (cfg.l1 >= 0, f"method.l1 must be >= 0, got {cfg.l1}"),
             (cfg.sinkhorn.blur > 0, f"method.sinkhorn.blur must be > 0, got {cfg.sinkhorn.blur}"),
             (cfg.sinkhorn.p in (1, 2), f"method.sinkhorn.p must be 1 or 2, got {cfg.sinkhorn.p}"),
-            (0.0 < cfg.sinkhorn.scaling < 1.0, f"method.sinkhorn.scaling must be in (0, 1), got {cfg.sinkhorn.scaling}"),
-            (0.0 < cfg.head_tuning.fraction <= 1.0,
-             f"method.head_tuning.fraction must be in (0, 1], got {cfg.head_tuning.fraction}"),
-            (cfg.head_tuning.epochs >= 0, f"method.head_tuning.epochs must be >= 0, got {cfg.head_tuning.epochs}"),
-            (cfg.head_tuning.batch_size >= 1,
-             f"method.head_tuning.batch_size must be >= 1, got {cfg.head_tuning.batch_size}"),
+            (
+                0.0 < cfg.sinkhorn.scaling < 1.0,
+                f"method.sinkhorn.scaling must be in (0, 1), got {cfg.sinkhorn.scaling}",
+            ),
+            (
+                0.0 < cfg.head_tuning.fraction <= 1.0,
+                f"method.head_tuning.fraction must be in (0, 1], got {cfg.head_tuning.fraction}",
+            ),
+            (
+                cfg.head_tuning.epochs >= 0,
+                f"method.head_tuning.epochs must be >= 0, got {cfg.head_tuning.epochs}",
+            ),
+            (
+                cfg.head_tuning.batch_size >= 1,
+                f"method.head_tuning.batch_size must be >= 1, got {cfg.head_tuning.batch_size}",
+            ),
             (cfg.head_tuning.lr > 0, f"method.head_tuning.lr must be > 0, got {cfg.head_tuning.lr}"),
         ]
         for ok, msg in checks:
@@ -193,8 +212,9 @@ class OTMF(MergeMethod):
         from geomloss import SamplesLoss
 
         s = cfg.sinkhorn
-        self.loss_fn = SamplesLoss("sinkhorn", p=s.p, blur=s.blur, scaling=s.scaling, debias=s.debias,
-                                   backend=s.backend)
+        self.loss_fn = SamplesLoss(
+            "sinkhorn", p=s.p, blur=s.blur, scaling=s.scaling, debias=s.debias, backend=s.backend
+        )
 
     # ---- the step ------------------------------------------------------------------------
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
@@ -232,10 +252,14 @@ class OTMF(MergeMethod):
         seed_pre, seed_post = 7919 * t + 1, 7919 * t + 2
         # teachers: features on exactly the batches the student will see, computed once
         t0 = time.perf_counter()
-        f_pre = self._teacher_feats(apply(pretrained, tv_prev), pre_data, max(n_pre, cfg.eval_batches), seed_pre)
+        f_pre = self._teacher_feats(
+            apply(pretrained, tv_prev), pre_data, max(n_pre, cfg.eval_batches), seed_pre
+        )
         f_post = self._teacher_feats(task.weights, task.data, max(n_post, cfg.eval_batches), seed_post)
         self.ctx.record("time_teacher_s", time.perf_counter() - t0)
-        tv_new = task.task_vector(pretrained)  # after the teacher: with runner-owned weights θ_t becomes τ_t in place
+        tv_new = task.task_vector(
+            pretrained
+        )  # after the teacher: with runner-owned weights θ_t becomes τ_t in place
 
         m_pre, m_post = _Masks(tv_prev, cfg.mask), _Masks(tv_new, cfg.mask)
         alpha = cfg.alpha
@@ -260,7 +284,9 @@ class OTMF(MergeMethod):
         def eval_loss() -> dict[str, float]:
             k = cfg.eval_batches
             pre = [float(ot(x, f).detach()) for x, f in zip(self._stream(pre_data, k, seed_pre), f_pre[:k])]
-            post = [float(ot(x, f).detach()) for x, f in zip(self._stream(task.data, k, seed_post), f_post[:k])]
+            post = [
+                float(ot(x, f).detach()) for x, f in zip(self._stream(task.data, k, seed_post), f_post[:k])
+            ]
             return {"pre": sum(pre) / max(len(pre), 1), "post": sum(post) / max(len(post), 1)}
 
         t0 = time.perf_counter()
@@ -273,8 +299,12 @@ class OTMF(MergeMethod):
         best = {"pre": float("inf"), "post": float("inf"), "joint": float("inf")}
         select_best = cfg.select == "best"
         t0 = time.perf_counter()
-        bar = tqdm(range(cfg.iterations), desc=f"OTMF step {t} ({task.name})", disable=not self.ctx.progress,
-                   leave=False)
+        bar = tqdm(
+            range(cfg.iterations),
+            desc=f"OTMF step {t} ({task.name})",
+            disable=not self.ctx.progress,
+            leave=False,
+        )
         for i in bar:
             side = "joint" if joint else ("pre" if i % 2 == 0 else "post")
             if side == "joint":
@@ -292,7 +322,8 @@ class OTMF(MergeMethod):
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"OTMF step {t} ({task.name}), iteration {i}: non-finite OT loss; the last completed "
-                    f"step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur")
+                    f"step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
+                )
             if select_best and float(loss.detach()) < best[side]:  # masks that produced this loss
                 best[side] = float(loss.detach())
                 for m in masks:
@@ -319,7 +350,9 @@ class OTMF(MergeMethod):
             merged = {k: v.to(tv_prev[k].dtype).detach() for k, v in merged.items()}
             mvals = [v for m in (m_pre, m_post) for v in m.values().values()]
             # float64: a float32 sum depends on memory alignment, which differs between processes
-            self.ctx.record("mask_mean", float(sum(v.double().sum() for v in mvals) / sum(v.numel() for v in mvals)))
+            self.ctx.record(
+                "mask_mean", float(sum(v.double().sum() for v in mvals) / sum(v.numel() for v in mvals))
+            )
         self.ctx.record("time_ot_eval_s", t_eval)
         self.ctx.record("time_train_s", t_train)
         self.ctx.record("ot_loss_pre", curve_pre)
@@ -330,8 +363,9 @@ class OTMF(MergeMethod):
         return merged
 
     # ---- head tuning ------------------------------------------------------------------------
-    def _tune_heads(self, heads: dict[str, Tensor], merged: StateDict, task: TaskInput, pretrained: StateDict,
-                    t: int) -> dict[str, Tensor]:
+    def _tune_heads(
+        self, heads: dict[str, Tensor], merged: StateDict, task: TaskInput, pretrained: StateDict, t: int
+    ) -> dict[str, Tensor]:
         hc = self.cfg.head_tuning
         if hc.which == "current":
             targets = {task.name: task.data}
@@ -346,11 +380,25 @@ class OTMF(MergeMethod):
         bb = self.ctx.backbone
         curves, examples = {}, {}
         for name, data in targets.items():
-            feats, labels = cached_features(bb, weights, data, hc.split, hc.fraction, seed=t,
-                                            batch_size=int(getattr(bb, "batch_size", 256)))
-            heads[name], curves[name] = train_head(heads[name], feats, labels, lr=hc.lr, epochs=hc.epochs,
-                                                   batch_size=hc.batch_size, seed=1000 * t + len(curves),
-                                                   what=f"OTMF head tuning of {name!r} at step {t}")
+            feats, labels = cached_features(
+                bb,
+                weights,
+                data,
+                hc.split,
+                hc.fraction,
+                seed=t,
+                batch_size=int(getattr(bb, "batch_size", 256)),
+            )
+            heads[name], curves[name] = train_head(
+                heads[name],
+                feats,
+                labels,
+                lr=hc.lr,
+                epochs=hc.epochs,
+                batch_size=hc.batch_size,
+                seed=1000 * t + len(curves),
+                what=f"OTMF head tuning of {name!r} at step {t}",
+            )
             examples[name] = len(labels)
         self.ctx.record("head_tuning_examples", examples)
         self.ctx.record("head_tuning_loss", {k: v[-1] if v else None for k, v in curves.items()})

@@ -13,7 +13,7 @@ from otmf_exp.models.base import Backbone
 
 def _tiny(cfg: Any, device: torch.device, progress: bool) -> Backbone:
     from otmf_exp.models.tiny import TinyBackbone
-    from otmf_exp.zoo import DigitsZoo
+    from otmf_exp.offline.zoo import DigitsZoo
 
     return TinyBackbone(DigitsZoo(progress=progress), device)
 
@@ -33,14 +33,14 @@ def _hf_clip(cfg: Any, device: torch.device, progress: bool) -> Backbone:
 
 
 def _open_clip(cfg: Any, device: torch.device, progress: bool) -> Backbone:
-    from otmf_exp.models.openclip import OpenClipBackbone
+    from otmf_exp.models.open_clip import OpenClipBackbone
 
     _quiet(progress)
     return OpenClipBackbone(cfg, device)
 
 
 def _hf_t5(cfg: Any, device: torch.device, progress: bool) -> Backbone:
-    from otmf_exp.models.t5 import T5Backbone
+    from otmf_exp.models.hf_t5 import T5Backbone
 
     _quiet(progress)
     return T5Backbone(cfg, device)

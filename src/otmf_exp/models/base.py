@@ -117,7 +117,9 @@ class Backbone(ABC):
         return inputs
 
     @torch.inference_mode()
-    def evaluate(self, params: StateDict, head: Tensor | None, data: Any, split: str, batch_size: int) -> float:
+    def evaluate(
+        self, params: StateDict, head: Tensor | None, data: Any, split: str, batch_size: int
+    ) -> float:
         """Accuracy (%) of weights ``params`` with ``head`` on ``split`` of ``data``."""
         correct = total = 0
         for batch in data.loader(split, batch_size):

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from otmf_exp import hub
 from otmf_exp.errors import UserError
+from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.clip_vision import ClipVisionBackbone
 from otmf_exp.models.heads import build_head, cached_head
@@ -63,7 +63,9 @@ class HFImageTransform:
         self.processor = processor
 
     def __call__(self, images: list[Any]) -> Tensor:
-        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
 
 
 class HFClipBackbone(ClipVisionBackbone):
@@ -79,7 +81,7 @@ class HFClipBackbone(ClipVisionBackbone):
         self.local_dir = cfg.local_dir
         self.autocast = cfg.get("autocast", "float32")
         autocast_context(torch.device(device), self.autocast)  # validates the name
-        self.path = hub.resolve_model_dir(cfg.model_id, cfg.local_dir)
+        self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
         clip = CLIPModel.from_pretrained(self.path, dtype=torch.float32)
         super().__init__(ImageTower(clip.vision_model, clip.visual_projection), device)
         self.clip = clip.to(self.device).eval().requires_grad_(False)
@@ -103,9 +105,13 @@ class HFClipBackbone(ClipVisionBackbone):
 
     def zero_shot_head(self, task: Any) -> Tensor:
         def compute() -> Tensor:
-            return build_head(self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item())
+            return build_head(
+                self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item()
+            )
 
-        return cached_head(f"hf_clip:{self.model_id}", hub.dir_fingerprint(self.path), task, compute).to(self.device)
+        return cached_head(f"hf_clip:{self.model_id}", resolve.dir_fingerprint(self.path), task, compute).to(
+            self.device
+        )
 
     # ---- fine-tuned towers ----------------------------------------------------------------------
     def finetuned_id(self, task: str) -> str:
@@ -115,7 +121,7 @@ class HFClipBackbone(ClipVisionBackbone):
         from transformers import CLIPVisionModel
 
         repo = self.finetuned_id(task)
-        path = hub.resolve_model_dir(repo, self.local_dir)
+        path = resolve.resolve_model_dir(repo, self.local_dir)
         tower = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
         vm = getattr(tower, "vision_model", tower)  # transformers 4: .vision_model; 5: the model itself
         sd = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}

@@ -27,14 +27,42 @@ from otmf_exp.models.hf_clip import autocast_context
 
 #: HF CLIPVisionConfig fields of the paper's backbones (openai/clip-vit-*), plus a tiny one for smoke tests
 ARCHS: dict[str, dict[str, int]] = {
-    "vit_b32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=224, patch_size=32, projection_dim=512),
-    "vit_b16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=224, patch_size=16, projection_dim=512),
-    "vit_l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=224, patch_size=14, projection_dim=768),
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=32, patch_size=8, projection_dim=16),
+    "vit_b32": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        projection_dim=512,
+    ),
+    "vit_b16": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        projection_dim=512,
+    ),
+    "vit_l14": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    ),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    ),
 }
 LOGIT_SCALE = 100.0
 
@@ -46,8 +74,14 @@ def _seed(*parts: Any) -> int:
 class SyntheticTaskData(TaskData):
     """``num_classes`` classes, ``sizes[split]`` random ``[3, S, S]`` images per split, generated lazily."""
 
-    def __init__(self, name: str, image_size: int, num_classes: int = 10,
-                 sizes: dict[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        image_size: int,
+        num_classes: int = 10,
+        sizes: dict[str, int] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.name = name
         self.image_size = image_size
         self.classnames = [f"class {i}" for i in range(num_classes)]
@@ -65,15 +99,23 @@ class SyntheticTaskData(TaskData):
 
     def loader(self, split, batch_size, *, shuffle=False, seed=0, fraction=1.0):
         for j in index_plan(self.size(split), batch_size, shuffle=shuffle, seed=seed, fraction=fraction):
-            yield {"inputs": torch.stack([self._example(split, k) for k in j]),
-                   "labels": torch.tensor([k % len(self.classnames) for k in j])}
+            yield {
+                "inputs": torch.stack([self._example(split, k) for k in j]),
+                "labels": torch.tensor([k % len(self.classnames) for k in j]),
+            }
 
 
 class SyntheticBackbone(ClipVisionBackbone):
     """A real-size CLIP image tower with random weights; θ_t = θ₀ + ``noise``·N(0, 1) (seeded per task)."""
 
-    def __init__(self, arch: str = "vit_b32", device: torch.device | str = "cpu", seed: int = 0,
-                 noise: float = 1e-3, autocast: str = "float32") -> None:
+    def __init__(
+        self,
+        arch: str = "vit_b32",
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        noise: float = 1e-3,
+        autocast: str = "float32",
+    ) -> None:
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if arch not in ARCHS:
@@ -94,7 +136,10 @@ class SyntheticBackbone(ClipVisionBackbone):
     def load_finetuned(self, task: str) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(_seed(self.seed, "finetuned", task))
         out = {}
-        for k, v in self.pretrained_state().items():  # one tensor of noise at a time, no full-size temporaries
+        for (
+            k,
+            v,
+        ) in self.pretrained_state().items():  # one tensor of noise at a time, no full-size temporaries
             out[k] = v + self.noise * torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device)
         return out
 

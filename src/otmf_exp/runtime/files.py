@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from otmf_exp.errors import UserError
 
 
 @contextmanager
@@ -57,3 +60,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove a file can be written there."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"output directory {out_dir} is not writable ({e.strerror}); set out_dir= or hydra.run.dir="
+        ) from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable; set out_dir= or hydra.run.dir=")

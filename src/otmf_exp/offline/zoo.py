@@ -1,7 +1,7 @@
 """The offline suite's model zoo: build once, cache, reuse, export.
 
-``python -m otmf_exp.zoo build``  builds (or verifies) the cache;
-``python -m otmf_exp.zoo export DIR`` writes ``pretrained.safetensors``, one ``<task>.safetensors``
+``python -m otmf_exp.offline.zoo build``  builds (or verifies) the cache;
+``python -m otmf_exp.offline.zoo export DIR`` writes ``pretrained.safetensors``, one ``<task>.safetensors``
 per task (vision-tower state dicts), ``heads.safetensors`` and ``config.json`` (the module config
 and recipe) so other merging tools can run on exactly the same models.
 
@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from otmf_exp.data import digits
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
-from otmf_exp.io import atomic_dir
-from otmf_exp.models import tiny
+from otmf_exp.offline import tiny_clip as tiny
+from otmf_exp.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def cache_root() -> Path:
 class DigitsZoo:
     """The pre-trained tiny tower, 8 fine-tuned towers and zero-shot heads, cached on disk."""
 
-    def __init__(self, recipe: tiny.TinyRecipe | None = None, root: Path | None = None, progress: bool = True):
+    def __init__(
+        self, recipe: tiny.TinyRecipe | None = None, root: Path | None = None, progress: bool = True
+    ):
         self.recipe = recipe or tiny.TinyRecipe()
         key = json.dumps({"recipe": self.recipe.as_dict(), "tasks": digits.DIGITS8}, sort_keys=True)
         self.hash = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -73,8 +75,12 @@ class DigitsZoo:
                 save_file(ft, str(tmp / f"{task}.safetensors"))
                 bar.advance(job)
             save_file(heads, str(tmp / "heads.safetensors"))
-            cfg = {"module_config": model.config.to_dict(), "recipe": self.recipe.as_dict(),
-                   "tasks": digits.DIGITS8, "hash": self.hash}
+            cfg = {
+                "module_config": model.config.to_dict(),
+                "recipe": self.recipe.as_dict(),
+                "tasks": digits.DIGITS8,
+                "hash": self.hash,
+            }
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
             (tmp / "DONE").write_text("ok\n")
         return self.dir
@@ -111,7 +117,7 @@ class DigitsZoo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m otmf_exp.zoo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m otmf_exp.offline.zoo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build the offline digits8 zoo into the cache")
     ex = sub.add_parser("export", help="export the zoo as safetensors state dicts + config.json")

@@ -38,8 +38,10 @@ def cache_root() -> Path:
 
 def fetch_hint(repo_id: str, field: str, repo_type: str = "model") -> str:
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
-    return (f"fetch it with `hf download{flag} {repo_id}` (`huggingface-cli download{flag} {repo_id}` "
-            f"with huggingface_hub<1.0) on a machine with the hub, or set {field}=DIR holding DIR/{repo_id}")
+    return (
+        f"fetch it with `hf download{flag} {repo_id}` (`huggingface-cli download{flag} {repo_id}` "
+        f"with huggingface_hub<1.0) on a machine with the hub, or set {field}=DIR holding DIR/{repo_id}"
+    )
 
 
 def missing(repo_id: str, field: str, repo_type: str = "model", where: str | None = None) -> UserError:
@@ -56,8 +58,12 @@ def local_path(repo_id: str, local_dir: str | None) -> Path | None:
     return Path(local_dir).expanduser() / repo_id
 
 
-def resolve_model_dir(repo_id: str, local_dir: str | None, field: str = "backbone.local_dir",
-                      weights: tuple[str, ...] = ("*.safetensors", "*.bin")) -> Path:
+def resolve_model_dir(
+    repo_id: str,
+    local_dir: str | None,
+    field: str = "backbone.local_dir",
+    weights: tuple[str, ...] = ("*.safetensors", "*.bin"),
+) -> Path:
     """A local directory holding the snapshot of model ``repo_id`` (downloaded on first use).
 
     Weights: safetensors when the repo has them, else ``*.bin`` (a second, narrower download).
@@ -78,8 +84,9 @@ def resolve_model_dir(repo_id: str, local_dir: str | None, field: str = "backbon
     return path
 
 
-def resolve_model_file(repo_id: str, filenames: list[str], local_dir: str | None,
-                       field: str = "backbone.local_dir") -> Path:
+def resolve_model_file(
+    repo_id: str, filenames: list[str], local_dir: str | None, field: str = "backbone.local_dir"
+) -> Path:
     """The first of ``filenames`` that exists in model ``repo_id`` (local dir or hub)."""
     p = local_path(repo_id, local_dir)
     if p is not None:
@@ -103,15 +110,18 @@ def _hub_error(e: Exception | None, repo_id: str, field: str, repo_type: str = "
 
     if isinstance(e, RepositoryNotFoundError) or type(e).__name__ == "DatasetNotFoundError":
         kind = "dataset" if repo_type == "dataset" else "model"
-        return UserError(f"{kind} {repo_id!r} does not exist on the hub (or is private); check the id "
-                         f"or set {field}=DIR holding DIR/{repo_id}")
+        return UserError(
+            f"{kind} {repo_id!r} does not exist on the hub (or is private); check the id "
+            f"or set {field}=DIR holding DIR/{repo_id}"
+        )
     log.debug("hub lookup of %s failed: %r", repo_id, e)
     return missing(repo_id, field, repo_type)
 
 
 # ---- datasets ------------------------------------------------------------------------------
-def load_split(dataset_id: str, config: str | None, split: str, local_dir: str | None,
-               field: str = "task_seq.local_dir") -> Any:
+def load_split(
+    dataset_id: str, config: str | None, split: str, local_dir: str | None, field: str = "task_seq.local_dir"
+) -> Any:
     """One split of a dataset as a ``datasets.Dataset``.
 
     With ``local_dir``, ``<local_dir>/<dataset_id>`` may be a ``save_to_disk`` directory
@@ -128,7 +138,9 @@ def load_split(dataset_id: str, config: str | None, split: str, local_dir: str |
             if (d / "dataset_dict.json").is_file():
                 dd = datasets.load_from_disk(str(d))
                 if split not in dd:
-                    raise UserError(f"dataset {dataset_id!r} at {d} has no split {split!r} (has {sorted(dd)})")
+                    raise UserError(
+                        f"dataset {dataset_id!r} at {d} has no split {split!r} (has {sorted(dd)})"
+                    )
                 return dd[split]
             if (d / "state.json").is_file() and d.name == split:
                 return datasets.load_from_disk(str(d))
@@ -154,6 +166,11 @@ def fingerprint(*parts: Any) -> str:
 def dir_fingerprint(path: Path) -> list[Any]:
     """Path plus (name, size, mtime) of its weight files: changes when the weights change."""
     path = Path(path)
-    files = sorted(f for pat in ("*.safetensors", "*.bin", "*.pt", "*.pth") for f in path.glob(pat)) \
-        if path.is_dir() else [path]
-    return [str(path.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    files = (
+        sorted(f for pat in ("*.safetensors", "*.bin", "*.pt", "*.pth") for f in path.glob(pat))
+        if path.is_dir()
+        else [path]
+    )
+    return [str(path.resolve())] + [
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()
+    ]

@@ -9,7 +9,7 @@ for, arXiv 2511.19561): PNGs with matplotlib's Agg backend, fixed pixel sizes.
   of tasks merged, one line per method (± std band over orders/seeds), from ``steps.jsonl``.
 - ``time_memory__<block>.png`` (:data:`WIDE_SIZE`): merge time, evaluation time and peak memory
   per step, one line per method (mean over runs).
-A block is ``protocol · backbone · task_seq`` as in :mod:`otmf_exp.tables`.
+A block is ``protocol · backbone · task_seq`` as in :mod:`otmf_exp.reporting.tables`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from otmf_exp.tables import aggregate, load_runs  # noqa: E402
+from otmf_exp.reporting.tables import aggregate, load_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
 

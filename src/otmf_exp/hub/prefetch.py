@@ -1,9 +1,9 @@
 """List, check or download every hub id a configuration needs, for offline use later.
 
-    python -m otmf_exp.prefetch task_seq=vit8                       # list the ids (B/32 + TA8)
-    python -m otmf_exp.prefetch task_seq=vit20 backbone=clip_vit_l14 --download
-    python -m otmf_exp.prefetch task_seq=glue8 backbone.variant=lora --download --local-dir /data/hub
-    python -m otmf_exp.prefetch task_seq=vit8 --check               # do the ids exist on the hub?
+    python -m otmf_exp.hub.prefetch task_seq=vit8                       # list the ids (B/32 + TA8)
+    python -m otmf_exp.hub.prefetch task_seq=vit20 backbone=clip_vit_l14 --download
+    python -m otmf_exp.hub.prefetch task_seq=glue8 backbone.variant=lora --download --local-dir /data/hub
+    python -m otmf_exp.hub.prefetch task_seq=vit8 --check               # do the ids exist on the hub?
 
 ``--download`` fills the HF cache (``HF_HOME``; datasets are loaded once so ``datasets`` caches
 them), or with ``--local-dir DIR`` writes ``DIR/<id>`` for ``backbone.local_dir=DIR`` /
@@ -74,7 +74,7 @@ def _download(refs: list[Ref], local_dir: str | None) -> None:
 
     from huggingface_hub import snapshot_download
 
-    from otmf_exp.hub import _META
+    from otmf_exp.hub.resolve import _META
 
     for kind, rid, config, splits in refs:
         target = str(Path(local_dir) / rid) if local_dir else None

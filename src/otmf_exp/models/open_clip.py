@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from otmf_exp import hub
 from otmf_exp.data.vision_tasks import TASK_VECTORS_NAMES
 from otmf_exp.errors import UserError
+from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
 from otmf_exp.models.heads import build_head, cached_head
@@ -41,7 +41,11 @@ from otmf_exp.models.hf_clip import autocast_context
 log = logging.getLogger(__name__)
 
 CONVERTER = "scripts/convert_task_vectors_checkpoint.py"
-WEIGHT_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin"]
+WEIGHT_FILES = [
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+]
 _SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -77,7 +81,9 @@ def register_arch(arch: str) -> str:
         open_clip.add_model_config(p)
         return p.stem
     if open_clip.get_model_config(arch) is None:
-        raise UserError(f"unknown open_clip architecture {arch!r} (backbone.arch); e.g. ViT-B-32, ViT-B-16, ViT-L-14")
+        raise UserError(
+            f"unknown open_clip architecture {arch!r} (backbone.arch); e.g. ViT-B-32, ViT-B-16, ViT-L-14"
+        )
     return arch
 
 
@@ -93,9 +99,12 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
         raise UserError(
             f"{path} is a pickled whole model (task_vectors format), not a state dict; convert it once with "
             f"`python {CONVERTER} {path} --out {path.with_suffix('.safetensors')}` (needs the code that "
-            f"pickled it importable) and use the converted file") from None
+            f"pickled it importable) and use the converted file"
+        ) from None
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -120,13 +129,18 @@ def find_checkpoint(checkpoint_dir: Path, task: str) -> Path:
     cands = [checkpoint_dir / f"{task}{s}" for s in _SUFFIXES]
     name = TASK_VECTORS_NAMES.get(task)
     if name:
-        cands += [checkpoint_dir / name / "finetuned.pt", checkpoint_dir / f"{name}Val" / "finetuned.pt",
-                  checkpoint_dir / f"{name}Val" / "nonlinear_finetuned.pt"]
+        cands += [
+            checkpoint_dir / name / "finetuned.pt",
+            checkpoint_dir / f"{name}Val" / "finetuned.pt",
+            checkpoint_dir / f"{name}Val" / "nonlinear_finetuned.pt",
+        ]
     for c in cands:
         if c.is_file():
             return c
-    raise UserError(f"no fine-tuned checkpoint for task {task!r} in backbone.checkpoint_dir={checkpoint_dir}; "
-                    f"expected {cands[0].name} or {cands[1].name}" + (f" or {name}/finetuned.pt" if name else ""))
+    raise UserError(
+        f"no fine-tuned checkpoint for task {task!r} in backbone.checkpoint_dir={checkpoint_dir}; "
+        f"expected {cands[0].name} or {cands[1].name}" + (f" or {name}/finetuned.pt" if name else "")
+    )
 
 
 class OpenClipBackbone(Backbone):
@@ -140,8 +154,10 @@ class OpenClipBackbone(Backbone):
         if not cfg.get("arch"):
             raise UserError(f"backbone {cfg.name!r} (kind open_clip) needs backbone.arch")
         if not cfg.get("checkpoint_dir"):
-            raise UserError(f"backbone {cfg.name!r} needs backbone.checkpoint_dir: the directory of fine-tuned "
-                            f"state-dict files, one per task (<task>.pt or <Name>/finetuned.pt)")
+            raise UserError(
+                f"backbone {cfg.name!r} needs backbone.checkpoint_dir: the directory of fine-tuned "
+                f"state-dict files, one per task (<task>.pt or <Name>/finetuned.pt)"
+            )
         self.checkpoint_dir = Path(cfg.checkpoint_dir).expanduser()
         if not self.checkpoint_dir.is_dir():
             raise UserError(f"backbone.checkpoint_dir={self.checkpoint_dir} is not a directory")
@@ -153,12 +169,23 @@ class OpenClipBackbone(Backbone):
         tag = cfg.get("pretrained_tag")
         tag_cfg = open_clip.get_pretrained_cfg(self.arch, tag) if tag else {}
         self.weights = self._weights_file(cfg, tag, tag_cfg)
-        kwargs = {k2: tag_cfg[k] for k, k2 in (("mean", "image_mean"), ("std", "image_std"),
-                                              ("interpolation", "image_interpolation"),
-                                              ("resize_mode", "image_resize_mode")) if k in tag_cfg}
+        kwargs = {
+            k2: tag_cfg[k]
+            for k, k2 in (
+                ("mean", "image_mean"),
+                ("std", "image_std"),
+                ("interpolation", "image_interpolation"),
+                ("resize_mode", "image_resize_mode"),
+            )
+            if k in tag_cfg
+        }
         model, _, preprocess = open_clip.create_model_and_transforms(
-            self.arch, pretrained=str(self.weights), force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-            weights_only=True, **kwargs)
+            self.arch,
+            pretrained=str(self.weights),
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            weights_only=True,
+            **kwargs,
+        )
         self.clip = model.to(self.device).eval().requires_grad_(False)
         self.module = OpenClipTower(self.clip.visual)
         self._mergeable = [n for n, p in self.module.named_parameters() if p.is_floating_point()]
@@ -174,11 +201,13 @@ class OpenClipBackbone(Backbone):
         if not repo:
             hf = tag_cfg.get("hf_hub", "")
             if not hf:
-                raise UserError(f"open_clip {cfg.arch}/{tag}: set backbone.model_id to the hub repo of its weights")
+                raise UserError(
+                    f"open_clip {cfg.arch}/{tag}: set backbone.model_id to the hub repo of its weights"
+                )
             repo, fname = (hf.rstrip("/"), "") if hf.endswith("/") else os.path.split(hf)
             if fname:
                 files.insert(0, fname)
-        return hub.resolve_model_file(repo, files, cfg.get("local_dir"))
+        return resolve.resolve_model_file(repo, files, cfg.get("local_dir"))
 
     def mergeable_names(self) -> list[str]:
         return list(self._mergeable)
@@ -194,9 +223,11 @@ class OpenClipBackbone(Backbone):
 
     def zero_shot_head(self, task: Any) -> Tensor:
         def compute() -> Tensor:
-            return build_head(self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item())
+            return build_head(
+                self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item()
+            )
 
-        return cached_head(self.key, hub.dir_fingerprint(self.weights), task, compute).to(self.device)
+        return cached_head(self.key, resolve.dir_fingerprint(self.weights), task, compute).to(self.device)
 
     def load_finetuned(self, task: str) -> StateDict:
         path = find_checkpoint(self.checkpoint_dir, task)

@@ -1,4 +1,4 @@
-"""Rendering of :mod:`otmf_exp.tables` rows as markdown, LaTeX (booktabs) and CSV.
+"""Rendering of :mod:`otmf_exp.reporting.tables` rows as markdown, LaTeX (booktabs) and CSV.
 
 Layouts (one section per block ``protocol · backbone · task_seq``):
 

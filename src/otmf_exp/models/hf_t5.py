@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from otmf_exp import hub
 from otmf_exp.data.glue import score
 from otmf_exp.errors import UserError
+from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
 from otmf_exp.models.functional import submodule_params, swapped_parameters
@@ -61,7 +61,7 @@ class T5Backbone(Backbone):
         self.pooling = cfg.features
         self.max_new_tokens = int(cfg.get("max_new_tokens", 10))
         self.max_input_length = int(cfg.get("max_input_length", 512))
-        self.path = hub.resolve_model_dir(cfg.model_id, cfg.local_dir)
+        self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
         self._auto = AutoModelForSeq2SeqLM
         self.module = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=torch.float32)
         self.module.to(self.device).eval().requires_grad_(False)
@@ -78,8 +78,13 @@ class T5Backbone(Backbone):
         enc = submodule_params(self.module, params, "encoder")
         mask = inputs["attention_mask"]
         with autocast_context(self.device, self.autocast):
-            h = functional_call(self.module.encoder, enc, (), {"input_ids": inputs["input_ids"], "attention_mask": mask},
-                                strict=False).last_hidden_state.float()
+            h = functional_call(
+                self.module.encoder,
+                enc,
+                (),
+                {"input_ids": inputs["input_ids"], "attention_mask": mask},
+                strict=False,
+            ).last_hidden_state.float()
         if self.pooling == "first_token":
             return h[:, 0]
         m = mask.unsqueeze(-1).to(h.dtype)
@@ -89,20 +94,32 @@ class T5Backbone(Backbone):
         ids = inputs["input_ids"]
         dec = torch.full((ids.shape[0], 1), self.start_id, dtype=torch.long, device=ids.device)
         with autocast_context(self.device, self.autocast):
-            out = self.call(params, input_ids=ids, attention_mask=inputs["attention_mask"], decoder_input_ids=dec,
-                            use_cache=False)
+            out = self.call(
+                params,
+                input_ids=ids,
+                attention_mask=inputs["attention_mask"],
+                decoder_input_ids=dec,
+                use_cache=False,
+            )
         return out.logits[:, 0, :].float()
 
     @torch.inference_mode()
     def generate_text(self, params: StateDict, inputs: dict[str, Tensor]) -> list[str]:
         """Greedy answers of the model with weights ``params`` (swapped in, then restored)."""
         with swapped_parameters(self.module, params), autocast_context(self.device, self.autocast):
-            out = self.module.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+            out = self.module.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     @torch.inference_mode()
-    def evaluate(self, params: StateDict, head: Tensor | None, data: Any, split: str, batch_size: int) -> float:
+    def evaluate(
+        self, params: StateDict, head: Tensor | None, data: Any, split: str, batch_size: int
+    ) -> float:
         """Exact match (%) of generated vs label text; Spearman ρ × 100 for regression tasks (stsb)."""
         preds: list[str] = []
         targets: list[str] = []
@@ -119,7 +136,7 @@ class T5Backbone(Backbone):
 
     def load_finetuned(self, task: str) -> StateDict:
         repo = self.finetuned_id(task)
-        path = hub.resolve_model_dir(repo, self.local_dir)
+        path = resolve.resolve_model_dir(repo, self.local_dir)
         if self.variant == "full":
             model = self._auto.from_pretrained(path, dtype=torch.float32)
         else:

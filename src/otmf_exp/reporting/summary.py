@@ -25,4 +25,6 @@ def print_summary(m: dict[str, Any], console: Console | None = None) -> None:
     t.add_row("BWT", _fmt(m["bwt"]), "")
     t.add_row("normalized ACC", _fmt(m["normalized_acc"]), "")
     console.print(t)
-    console.print(f"wall time {m['wall_time_s']:.1f}s · peak memory {m['peak_memory_mb']:.0f} MB ({m['memory_kind']})")
+    console.print(
+        f"wall time {m['wall_time_s']:.1f}s · peak memory {m['peak_memory_mb']:.0f} MB ({m['memory_kind']})"
+    )

@@ -14,8 +14,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from otmf_exp.errors import UserError
-from otmf_exp.io import atomic_dir
 from otmf_exp.merging.base import ContinualState
+from otmf_exp.runtime.files import atomic_dir
 
 
 def ckpt_root(out_dir: Path) -> Path:
@@ -52,7 +52,9 @@ def load_latest(out_dir: Path, device: Any) -> tuple[ContinualState, dict[str, A
         tensors = load_file(str(d / "state.safetensors"), device=str(device))
         doc = json.loads((d / "progress.json").read_text())
     except Exception as e:
-        raise UserError(f"checkpoint {d} is unreadable ({e}); delete it to restart from the previous step") from None
-    merged = {k[len("merged/"):]: v for k, v in tensors.items() if k.startswith("merged/")}
-    heads = {k[len("heads/"):]: v for k, v in tensors.items() if k.startswith("heads/")}
+        raise UserError(
+            f"checkpoint {d} is unreadable ({e}); delete it to restart from the previous step"
+        ) from None
+    merged = {k[len("merged/") :]: v for k, v in tensors.items() if k.startswith("merged/")}
+    heads = {k[len("heads/") :]: v for k, v in tensors.items() if k.startswith("heads/")}
     return ContinualState(doc["step"], merged, heads, doc["scalars"]), doc["progress"]
