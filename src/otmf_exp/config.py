@@ -100,15 +100,47 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore under ``schema/`` (never a choice of a user-facing
+    group): a group's YAML extends its schema with ``- /schema/<group>@_here_`` and a method's with
+    ``- /schema/method/<name>@_here_``, so a typo in any key fails at compose time."""
     from otmf_exp.merging import METHODS
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)
-    cs.store(group="task_seq", name="task_seq_schema", node=TaskSeqConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="schema", name="backbone", node=BackboneConfig)
+    cs.store(group="schema", name="task_seq", node=TaskSeqConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)
     for name, cls in METHODS.items():
-        cs.store(group="method", name=f"{name}_schema", node=cls.Config)
+        cs.store(group="schema/method", name=name, node=cls.Config)
+
+
+def method_yamls() -> list[str]:
+    """Names of the method YAMLs shipped in ``conf/method/``."""
+    from importlib import resources
+
+    folder = resources.files("otmf_exp.conf") / "method"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_registry() -> None:
+    """Every method YAML has a registered class and every registered class a YAML (one clear line)."""
+    from otmf_exp.merging import METHODS
+
+    yamls = method_yamls()
+    for name in yamls:
+        if name not in METHODS:
+            raise UserError(
+                f'conf/method/{name}.yaml has no registered method: add `"{name}": <YourClass>` to '
+                'METHODS in src/otmf_exp/merging/__init__.py (README "Extending")'
+            )
+    for name, cls in METHODS.items():
+        if name != cls.name:
+            raise UserError(f"METHODS[{name!r}] is {cls.__name__}, whose name is {cls.name!r}: use one name")
+        if name not in yamls:
+            raise UserError(
+                f"method {name!r} is registered but has no conf/method/{name}.yaml: add one with "
+                f'`defaults: [/schema/method/{name}@_here_, _self_]` (README "Extending")'
+            )
 
 
 # ---- checks of a composed config (run before any heavy work) ------------------------------------
@@ -163,8 +195,7 @@ def method_config(cfg: DictConfig) -> Any:
             raise UserError(f"method {name!r} has no coefficient for alpha to set; remove alpha={a}")
         with open_dict(mcfg):
             mcfg[cls.main_coef] = a
-    if hasattr(cls, "validate"):
-        cls.validate(mcfg)
+    cls.validate(mcfg)
     return mcfg
 
 

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from otmf_exp.config import register_configs
+from otmf_exp.config import check_registry, register_configs
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
 from otmf_exp.reporting.summary import print_summary
 from otmf_exp.runner import run_experiment
@@ -44,7 +44,12 @@ def _main(cfg: DictConfig) -> Any:
 
 
 def main() -> None:
-    """Console script ``otmf-exp``."""
+    """Console script ``otmf-exp`` (= ``python -m otmf_exp.run``)."""
+    try:
+        check_registry()  # a method YAML without a registered class (or the reverse): one line, not Hydra's
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     _main()
 
 

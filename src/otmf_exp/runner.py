@@ -30,7 +30,7 @@ from otmf_exp.models import build_backbone
 from otmf_exp.reporting import metrics
 from otmf_exp.runtime import checkpoint, files
 from otmf_exp.runtime.files import check_writable
-from otmf_exp.runtime.measure import measure
+from otmf_exp.runtime.measure import current_memory_mb, measure
 from otmf_exp.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,16 @@ class Experiment:
         )
 
     def _evaluate(self, state: ContinualState, upto: int) -> list[float]:
-        if getattr(self.method, "evaluates_individually", False):
+        if self.method.evaluates_individually:
             return [self.individual[t] for t in self.order[: upto + 1]]
         weights = self.method.merged(state, self.pretrained)
-        return [
-            self.backbone.evaluate(
-                weights, self._head(state, t), self.data[t], self.cfg.eval_split, self.eval_bs
-            )
-            for t in self.order[: upto + 1]
-        ]
+        with self.method.forward_context(state):  # one task's batches at a time (per-batch routing)
+            return [
+                self.backbone.evaluate(
+                    weights, self._head(state, t), self.data[t], self.cfg.eval_split, self.eval_bs
+                )
+                for t in self.order[: upto + 1]
+            ]
 
     # ---- the experiment -------------------------------------------------------------------
     def setup(self) -> None:
@@ -135,10 +136,12 @@ class Experiment:
             torch.Generator().manual_seed(int(cfg.seed)),
             progress=cfg.progress,
             record=self._record,
+            seed=int(cfg.seed),
         )
         self.method = METHODS[cfg.method.name](self.method_cfg, ctx, protocol=cfg.protocol)
         self.pretrained = self.backbone.pretrained_state()
         self.individual: dict[str, float] = {}
+        self.baseline_memory_mb = current_memory_mb(self.device)  # θ₀, data handles and heads loaded
 
     def run(self) -> dict[str, Any]:
         handler = _attach_log_file(self.out_dir)
@@ -169,7 +172,8 @@ class Experiment:
         if cfg.resume:
             found = checkpoint.load_latest(self.out_dir, self.device)
             if found is not None:
-                state, prog = found
+                step, tensors, doc = found
+                state, prog = self.method.load_state(step, tensors, doc["scalars"]), doc["progress"]
                 if prog["order"] != self.order or prog["method"] != cfg.method.name:
                     raise UserError(
                         f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir"
@@ -186,6 +190,7 @@ class Experiment:
             with measure(self.device) as usage:
                 state = self.method.step(state, task, self.pretrained)
             del task
+            state_mb = state.nbytes() / 2**20
             t_eval = time.perf_counter()
             row = self._evaluate(state, i)
             rows.append(row)
@@ -198,6 +203,7 @@ class Experiment:
                 "eval_time_s": time.perf_counter() - t_eval,
                 "peak_memory_mb": usage.peak_memory_mb,
                 "memory_kind": usage.memory_kind,
+                "state_mb": state_mb,
                 **self._step_records,
             }
             self.records.append(rec)
@@ -215,13 +221,17 @@ class Experiment:
             )
             checkpoint.save(
                 self.out_dir,
-                state,
+                state.step,
+                self.method.state_tensors(state),
                 {
-                    "order": self.order,
-                    "method": cfg.method.name,
-                    "rows": rows,
-                    "records": self.records,
-                    "individual": self.individual,
+                    "scalars": state.scalars,
+                    "progress": {
+                        "order": self.order,
+                        "method": cfg.method.name,
+                        "rows": rows,
+                        "records": self.records,
+                        "individual": self.individual,
+                    },
                 },
                 cfg.keep_checkpoints,
             )
@@ -254,6 +264,7 @@ class Experiment:
             "load_time_s": load_s,
             "peak_memory_mb": usage.peak_memory_mb,
             "memory_kind": usage.memory_kind,
+            "state_mb": state.nbytes() / 2**20,
             **self._step_records,
         }
         self.records.append(rec)
@@ -282,6 +293,9 @@ class Experiment:
             "acc_matrix": matrix,
             "wall_time_s": wall,
             "peak_memory_mb": max(r["peak_memory_mb"] for r in self.records),
+            "baseline_memory_mb": self.baseline_memory_mb,
+            "state_mb": state.nbytes() / 2**20,
+            "state_growth": self.method.state_growth,
             "memory_kind": self.records[-1]["memory_kind"],
             "device": str(self.device),
         }

@@ -228,7 +228,7 @@ class AdaMerging(MergeMethod):
         if task.head is not None:
             heads.setdefault(task.name, task.head)
         if t == 1:
-            return ContinualState(1, tv, heads, dict(state.scalars))
+            return state.advance(tv, heads=heads)
         datas, task_heads = [task.data], [task.head]
         prev = task.previous_data
         if prev is None:
@@ -246,7 +246,7 @@ class AdaMerging(MergeMethod):
             what=f"step {t} ({task.name})",
             seed=7919 * t,
         )
-        return ContinualState(t, self._apply([state.merged, tv], coef), heads, dict(state.scalars))
+        return state.advance(self._apply([state.merged, tv], coef), heads=heads)
 
     def joint(
         self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
@@ -261,4 +261,4 @@ class AdaMerging(MergeMethod):
         coef = self.adapt(
             pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", seed=104729
         )
-        return ContinualState(len(tvs), self._apply(tvs, coef))
+        return ContinualState(step=len(tvs), merged=self._apply(tvs, coef))

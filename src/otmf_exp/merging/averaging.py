@@ -29,4 +29,4 @@ class Averaging(MergeMethod):
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         t = state.step + 1
         merged = running_mean(state.merged, task.task_vector(pretrained), t)
-        return ContinualState(t, merged, dict(state.heads), dict(state.scalars))
+        return state.advance(merged)

@@ -24,6 +24,4 @@ class Individual(MergeMethod):
     evaluates_individually = True
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        return ContinualState(
-            state.step + 1, task.task_vector(pretrained), dict(state.heads), dict(state.scalars)
-        )
+        return state.advance(task.task_vector(pretrained))

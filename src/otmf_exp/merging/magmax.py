@@ -54,7 +54,7 @@ class MagMax(MergeMethod):
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         merged = magmax_step(state.merged, task.task_vector(pretrained), float(self.cfg.scaling))
-        return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
+        return state.advance(merged)
 
     def joint(
         self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
@@ -67,4 +67,4 @@ class MagMax(MergeMethod):
             n += 1
         if running is None:
             raise UserError("MagMax joint merge needs at least one task")
-        return ContinualState(n, scale(running, float(self.cfg.scaling)))
+        return ContinualState(step=n, merged=scale(running, float(self.cfg.scaling)))

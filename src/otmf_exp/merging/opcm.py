@@ -147,7 +147,7 @@ class OPCM(MergeMethod):
         norm = global_norm(tv)
         if state.step == 0:
             self.ctx.record("opcm_lambda", 1.0)
-            return ContinualState(1, tv, dict(state.heads), {"opcm_lambda": 1.0, "opcm_norms": [norm]})
+            return state.advance(tv, scalars={"opcm_lambda": 1.0, "opcm_norms": [norm]})
         norms = [*state.scalars["opcm_norms"], norm]
         avg = sum(norms) / len(norms)
         linear, keep = self._layer_sets(set(tv))
@@ -167,6 +167,4 @@ class OPCM(MergeMethod):
         self.ctx.record("opcm_avg_norm", avg)
         if ranks:
             self.ctx.record("opcm_split_rank_mean", sum(ranks.values()) / len(ranks))
-        return ContinualState(
-            state.step + 1, merged, dict(state.heads), {"opcm_lambda": lam, "opcm_norms": norms}
-        )
+        return state.advance(merged, scalars={"opcm_lambda": lam, "opcm_norms": norms})

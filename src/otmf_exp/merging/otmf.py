@@ -6,12 +6,10 @@ One fusion step (t ≥ 2), with learnable masks shaped like the mergeable parame
     τᵐ_t = α · (M_pre ⊙ τᵐ_{t−1}) + (1 − α) · (M_post ⊙ τ_t)
 
 Masks start at 1 every step (the untrained merge is α-weighted continual task arithmetic) and
-are trained with Adam to minimise the Sinkhorn divergence (geomloss) between the student's
-features (θ₀ + τᵐ_t, run with ``torch.func.functional_call``) and frozen teachers' features on
-the same unlabeled images: the "pre" teacher θ₀ + τᵐ_{t−1} on pre-side data and the "post"
-teacher θ_t on task t's data. Teacher features are computed once per step and cached. Then,
-optionally (vision), the classification head(s) are tuned on cached merged-encoder features.
-Every ambiguity of the paper is an option; see ``shared/spec/otmf.md`` and the README.
+are trained with Adam on the Sinkhorn divergence between the student's features and cached
+frozen teachers' features (``merging/ot_fusion.py``). Then, optionally (vision), the
+classification head(s) are tuned on cached merged-encoder features (``merging/head_tuning.py``).
+Every ambiguity of the paper is an option; see the README section "OTMF".
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from otmf_exp.errors import NonFiniteLossError, UserError
+from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.head_tuning import cached_features, train_head
+from otmf_exp.merging.ot_fusion import FusionStep, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 
 log = logging.getLogger(__name__)
@@ -100,69 +97,6 @@ _CHOICES = {
 }
 
 
-def masked_merge(
-    tv_prev: StateDict, tv_new: StateDict, m_pre: StateDict | None, m_post: StateDict | None, alpha: float
-) -> StateDict:
-    """τᵐ = α·(M_pre ⊙ τᵐ_prev) + (1−α)·(M_post ⊙ τ_new); ``None`` masks mean all-ones."""
-    out = {}
-    for k in tv_prev:
-        a = tv_prev[k] if m_pre is None else m_pre[k] * tv_prev[k]
-        b = tv_new[k] if m_post is None else m_post[k] * tv_new[k]
-        out[k] = alpha * a + (1.0 - alpha) * b
-    return out
-
-
-class _Masks:
-    """Raw mask parameters and their map to M (identity or 2·sigmoid)."""
-
-    def __init__(self, like: StateDict, cfg: MaskConfig) -> None:
-        self.sigmoid = cfg.param == "sigmoid"
-        init = 0.0 if self.sigmoid else 1.0
-        self.raw = {
-            k: torch.full(
-                v.shape if cfg.granularity == "element" else (),
-                init,
-                dtype=torch.float32,
-                device=v.device,
-                requires_grad=True,
-            )
-            for k, v in like.items()
-        }
-        self._best: StateDict | None = None
-
-    def values(self, grad: bool = True) -> StateDict:
-        """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
-        raw = self.raw if grad else {k: r.detach() for k, r in self.raw.items()}
-        return {k: 2.0 * torch.sigmoid(r) if self.sigmoid else r for k, r in raw.items()}
-
-    def save_best(self) -> None:
-        """Copy the current masks into one preallocated buffer (no new allocation per improvement)."""
-        with torch.no_grad():
-            if self._best is None:
-                self._best = {k: r.detach().clone() for k, r in self.raw.items()}
-            else:
-                for k, r in self.raw.items():
-                    self._best[k].copy_(r)
-
-    def load_best(self) -> None:
-        if self._best is not None:
-            with torch.no_grad():
-                for k, r in self.raw.items():
-                    r.copy_(self._best[k])
-        self._best = None
-
-    def mean_abs(self) -> Tensor:
-        vals = self.values()
-        return sum(v.abs().sum() for v in vals.values()) / sum(v.numel() for v in vals.values())
-
-
-def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """Adam; the fused kernel where torch has one (float32 on CPU/CUDA): no list-of-temporaries
-    copies of the masks (torch's foreach path) and ~10x faster on CPU than the for-loop path."""
-    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
-
 class OTMF(MergeMethod):
     name = "otmf"
     Config = OTMFConfig
@@ -227,140 +161,12 @@ class OTMF(MergeMethod):
         elif not self.cfg.mask.enabled:
             merged = masked_merge(state.merged, task.task_vector(pretrained), None, None, self.cfg.alpha)
         else:
-            merged = self._fuse(state.merged, task, pretrained, t)
+            merged = FusionStep(self.cfg, self.ctx, self.loss_fn, state.merged, task, pretrained, t).run()
         if self.cfg.head_tuning.enabled and task.head is not None:
             t0 = time.perf_counter()
             heads = self._tune_heads(heads, merged, task, pretrained, t)
             self.ctx.record("time_head_tuning_s", time.perf_counter() - t0)
-        return ContinualState(t, merged, heads, dict(state.scalars))
-
-    def _stream(self, data: Any, n: int, seed: int):
-        it = data.batches(self.cfg.adapt_split, self.cfg.batch_size, seed)
-        for _ in range(n):
-            yield self.ctx.backbone.to_device(next(it)["inputs"])
-
-    @torch.no_grad()
-    def _teacher_feats(self, params: StateDict, data: Any, n: int, seed: int) -> list[Tensor]:
-        return [self.ctx.backbone.features(params, x).float() for x in self._stream(data, n, seed)]
-
-    def _fuse(self, tv_prev: StateDict, task: TaskInput, pretrained: StateDict, t: int) -> StateDict:
-        cfg, bb = self.cfg, self.ctx.backbone
-        pre_data = task.previous_data if cfg.pre_data == "previous_task" else task.data
-        joint = cfg.schedule == "joint"
-        n_pre = cfg.iterations if joint else (cfg.iterations + 1) // 2
-        n_post = cfg.iterations if joint else cfg.iterations // 2
-        seed_pre, seed_post = 7919 * t + 1, 7919 * t + 2
-        # teachers: features on exactly the batches the student will see, computed once
-        t0 = time.perf_counter()
-        f_pre = self._teacher_feats(
-            apply(pretrained, tv_prev), pre_data, max(n_pre, cfg.eval_batches), seed_pre
-        )
-        f_post = self._teacher_feats(task.weights, task.data, max(n_post, cfg.eval_batches), seed_post)
-        self.ctx.record("time_teacher_s", time.perf_counter() - t0)
-        tv_new = task.task_vector(
-            pretrained
-        )  # after the teacher: with runner-owned weights θ_t becomes τ_t in place
-
-        m_pre, m_post = _Masks(tv_prev, cfg.mask), _Masks(tv_new, cfg.mask)
-        alpha = cfg.alpha
-
-        def student(x: Tensor, train: tuple[bool, bool]) -> Tensor:
-            # θ₀ + α·M_pre⊙τᵐ + (1−α)·M_post⊙τ, one fused op per term and key (no weight-sized
-            # temporaries beyond the student's weights); the mask not being trained is a constant
-            mp, mq = m_pre.values(train[0]), m_post.values(train[1])
-            params = {}
-            for k, p in pretrained.items():
-                w = torch.addcmul(p.float(), mp[k], tv_prev[k].float(), value=alpha)
-                params[k] = torch.addcmul(w, mq[k], tv_new[k].float(), value=1.0 - alpha).to(p.dtype)
-            return bb.features(params, x).float()
-
-        def ot(x: Tensor, target: Tensor, train: tuple[bool, bool] = (False, False)) -> Tensor:
-            feats = student(x, train)
-            if not torch.isfinite(feats).all():  # geomloss fails obscurely on inf/NaN inputs
-                return feats.new_tensor(float("nan"))
-            return self.loss_fn(feats, target)
-
-        @torch.no_grad()
-        def eval_loss() -> dict[str, float]:
-            k = cfg.eval_batches
-            pre = [float(ot(x, f).detach()) for x, f in zip(self._stream(pre_data, k, seed_pre), f_pre[:k])]
-            post = [
-                float(ot(x, f).detach()) for x, f in zip(self._stream(task.data, k, seed_post), f_post[:k])
-            ]
-            return {"pre": sum(pre) / max(len(pre), 1), "post": sum(post) / max(len(post), 1)}
-
-        t0 = time.perf_counter()
-        init_loss = eval_loss() if cfg.eval_batches > 0 else None
-        t_eval = time.perf_counter() - t0
-        opt_pre, opt_post = _adam(list(m_pre.raw.values()), cfg.lr), _adam(list(m_post.raw.values()), cfg.lr)
-        pre_it, post_it = self._stream(pre_data, n_pre, seed_pre), self._stream(task.data, n_post, seed_post)
-        curve_pre: list[float] = []
-        curve_post: list[float] = []
-        best = {"pre": float("inf"), "post": float("inf"), "joint": float("inf")}
-        select_best = cfg.select == "best"
-        t0 = time.perf_counter()
-        bar = tqdm(
-            range(cfg.iterations),
-            desc=f"OTMF step {t} ({task.name})",
-            disable=not self.ctx.progress,
-            leave=False,
-        )
-        for i in bar:
-            side = "joint" if joint else ("pre" if i % 2 == 0 else "post")
-            if side == "joint":
-                lp = ot(next(pre_it), f_pre[i], (True, True))
-                lq = ot(next(post_it), f_post[i], (True, True))
-                loss, opts, masks = lp + lq, (opt_pre, opt_post), (m_pre, m_post)
-                curve_pre.append(float(lp.detach()))
-                curve_post.append(float(lq.detach()))
-            elif side == "pre":
-                loss, opts, masks = ot(next(pre_it), f_pre[i // 2], (True, False)), (opt_pre,), (m_pre,)
-                curve_pre.append(float(loss.detach()))
-            else:
-                loss, opts, masks = ot(next(post_it), f_post[i // 2], (False, True)), (opt_post,), (m_post,)
-                curve_post.append(float(loss.detach()))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"OTMF step {t} ({task.name}), iteration {i}: non-finite OT loss; the last completed "
-                    f"step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
-                )
-            if select_best and float(loss.detach()) < best[side]:  # masks that produced this loss
-                best[side] = float(loss.detach())
-                for m in masks:
-                    m.save_best()
-            if cfg.l1 > 0:
-                loss = loss + cfg.l1 * sum(m.mean_abs() for m in masks)
-            loss.backward()
-            for o in opts:
-                o.step()
-                o.zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
-        t_train = time.perf_counter() - t0
-        # free the optimiser state and gradients before building the result (lower peak memory)
-        del opt_pre, opt_post
-        for m in (m_pre, m_post):
-            for r in m.raw.values():
-                r.grad = None
-            if select_best:
-                m.load_best()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            final_loss = eval_loss() if cfg.eval_batches > 0 else None
-            t_eval += time.perf_counter() - t0
-            merged = masked_merge(tv_prev, tv_new, m_pre.values(), m_post.values(), alpha)
-            merged = {k: v.to(tv_prev[k].dtype).detach() for k, v in merged.items()}
-            mvals = [v for m in (m_pre, m_post) for v in m.values().values()]
-            # float64: a float32 sum depends on memory alignment, which differs between processes
-            self.ctx.record(
-                "mask_mean", float(sum(v.double().sum() for v in mvals) / sum(v.numel() for v in mvals))
-            )
-        self.ctx.record("time_ot_eval_s", t_eval)
-        self.ctx.record("time_train_s", t_train)
-        self.ctx.record("ot_loss_pre", curve_pre)
-        self.ctx.record("ot_loss_post", curve_post)
-        if init_loss is not None:
-            self.ctx.record("ot_eval_init", init_loss)
-            self.ctx.record("ot_eval_final", final_loss)
-        return merged
+        return state.advance(merged, heads=heads)
 
     # ---- head tuning ------------------------------------------------------------------------
     def _tune_heads(
@@ -387,7 +193,7 @@ class OTMF(MergeMethod):
                 hc.split,
                 hc.fraction,
                 seed=t,
-                batch_size=int(getattr(bb, "batch_size", 256)),
+                batch_size=int(bb.batch_size),
             )
             heads[name], curves[name] = train_head(
                 heads[name],

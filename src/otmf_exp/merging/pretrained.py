@@ -18,4 +18,4 @@ class Pretrained(MergeMethod):
     Config = PretrainedConfig
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        return ContinualState(state.step + 1, state.merged, dict(state.heads), dict(state.scalars))
+        return state.advance()

@@ -29,4 +29,4 @@ class TaskArithmetic(MergeMethod):
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         merged = task_arithmetic_step(state.merged, task.task_vector(pretrained), self.cfg.scaling)
-        return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
+        return state.advance(merged)

@@ -7,6 +7,7 @@ are never modified in place, outputs are new tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -52,9 +53,10 @@ def scale(sd: Mapping[str, Tensor], s: float) -> StateDict:
 
 
 def global_norm(sd: Mapping[str, Tensor]) -> float:
-    """L2 norm of all tensors flattened and concatenated (float64 accumulation)."""
-    total = sum(float(v.double().pow(2).sum()) for v in sd.values())
-    return total**0.5
+    """L2 norm of all tensors flattened and concatenated (float64 per tensor, then an exactly
+    rounded sum: the result does not depend on the key order, e.g. of a state read back from a
+    checkpoint)."""
+    return math.fsum(float(v.double().pow(2).sum()) for v in sd.values()) ** 0.5
 
 
 def flatten(sd: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> Tensor:

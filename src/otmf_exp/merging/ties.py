@@ -167,7 +167,7 @@ class Ties(MergeMethod):
         else:
             merged = add(state.merged, self._ties([state.merged, tv]), 1.0, lam)
         self.ctx.record("scaling", lam)
-        return ContinualState(state.step + 1, merged, dict(state.heads), dict(state.scalars))
+        return state.advance(merged)
 
     def joint(
         self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
@@ -177,4 +177,4 @@ class Ties(MergeMethod):
             raise UserError("TIES joint merge needs at least one task")
         lam = self.scaling
         self.ctx.record("scaling", lam)
-        return ContinualState(len(tvs), scale(self._ties(tvs), lam))
+        return ContinualState(step=len(tvs), merged=scale(self._ties(tvs), lam))

@@ -148,7 +148,7 @@ def _value(v: Any) -> Any:
 def load_wandb_export(path: str | Path) -> list[dict[str, Any]]:
     """Runs from an exported W&B project: the UI's runs-table CSV (config columns dotted, e.g.
     ``method.name``; summary columns ``acc``, ``per_task/<task>``) or a JSON list of
-    ``{"name", "config", "summary"}`` objects (see docs/readme_reproduce.md for the export)."""
+    ``{"name", "config", "summary"}`` objects (README "Tables and plots" says how to export)."""
     path = Path(path)
     if path.suffix == ".json":
         items = json.loads(path.read_text())

@@ -17,6 +17,14 @@ class Usage:
     memory_kind: str = "cpu_rss"
 
 
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: CUDA allocated on GPU, the process RSS on CPU (MB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
 class measure:  # noqa: N801 - used as a context manager
     """``with measure(device) as u: ...`` fills ``u.wall_s`` and ``u.peak_memory_mb``."""
 

@@ -1,0 +1,215 @@
+"""Config schemas (Hydra ConfigStore) and the checks of a composed config before any heavy work.
+
+Each method's schema is the ``Config`` dataclass in its own module (registered here from
+``merging.METHODS``), so adding a method needs no edit in this file.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+
+from otmf_exp.errors import UserError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    #: tiny | hf_clip | open_clip | hf_t5 (see ``models.BACKBONES``)
+    kind: str = MISSING
+    #: hub id of the pre-trained model (e.g. openai/clip-vit-base-patch32)
+    model_id: str | None = None
+    #: hub id template of the fine-tuned models, ``{task}`` is replaced by the task's hub suffix
+    finetuned: str | None = None
+    #: hub id template of the LoRA adapters (``variant: lora``), e.g. tanganke/flan-t5-base_glue-{task}_lora-16
+    finetuned_lora: str | None = None
+    #: a local directory that replaces the hub (``<local_dir>/<id>``), for offline use
+    local_dir: str | None = None
+    #: full | lora (Flan-T5)
+    variant: str = "full"
+    #: open_clip architecture name and pretrained tag; directory of per-task state-dict files
+    arch: str | None = None
+    pretrained_tag: str | None = None
+    checkpoint_dir: str | None = None
+    #: OTMF features for text models: mean_pool (encoder states over non-pad tokens) | first_token
+    features: str = "mean_pool"
+    #: inputs per batch for evaluation and feature extraction, and data-loader workers
+    batch_size: int = 128
+    num_workers: int = 0
+    #: float32 | bfloat16 | float16 autocast for forward passes on GPU (merging maths stays fp32)
+    autocast: str = "float32"
+    #: text-to-text models: answer length for evaluation (greedy generate) and prompt truncation
+    max_new_tokens: int = 10
+    max_input_length: int = 512
+
+
+@dataclass
+class TaskSeqConfig:
+    name: str = MISSING
+    #: digits | hf_vision | glue (see ``data.TASK_KINDS``)
+    kind: str = MISSING
+    tasks: list[str] = field(default_factory=list)
+    #: a local directory replacing the hub for datasets (``<local_dir>/<dataset id>``)
+    local_dir: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    mode: str = "disabled"
+    project: str = "otmf_exp"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneConfig = MISSING
+    task_seq: TaskSeqConfig = MISSING
+    method: Any = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    #: overrides the method's main coefficient (OTMF α, OPCM α, λ of TA/TIES/MagMax); null = default
+    alpha: float | None = None
+    seed: int = 0
+    #: given | shuffled | an explicit list of task names
+    task_order: Any = "given"
+    order_seed: int = 0
+    #: continual | joint
+    protocol: str = "continual"
+    save_merged: bool = False
+    eval_split: str = "test"
+    #: evaluate each fine-tuned model on its task (needed for normalized ACC)
+    eval_individual: bool = True
+    #: auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    progress: bool = True
+    #: run directory; null = Hydra's run dir (outputs/...)
+    out_dir: str | None = None
+    #: continue from the last completed step's checkpoint in out_dir
+    resume: bool = False
+    #: last | all | none
+    keep_checkpoints: str = "last"
+    #: use deterministic torch algorithms
+    deterministic: bool = True
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore under ``schema/`` (never a choice of a user-facing
+    group): a group's YAML extends its schema with ``- /schema/<group>@_here_`` and a method's with
+    ``- /schema/method/<name>@_here_``, so a typo in any key fails at compose time."""
+    from otmf_exp.merging import METHODS
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="schema", name="backbone", node=BackboneConfig)
+    cs.store(group="schema", name="task_seq", node=TaskSeqConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)
+    for name, cls in METHODS.items():
+        cs.store(group="schema/method", name=name, node=cls.Config)
+
+
+def method_yamls() -> list[str]:
+    """Names of the method YAMLs shipped in ``conf/method/``."""
+    from importlib import resources
+
+    folder = resources.files("otmf_exp.conf") / "method"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_registry() -> None:
+    """Every method YAML has a registered class and every registered class a YAML (one clear line)."""
+    from otmf_exp.merging import METHODS
+
+    yamls = method_yamls()
+    for name in yamls:
+        if name not in METHODS:
+            raise UserError(
+                f"conf/method/{name}.yaml has no registered method: add `\"{name}\": <YourClass>` to "
+                "METHODS in src/otmf_exp/merging/__init__.py (README \"Extending\")"
+            )
+    for name, cls in METHODS.items():
+        if name != cls.name:
+            raise UserError(f"METHODS[{name!r}] is {cls.__name__}, whose name is {cls.name!r}: use one name")
+        if name not in yamls:
+            raise UserError(
+                f"method {name!r} is registered but has no conf/method/{name}.yaml: add one with "
+                f"`defaults: [/schema/method/{name}@_here_, _self_]` (README \"Extending\")"
+            )
+
+
+# ---- checks of a composed config (run before any heavy work) ------------------------------------
+def resolve_order(cfg: DictConfig) -> list[str]:
+    """The task order: ``given``, ``shuffled`` (by ``order_seed``) or an explicit list."""
+    tasks = list(cfg.task_seq.tasks)
+    if not tasks:
+        raise UserError(
+            f"task_seq {cfg.task_seq.name!r} has no tasks; list at least one under task_seq.tasks"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"task_seq {cfg.task_seq.name!r} repeats a task: {tasks}")
+    order = cfg.task_order
+    if isinstance(order, (list, ListConfig)):
+        order = [str(t) for t in order]
+        if not order:
+            raise UserError("task_order is an empty list; give at least one task name")
+        unknown = [t for t in order if t not in tasks]
+        if unknown:
+            raise UserError(
+                f"task_order names unknown task {unknown[0]!r}; tasks of {cfg.task_seq.name}: {tasks}"
+            )
+        if len(set(order)) != len(order):
+            dup = next(t for t in order if order.count(t) > 1)
+            raise UserError(f"task_order repeats task {dup!r}; name each task at most once")
+        return order
+    if order == "given":
+        return tasks
+    if order == "shuffled":
+        rng = random.Random(int(cfg.order_seed))
+        shuffled = list(tasks)
+        rng.shuffle(shuffled)
+        return shuffled
+    raise UserError(f"task_order must be 'given', 'shuffled' or a list of task names, got {order!r}")
+
+
+def method_config(cfg: DictConfig) -> Any:
+    from otmf_exp.merging import METHODS
+
+    """The method's config with the top-level ``alpha`` applied to its main coefficient."""
+    name = cfg.method.name
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    cls = METHODS[name]
+    mcfg = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True))
+    OmegaConf.set_struct(mcfg, True)
+    if cfg.alpha is not None:
+        a = float(cfg.alpha)
+        if not 0.0 <= a <= 1.0:
+            raise UserError(f"alpha must be in [0, 1], got {a}")
+        if cls.main_coef is None:
+            raise UserError(f"method {name!r} has no coefficient for alpha to set; remove alpha={a}")
+        with open_dict(mcfg):
+            mcfg[cls.main_coef] = a
+    cls.validate(mcfg)
+    return mcfg
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    from otmf_exp.merging import METHODS
+
+    if cfg.protocol not in ("continual", "joint"):
+        raise UserError(f"protocol must be 'continual' or 'joint', got {cfg.protocol!r}")
+    cls = METHODS.get(cfg.method.name)
+    if cls is not None and cfg.protocol not in cls.protocols:
+        raise UserError(
+            f"method {cfg.method.name!r} supports protocol {list(cls.protocols)}, not {cfg.protocol!r}"
+        )
+    if cfg.keep_checkpoints not in ("last", "all", "none"):
+        raise UserError(f"keep_checkpoints must be last, all or none, got {cfg.keep_checkpoints!r}")
+    if cfg.backbone.batch_size < 1:
+        raise UserError(f"backbone.batch_size must be >= 1, got {cfg.backbone.batch_size}")

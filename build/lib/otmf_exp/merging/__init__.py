@@ -1,0 +1,33 @@
+"""Merging methods: pure tensor maths, one file per method, and the explicit registry.
+
+To add a method: write ``merging/<name>.py`` with a ``MergeMethod`` subclass (``name``,
+``Config`` dataclass, ``step``), add one line to :data:`METHODS`, and one YAML
+``conf/method/<name>.yaml``. The config option name = module name = W&B ``method``.
+"""
+
+from __future__ import annotations
+
+from otmf_exp.merging.adamerging import AdaMerging
+from otmf_exp.merging.averaging import Averaging
+from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
+from otmf_exp.merging.individual import Individual
+from otmf_exp.merging.magmax import MagMax
+from otmf_exp.merging.opcm import OPCM
+from otmf_exp.merging.otmf import OTMF
+from otmf_exp.merging.pretrained import Pretrained
+from otmf_exp.merging.task_arithmetic import TaskArithmetic
+from otmf_exp.merging.ties import Ties
+
+METHODS: dict[str, type[MergeMethod]] = {
+    "pretrained": Pretrained,
+    "individual": Individual,
+    "averaging": Averaging,
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+    "adamerging": AdaMerging,
+    "magmax": MagMax,
+    "opcm": OPCM,
+    "otmf": OTMF,
+}
+
+__all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

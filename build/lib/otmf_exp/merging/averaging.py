@@ -1,0 +1,32 @@
+"""Weight averaging (Wortsman et al., "Model soups", ICML 2022).
+
+Joint: θ = mean_i θ_i. Continual: running mean θᵗ = ((t−1)·θᵗ⁻¹ + θ_t)/t, which in task-vector
+space is τᵐ_t = ((t−1)·τᵐ_{t−1} + τ_t)/t -- the same result, streamed, one model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
+from otmf_exp.merging.task_vectors import StateDict, add
+
+
+@dataclass
+class AveragingConfig:
+    name: str = "averaging"
+
+
+def running_mean(merged_tv: StateDict, new_tv: StateDict, t: int) -> StateDict:
+    """τᵐ_t = ((t−1)·τᵐ_{t−1} + τ_t)/t for step ``t`` ≥ 1."""
+    return add(merged_tv, new_tv, (t - 1) / t, 1.0 / t)
+
+
+class Averaging(MergeMethod):
+    name = "averaging"
+    Config = AveragingConfig
+
+    def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
+        t = state.step + 1
+        merged = running_mean(state.merged, task.task_vector(pretrained), t)
+        return state.advance(merged)

@@ -1,0 +1,131 @@
+"""The backbone interface shared by the tiny offline model, HF/open_clip CLIP and Flan-T5.
+
+A backbone owns the pre-trained module (θ₀, frozen) and runs it with any mergeable weights
+through ``torch.func.functional_call`` -- no model copies are made for merged, teacher or
+student weights. It decides, in one place, which parameters are mergeable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from otmf_exp.errors import UserError
+from otmf_exp.merging.task_vectors import StateDict
+
+
+class Backbone(ABC):
+    """One model family. Subclasses set ``module`` (with θ₀ loaded) and implement the loaders."""
+
+    name: str
+    modality: str = "vision"
+    module: nn.Module
+    device: torch.device
+    #: inputs per batch for evaluation / feature extraction, data-loader workers (set from config)
+    batch_size: int = 128
+    num_workers: int = 0
+
+    # ---- parameters ---------------------------------------------------------------------
+    @abstractmethod
+    def mergeable_names(self) -> list[str]:
+        """Names of the parameters every method merges (identical for every method)."""
+
+    def pretrained_state(self) -> StateDict:
+        """θ₀ restricted to the mergeable parameters (detached views of the module's tensors)."""
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach() for n in self.mergeable_names()}
+
+    @abstractmethod
+    def load_finetuned(self, task: str) -> StateDict:
+        """θ_t for ``task`` (mergeable parameters only), validated against θ₀."""
+
+    def linear_weight_names(self) -> set[str]:
+        """Mergeable 2-D weights owned by ``nn.Linear`` modules (decided by module type, not by name)."""
+        names = set(self.mergeable_names())
+        out = set()
+        for mod_name, mod in self.module.named_modules():
+            if isinstance(mod, nn.Linear):
+                full = f"{mod_name}.weight" if mod_name else "weight"
+                if full in names:
+                    out.add(full)
+        return out
+
+    def direct_params_of_nonleaf(self) -> set[str]:
+        """Mergeable parameters owned directly by a module that has children (e.g. CLIP's class token)."""
+        names = set(self.mergeable_names())
+        out = set()
+        for mod_name, mod in self.module.named_modules():
+            if len(list(mod.children())) == 0:
+                continue
+            for p_name, _ in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                if full in names:
+                    out.add(full)
+        return out
+
+    def validate_finetuned(self, task: str, sd: dict[str, Tensor], source: str) -> StateDict:
+        """Check names and shapes against θ₀; return the mergeable subset on the right device/dtype."""
+        pre = self.pretrained_state()
+        for k, v in pre.items():
+            if k not in sd:
+                raise UserError(
+                    f"checkpoint for task {task!r} ({source}) does not match the pre-trained model: "
+                    f"missing parameter {k!r}"
+                )
+            if tuple(sd[k].shape) != tuple(v.shape):
+                raise UserError(
+                    f"checkpoint for task {task!r} ({source}) does not match the pre-trained model: "
+                    f"{k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
+                )
+        out = {k: sd[k].to(device=v.device, dtype=v.dtype) for k, v in pre.items()}
+        for k, v in out.items():
+            if not torch.isfinite(v).all():
+                raise UserError(f"checkpoint for task {task!r} ({source}) has non-finite values in {k!r}")
+        return out
+
+    # ---- heads and forward ----------------------------------------------------------------
+    def zero_shot_head(self, task: Any) -> Tensor | None:
+        """Zero-shot head ``[C, D]`` (logit scale folded in), or None for text-to-text models."""
+        return None
+
+    def call(self, params: StateDict, *args: Any, **kwargs: Any) -> Any:
+        """Run the pre-trained module with ``params`` replacing its mergeable parameters."""
+        return functional_call(self.module, params, args, kwargs, strict=False)
+
+    @abstractmethod
+    def features(self, params: StateDict, inputs: Any) -> Tensor:
+        """Encoder output embedding ``[B, D]`` (before any normalisation)."""
+
+    def logits_from_features(self, feats: Tensor, head: Tensor) -> Tensor:
+        """CLIP-style logits: ``normalize(f) @ head.T`` (head already carries the logit scale)."""
+        return F.normalize(feats, dim=-1) @ head.T
+
+    def logits(self, params: StateDict, head: Tensor | None, inputs: Any) -> Tensor:
+        """Logits used for evaluation and entropy (vision: head over features)."""
+        return self.logits_from_features(self.features(params, inputs), head)
+
+    def to_device(self, inputs: Any) -> Any:
+        if isinstance(inputs, Tensor):
+            return inputs.to(self.device, non_blocking=True)
+        if isinstance(inputs, dict):
+            return {k: self.to_device(v) for k, v in inputs.items()}
+        return inputs
+
+    @torch.inference_mode()
+    def evaluate(
+        self, params: StateDict, head: Tensor | None, data: Any, split: str, batch_size: int
+    ) -> float:
+        """Accuracy (%) of weights ``params`` with ``head`` on ``split`` of ``data``."""
+        correct = total = 0
+        for batch in data.loader(split, batch_size):
+            pred = self.logits(params, head, self.to_device(batch["inputs"])).argmax(-1).cpu()
+            correct += int((pred == batch["labels"]).sum())
+            total += len(batch["labels"])
+        if total == 0:
+            raise UserError(f"task {data.name!r}: split {split!r} is empty; nothing to evaluate")
+        return 100.0 * correct / total

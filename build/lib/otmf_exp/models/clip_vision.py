@@ -1,0 +1,38 @@
+"""CLIP image towers (HF ``CLIPVisionModelWithProjection``): shared by the tiny offline model and HF CLIP.
+
+Features for OTMF are the projected image embedding ``image_embeds`` (before the head's L2
+normalisation). Only the vision transformer (``vision_model.*``) is mergeable; the visual
+projection always comes from the pre-trained model, as in FusionBench's CLIP pools.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.models.base import Backbone
+
+
+class ClipVisionBackbone(Backbone):
+    """A frozen ``CLIPVisionModelWithProjection`` run functionally with merged vision-tower weights."""
+
+    modality = "vision"
+
+    def __init__(self, module: Any, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.module.requires_grad_(False)
+        self._mergeable = [
+            n
+            for n, p in self.module.named_parameters()
+            if n.startswith("vision_model.") and p.is_floating_point()
+        ]
+
+    def mergeable_names(self) -> list[str]:
+        return list(self._mergeable)
+
+    def features(self, params: StateDict, inputs: Tensor) -> Tensor:
+        return self.call(params, pixel_values=inputs).image_embeds

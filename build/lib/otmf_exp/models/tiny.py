@@ -1,0 +1,25 @@
+"""The ``tiny`` backbone kind: the offline digits suite's CLIP image tower, weights and heads from the zoo."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from otmf_exp.data.base import TaskData
+from otmf_exp.models.clip_vision import ClipVisionBackbone
+
+
+class TinyBackbone(ClipVisionBackbone):
+    """The offline suite's backbone: weights and heads come from the zoo cache."""
+
+    def __init__(self, zoo, device: torch.device | str = "cpu") -> None:
+        self.zoo = zoo
+        super().__init__(zoo.pretrained_module(), device)
+        self.name = "tiny"
+
+    def load_finetuned(self, task: str):
+        sd, source = self.zoo.finetuned_state(task)
+        return self.validate_finetuned(task, sd, source)
+
+    def zero_shot_head(self, task: TaskData) -> Tensor:
+        return self.zoo.head(task.name).to(self.device)

@@ -1,0 +1,1 @@
+"""From runs to results: accuracy-matrix metrics, runs as a DataFrame, tables, plots, console summary."""

@@ -1,0 +1,315 @@
+"""The continual loop: for each task, ``method.step``; evaluate every task seen; record; checkpoint.
+
+``run_experiment(cfg, out_dir)`` is the whole experiment; the Hydra entry point (``run.py``)
+only composes the config and calls it. Output contract (in ``out_dir``): ``config.yaml``,
+``steps.jsonl``, ``acc_matrix.csv``, ``metrics.json`` (written last: its presence means the run
+completed), ``run.log``, optional ``merged.safetensors`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from otmf_exp.config import check_run_config, method_config, resolve_order
+from otmf_exp.data import build_task_data
+from otmf_exp.errors import UserError
+from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
+from otmf_exp.models import build_backbone
+from otmf_exp.reporting import metrics
+from otmf_exp.runtime import checkpoint, files
+from otmf_exp.runtime.files import check_writable
+from otmf_exp.runtime.measure import current_memory_mb, measure
+from otmf_exp.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def _attach_log_file(out_dir: Path) -> logging.Handler | None:
+    root = logging.getLogger()
+    path = (out_dir / "run.log").resolve()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+        return None
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(h)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return h
+
+
+class Experiment:
+    """One run: built from a composed config; ``run()`` returns the metrics dict."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        # --- validation before any heavy work ---
+        check_run_config(cfg)
+        self.order = resolve_order(cfg)
+        self.method_cfg = method_config(cfg)
+        check_writable(self.out_dir)
+        (self.out_dir / "metrics.json").unlink(missing_ok=True)  # a stale result must not survive a rerun
+        self.device = resolve_device(cfg.device)
+        self.eval_bs = int(cfg.backbone.batch_size)
+        self.records: list[dict[str, Any]] = []
+        self._step_records: dict[str, Any] = {}
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _record(self, key: str, value: Any) -> None:
+        self._step_records[key] = value
+
+    def _head(self, state: ContinualState, task: str) -> torch.Tensor | None:
+        return state.heads.get(task, self.zero_shot[task])
+
+    def _task(self, i: int, prev: str | None) -> TaskInput:
+        name = self.order[i]
+        weights = self.backbone.load_finetuned(name)
+        if self.cfg.eval_individual and name not in self.individual:
+            self.individual[name] = self.backbone.evaluate(
+                weights, self.zero_shot[name], self.data[name], self.cfg.eval_split, self.eval_bs
+            )
+        return TaskInput(
+            name,
+            i,
+            weights,
+            self.zero_shot[name],
+            self.data[name],
+            self.data[prev] if prev is not None else None,
+            {t: self.data[t] for t in self.order[: i + 1]},
+            owned=True,
+        )
+
+    def _evaluate(self, state: ContinualState, upto: int) -> list[float]:
+        if self.method.evaluates_individually:
+            return [self.individual[t] for t in self.order[: upto + 1]]
+        weights = self.method.merged(state, self.pretrained)
+        with self.method.forward_context(state):  # one task's batches at a time (per-batch routing)
+            return [
+                self.backbone.evaluate(
+                    weights, self._head(state, t), self.data[t], self.cfg.eval_split, self.eval_bs
+                )
+                for t in self.order[: upto + 1]
+            ]
+
+    # ---- the experiment -------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(int(cfg.seed))
+        self.backbone = build_backbone(cfg.backbone, self.device, progress=cfg.progress)
+        self.data = {t: build_task_data(t, cfg.task_seq, self.backbone) for t in self.order}
+        for t, d in self.data.items():
+            if d.size(cfg.eval_split) == 0:
+                raise UserError(f"task {t!r}: split {cfg.eval_split!r} is empty")
+        self.zero_shot = {t: self.backbone.zero_shot_head(self.data[t]) for t in self.order}
+        ctx = MethodContext(
+            self.backbone,
+            self.device,
+            torch.Generator().manual_seed(int(cfg.seed)),
+            progress=cfg.progress,
+            record=self._record,
+            seed=int(cfg.seed),
+        )
+        self.method = METHODS[cfg.method.name](self.method_cfg, ctx, protocol=cfg.protocol)
+        self.pretrained = self.backbone.pretrained_state()
+        self.individual: dict[str, float] = {}
+        self.baseline_memory_mb = current_memory_mb(self.device)  # θ₀, data handles and heads loaded
+
+    def run(self) -> dict[str, Any]:
+        handler = _attach_log_file(self.out_dir)
+        tracker = make_tracker(self.cfg.get("logger"))
+        result = None
+        try:
+            self.setup()
+            files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+            tracker.start(OmegaConf.to_container(self.cfg, resolve=True), str(self.out_dir))
+            t0 = time.perf_counter()
+            if self.cfg.protocol == "continual":
+                matrix, state = self._continual(tracker)
+            else:
+                matrix, state = self._joint(tracker)
+            result = self._finish(matrix, state, time.perf_counter() - t0)
+            return result
+        finally:
+            tracker.finish(result, failed=result is None)
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+    def _continual(self, tracker: Any) -> tuple[list[list[float | None]], ContinualState]:
+        cfg = self.cfg
+        state = self.method.init(self.pretrained)
+        rows: list[list[float]] = []
+        start = 0
+        if cfg.resume:
+            found = checkpoint.load_latest(self.out_dir, self.device)
+            if found is not None:
+                step, tensors, doc = found
+                state, prog = self.method.load_state(step, tensors, doc["scalars"]), doc["progress"]
+                if prog["order"] != self.order or prog["method"] != cfg.method.name:
+                    raise UserError(
+                        f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir"
+                    )
+                rows, self.records, self.individual = prog["rows"], prog["records"], prog["individual"]
+                start = state.step
+                log.info("resuming from step %d of %d", start, len(self.order))
+        if start == 0:  # a fresh run never mixes with another run's checkpoints
+            shutil.rmtree(checkpoint.ckpt_root(self.out_dir), ignore_errors=True)
+        for i in range(start, len(self.order)):
+            seed_everything(int(cfg.seed) * 1000 + i)  # per-step seeding: resumed == uninterrupted
+            self._step_records = {}
+            task = self._task(i, self.order[i - 1] if i > 0 else None)
+            with measure(self.device) as usage:
+                state = self.method.step(state, task, self.pretrained)
+            del task
+            state_mb = state.nbytes() / 2**20
+            t_eval = time.perf_counter()
+            row = self._evaluate(state, i)
+            rows.append(row)
+            rec = {
+                "step": i + 1,
+                "task": self.order[i],
+                "acc": dict(zip(self.order, row)),
+                "avg_acc": sum(row) / len(row),
+                "time_s": usage.wall_s,
+                "eval_time_s": time.perf_counter() - t_eval,
+                "peak_memory_mb": usage.peak_memory_mb,
+                "memory_kind": usage.memory_kind,
+                "state_mb": state_mb,
+                **self._step_records,
+            }
+            self.records.append(rec)
+            files.write_text(
+                self.out_dir / "steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
+            )
+            tracker.log_step(rec)
+            log.info(
+                "step %d/%d %-12s avg acc %.2f (merge %.2fs)",
+                i + 1,
+                len(self.order),
+                self.order[i],
+                rec["avg_acc"],
+                usage.wall_s,
+            )
+            checkpoint.save(
+                self.out_dir,
+                state.step,
+                self.method.state_tensors(state),
+                {
+                    "scalars": state.scalars,
+                    "progress": {
+                        "order": self.order,
+                        "method": cfg.method.name,
+                        "rows": rows,
+                        "records": self.records,
+                        "individual": self.individual,
+                    },
+                },
+                cfg.keep_checkpoints,
+            )
+        matrix = [list(r) + [None] * (len(self.order) - len(r)) for r in rows]
+        return matrix, state
+
+    def _joint(self, tracker: Any) -> tuple[list[list[float | None]], ContinualState]:
+        load_s = 0.0
+
+        def tasks() -> Iterator[TaskInput]:
+            nonlocal load_s
+            for i in range(len(self.order)):
+                t0 = time.perf_counter()
+                task = self._task(i, self.order[i - 1] if i > 0 else None)
+                load_s += time.perf_counter() - t0
+                yield task
+
+        self._step_records = {}
+        with measure(self.device) as usage:
+            state = self.method.joint(self.pretrained, tasks())
+        row = self._evaluate(state, len(self.order) - 1)
+        # time_s = merging only, as in the continual protocol (loading θ_t and the individual
+        # evaluations happen lazily inside the method's task stream and are reported apart)
+        rec = {
+            "step": len(self.order),
+            "task": "joint",
+            "acc": dict(zip(self.order, row)),
+            "avg_acc": sum(row) / len(row),
+            "time_s": usage.wall_s - load_s,
+            "load_time_s": load_s,
+            "peak_memory_mb": usage.peak_memory_mb,
+            "memory_kind": usage.memory_kind,
+            "state_mb": state.nbytes() / 2**20,
+            **self._step_records,
+        }
+        self.records.append(rec)
+        files.write_text(self.out_dir / "steps.jsonl", json.dumps(rec) + "\n")
+        tracker.log_step(rec)
+        return [row], state
+
+    def _finish(self, matrix: list[list[float | None]], state: ContinualState, wall: float) -> dict[str, Any]:
+        cfg = self.cfg
+        final = metrics.final_row(matrix)
+        ind = [self.individual.get(t) for t in self.order]
+        out = {
+            "method": cfg.method.name,
+            "task_seq": cfg.task_seq.name,
+            "backbone": cfg.backbone.name,
+            "protocol": cfg.protocol,
+            "seed": int(cfg.seed),
+            "order": self.order,
+            "alpha": cfg.alpha,
+            "method_config": OmegaConf.to_container(self.method_cfg, resolve=True),
+            "acc": metrics.acc(matrix),
+            "bwt": metrics.bwt(matrix),
+            "normalized_acc": metrics.normalized_acc(matrix, ind) if None not in ind else None,
+            "per_task": dict(zip(self.order, final)),
+            "individual": dict(zip(self.order, ind)),
+            "acc_matrix": matrix,
+            "wall_time_s": wall,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in self.records),
+            "baseline_memory_mb": self.baseline_memory_mb,
+            "state_mb": state.nbytes() / 2**20,
+            "state_growth": self.method.state_growth,
+            "memory_kind": self.records[-1]["memory_kind"],
+            "device": str(self.device),
+        }
+        if cfg.save_merged:
+            from safetensors.torch import save_file
+
+            merged = {k: v.contiguous().cpu() for k, v in self.method.merged(state, self.pretrained).items()}
+            with files.atomic_path(self.out_dir / "merged.safetensors") as tmp:
+                save_file(merged, str(tmp))
+        files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
+        files.write_json(self.out_dir / "metrics.json", out)
+        return out
+
+
+def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run one experiment described by a composed config; returns the metrics dict."""
+    return Experiment(cfg, Path(out_dir)).run()

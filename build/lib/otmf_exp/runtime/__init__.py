@@ -1,0 +1,1 @@
+"""What a run needs besides the methods: checkpoints, atomic file writes, time and memory measurement."""
