@@ -1,1 +1,0 @@
-"""Where models and datasets come from: hub ids resolved to local caches or directories, and prefetch."""

@@ -1,1 +1,0 @@
-"""The embedded offline suite (digits zoo), real-size synthetic stand-ins, and tiny hub-format fixtures."""
