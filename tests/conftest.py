@@ -37,10 +37,10 @@ def make_cfg():
 
 @pytest.fixture(scope="session")
 def zoo():
-    from otmf_exp.offline.zoo import DigitsZoo
+    from otmf_exp.offline.zoo import DigitsZoo, suite_tasks
 
     z = DigitsZoo(progress=False)
-    z.build()
+    z.build(suite_tasks())  # the pre-trained tower + the digits8 tasks (others build on demand)
     return z
 
 

@@ -10,7 +10,7 @@ from otmf_exp.models.clip_vision import ClipVisionBackbone
 
 
 class TinyBackbone(ClipVisionBackbone):
-    """The offline suite's backbone: weights and heads come from the zoo cache."""
+    """The offline suite's backbone: weights and heads come from the zoo (each task's built on first use)."""
 
     def __init__(self, zoo, device: torch.device | str = "cpu") -> None:
         self.zoo = zoo

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TinyRecipe:
-    """Every number that determines the suite; a change invalidates the cache (see ``zoo``)."""
+    """Every number that determines the suite's models; a change invalidates the cache (see ``zoo``)."""
 
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -63,6 +63,13 @@ def make_module(recipe: TinyRecipe):
         num_channels=3,
     )
     return CLIPVisionModelWithProjection(cfg)
+
+
+def load_module(recipe: TinyRecipe, state: dict[str, Tensor]):
+    """A tower of ``recipe``'s shape holding ``state`` (e.g. the cached pre-trained one), eval mode."""
+    model = make_module(recipe)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def _train(

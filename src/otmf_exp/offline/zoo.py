@@ -1,12 +1,20 @@
-"""The offline suite's model zoo: build once, cache, reuse, export.
+"""The offline suite's model zoo: the pre-trained tower once, each task's model on demand, cached.
 
-``python -m otmf_exp.offline.zoo build``  builds (or verifies) the cache;
-``python -m otmf_exp.offline.zoo export DIR`` writes ``pretrained.safetensors``, one ``<task>.safetensors``
-per task (vision-tower state dicts), ``heads.safetensors`` and ``config.json`` (the module config
-and recipe) so other merging tools can run on exactly the same models.
+``python -m otmf_exp.offline.zoo build [--tasks a,b]`` builds (or verifies) the cache;
+``python -m otmf_exp.offline.zoo export DIR [--tasks a,b]`` writes ``pretrained.safetensors``, one
+``<task>.safetensors`` per task (vision-tower state dicts), ``heads.safetensors`` and
+``config.json`` (the module config and recipe) so other merging tools can run on exactly the same
+models. Without ``--tasks``, the tasks of ``conf/task_seq/digits8.yaml``.
 
-The cache lives in ``$OTMF_EXP_CACHE`` (default ``~/.cache/otmf_exp``) under a directory named
-by the hash of the recipe: changing any recipe number builds a new zoo.
+Cache layout, in ``$OTMF_EXP_CACHE`` (default ``~/.cache/otmf_exp``)::
+
+    digits-<recipe hash>/pretrained.safetensors   pre-training depends on the recipe only
+    digits-<recipe hash>/<task>.safetensors       fine-tuned tower + zero-shot head ("head")
+
+A task file stores, in its safetensors metadata, the hash of (recipe, task name, fine-tuning seed,
+digest of the task's training images/labels/class names); a missing or stale file (a changed
+transform, label rule or seed) is rebuilt for that task alone. Every file is written to a temp
+file and moved into place; a file another process published meanwhile is kept, never clobbered.
 """
 
 from __future__ import annotations
@@ -16,123 +24,247 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from otmf_exp.data import digits
+from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
 from otmf_exp.offline import tiny_clip as tiny
-from otmf_exp.runtime.files import atomic_dir
+from otmf_exp.runtime.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+
+HEAD = "head"  # the zero-shot head's name inside a cached task file (never a vision-tower key)
+SUITE = "digits8"  # the task_seq whose task list is the CLI's default
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("OTMF_EXP_CACHE", Path.home() / ".cache" / "otmf_exp"))
 
 
+def suite_tasks(name: str = SUITE) -> list[str]:
+    """The task list of ``conf/task_seq/<name>.yaml`` (the packaged ``otmf_exp.conf``)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    text = (files("otmf_exp.conf") / "task_seq" / f"{name}.yaml").read_text()
+    return [str(t) for t in OmegaConf.create(text).tasks]
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def data_digest(data: TensorTaskData) -> str:
+    """sha256 of a task's training images, labels and class names (what its model is built from)."""
+    x, y = data.splits["train"]
+    h = hashlib.sha256()
+    for t in (x, y):
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    h.update(json.dumps(data.classnames).encode())
+    return h.hexdigest()
+
+
+def stored_key(path: Path) -> str | None:
+    """The key a cached file was built with (``None`` if absent); unreadable -> :class:`UserError`."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("key", "")
+    except Exception as e:  # corrupted file
+        raise UserError(f"cannot read {path}: {e}; delete it to rebuild") from None
+
+
+def publish(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Save ``tensors`` (metadata ``key``) to a temp file beside ``path``, then move it into place;
+    a file with the same key that another process published meanwhile is kept (theirs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": key})
+        try:
+            os.link(tmp, path)  # atomic create; fails if the target exists
+        except FileExistsError:
+            try:
+                theirs = stored_key(path)
+            except UserError:
+                theirs = None
+            if theirs != key:  # a stale or broken file: replace it
+                os.replace(tmp, path)
+        except OSError:  # a file system without hard links
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # corrupted file
+        raise UserError(f"cannot read {path}: {e}; delete it to rebuild {what}") from None
+
+
 class DigitsZoo:
-    """The pre-trained tiny tower, 8 fine-tuned towers and zero-shot heads, cached on disk."""
+    """The pre-trained tiny tower and, per task, a fine-tuned tower and zero-shot head, cached on disk."""
 
     def __init__(
         self, recipe: tiny.TinyRecipe | None = None, root: Path | None = None, progress: bool = True
-    ):
+    ) -> None:
         self.recipe = recipe or tiny.TinyRecipe()
-        key = json.dumps({"recipe": self.recipe.as_dict(), "tasks": digits.DIGITS8}, sort_keys=True)
-        self.hash = hashlib.sha256(key.encode()).hexdigest()[:12]
-        self.dir = (root or cache_root()) / f"digits8-{self.hash}"
+        self.hash = _digest({"recipe": self.recipe.as_dict()})[:12]
+        self.dir = (root or cache_root()) / f"digits-{self.hash}"
         self.progress = progress
-        self._pre = None
-        self._heads = None
+        self._keys: dict[str, str] = {}
+        self._heads: dict[str, torch.Tensor] = {}
 
-    def is_built(self) -> bool:
-        return (self.dir / "DONE").exists()
+    @property
+    def pretrained_path(self) -> Path:
+        return self.dir / "pretrained.safetensors"
 
-    def build(self) -> Path:
-        """Build deterministically into the cache (atomic: a half-built zoo is never visible)."""
-        if self.is_built():
-            return self.dir
+    def task_path(self, task: str) -> Path:
+        return self.dir / f"{task}.safetensors"
+
+    def task_seed(self, task: str) -> int:
+        """Fine-tuning seed: the recipe's seed + the task's offset (explicit, or from its name)."""
+        return self.recipe.seed + digits.finetune_seed_offset(task)
+
+    def task_key(self, task: str) -> str:
+        """Hash of (recipe, task name, fine-tuning seed, training-data digest): the task file's key."""
+        if task not in self._keys:
+            data = digits.build_task(task)
+            parts = {"recipe": self.recipe.as_dict(), "task": task, "seed": self.task_seed(task)}
+            self._keys[task] = _digest({**parts, "data": data_digest(data)})
+        return self._keys[task]
+
+    def _missing(self, tasks: Iterable[str]) -> list[str]:
+        # task_key first: it validates the name (an unknown one is a UserError) before any path use
+        return [t for t in dict.fromkeys(tasks) if self.task_key(t) != stored_key(self.task_path(t))]
+
+    def is_built(self, tasks: Iterable[str] = ()) -> bool:
+        """Whether the pre-trained tower and the models of ``tasks`` are cached and current."""
+        return self.pretrained_path.exists() and not self._missing(tasks)
+
+    def build(self, tasks: Iterable[str] = ()) -> Path:
+        """Build what is missing: the pre-trained tower (once per recipe) and the ``tasks`` not cached."""
         from rich.progress import Progress
 
-        log.info("building the offline digits8 zoo into %s (once)", self.dir)
-        torch.manual_seed(self.recipe.seed)
-        with atomic_dir(self.dir) as tmp, Progress(disable=not self.progress, transient=True) as bar:
-            job = bar.add_task("build digits8 zoo", total=1 + len(digits.DIGITS8))
-            x, y = digits.pretraining_data()
-            model = tiny.pretrain(self.recipe, x, y)
-            pre = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(pre, str(tmp / "pretrained.safetensors"))
-            bar.advance(job)
-            heads = {}
-            for i, task in enumerate(digits.DIGITS8):
-                data = digits.build_task(task)
-                heads[task] = tiny.prototype_head(model, data, self.recipe).contiguous()
-                ft = tiny.finetune(pre, self.recipe, data, heads[task], seed=self.recipe.seed + 1 + i)
-                save_file(ft, str(tmp / f"{task}.safetensors"))
+        todo = self._missing(tasks)
+        pre_missing = not self.pretrained_path.exists()
+        if not todo and not pre_missing:
+            return self.dir
+        log.info("building the offline digits zoo into %s: %s", self.dir, ", ".join(todo) or "pre-trained")
+        with Progress(disable=not self.progress, transient=True) as bar:
+            job = bar.add_task("build digits zoo", total=len(todo) + pre_missing)
+            if pre_missing:
+                bar.update(job, description="build digits zoo: pre-training")
+                x, y = digits.pretraining_data()
+                model = tiny.pretrain(self.recipe, x, y)
+                publish(
+                    self.pretrained_path,
+                    {k: v.contiguous() for k, v in model.state_dict().items()},
+                    self.hash,
+                )
                 bar.advance(job)
-            save_file(heads, str(tmp / "heads.safetensors"))
-            cfg = {
-                "module_config": model.config.to_dict(),
-                "recipe": self.recipe.as_dict(),
-                "tasks": digits.DIGITS8,
-                "hash": self.hash,
-            }
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-            (tmp / "DONE").write_text("ok\n")
+            pre = _load(self.pretrained_path, "the pre-trained tower")
+            for task in todo:
+                bar.update(job, description=f"build digits zoo: {task}")
+                self._build_task(task, pre)
+                bar.advance(job)
         return self.dir
+
+    def _build_task(self, task: str, pre: dict[str, torch.Tensor]) -> None:
+        data = digits.build_task(task)
+        head = tiny.prototype_head(tiny.load_module(self.recipe, pre), data, self.recipe).contiguous()
+        ft = tiny.finetune(pre, self.recipe, data, head, seed=self.task_seed(task))
+        publish(self.task_path(task), {**ft, HEAD: head}, self.task_key(task))
+        self._heads.pop(task, None)
 
     def pretrained_module(self):
         self.build()
-        module = tiny.make_module(self.recipe)
-        module.load_state_dict(load_file(str(self.dir / "pretrained.safetensors")))
-        return module
+        return tiny.load_module(self.recipe, _load(self.pretrained_path, "the pre-trained tower"))
+
+    def _load_task(self, task: str) -> dict[str, torch.Tensor]:
+        self.build([task])
+        path = self.task_path(task)
+        sd = _load(path, f"task {task!r}")
+        if HEAD not in sd:
+            raise UserError(f"{path} has no zero-shot head; delete it to rebuild task {task!r}")
+        self._heads[task] = sd.pop(HEAD)
+        return sd
 
     def finetuned_state(self, task: str) -> tuple[dict[str, torch.Tensor], str]:
-        self.build()
-        path = self.dir / f"{task}.safetensors"
-        if not path.exists():
-            raise UserError(f"no fine-tuned model for task {task!r} in the digits8 zoo ({self.dir})")
-        try:
-            return load_file(str(path)), str(path)
-        except Exception as e:  # corrupted file
-            raise UserError(f"cannot read {path}: {e}; delete {self.dir} to rebuild the zoo") from None
+        """Task ``task``'s fine-tuned vision tower (built on first use) and where it came from."""
+        return self._load_task(task), str(self.task_path(task))
 
     def head(self, task: str) -> torch.Tensor:
-        self.build()
-        if self._heads is None:
-            self._heads = load_file(str(self.dir / "heads.safetensors"))
+        """Task ``task``'s zero-shot head ``[C, D]`` (built on first use)."""
+        if task not in self._heads:
+            self._load_task(task)
         return self._heads[task]
 
-    def export(self, out: Path) -> Path:
-        self.build()
+    def export(self, out: Path, tasks: Iterable[str] | None = None) -> Path:
+        """Write the pre-trained tower, one state dict per task, the heads and ``config.json`` to ``out``."""
+        tasks = list(dict.fromkeys(suite_tasks() if tasks is None else tasks))
+        self.build(tasks)
         out.mkdir(parents=True, exist_ok=True)
-        for f in self.dir.iterdir():
-            if f.suffix in (".safetensors", ".json"):
-                shutil.copy2(f, out / f.name)
+        module = self.pretrained_module()
+        files = {"pretrained": _load(self.pretrained_path, "the pre-trained tower")}
+        files |= {t: self.finetuned_state(t)[0] for t in tasks}
+        files["heads"] = {t: self.head(t) for t in tasks}
+        for name, tensors in files.items():
+            with atomic_path(out / f"{name}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+        cfg = {
+            "module_config": module.config.to_dict(),
+            "recipe": self.recipe.as_dict(),
+            "tasks": tasks,
+            "hash": self.hash,
+            "task_seeds": {t: self.task_seed(t) for t in tasks},
+            "task_keys": {t: self.task_key(t) for t in tasks},
+        }
+        write_json(out / "config.json", cfg)
         return out
+
+
+def _task_list(text: str | None) -> list[str]:
+    if text is None:
+        return suite_tasks()
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks needs at least one task name, e.g. --tasks rot90,flip")
+    return tasks
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otmf_exp.offline.zoo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build the offline digits8 zoo into the cache")
+    tasks_help = f"comma-separated task names (default: the {SUITE} task_seq's tasks)"
+    b = sub.add_parser("build", help="build the pre-trained tower and the tasks' models into the cache")
+    b.add_argument("--tasks", help=tasks_help)
     ex = sub.add_parser("export", help="export the zoo as safetensors state dicts + config.json")
     ex.add_argument("dir", type=Path)
+    ex.add_argument("--tasks", help=tasks_help)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        zoo = DigitsZoo()
-        if args.cmd == "build":
-            print(zoo.build())
-        else:
-            print(zoo.export(args.dir))
+        zoo, tasks = DigitsZoo(), _task_list(args.tasks)
+        result = zoo.build(tasks) if args.cmd == "build" else zoo.export(args.dir, tasks)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    print(result)
     return 0
 
 
