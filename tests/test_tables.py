@@ -90,6 +90,7 @@ def test_runs_dataframe_one_row_per_run(digits_multirun):
         else:
             assert pd.isna(r["method.scaling"])  # averaging has no such field
     assert sorted(df["order_seed"]) == [0, 0, 1, 1]
+    assert df["settings_hash"].nunique() == 4  # two methods x two task orders: four different runs
 
 
 def test_tables_cell_by_cell(digits_multirun, tmp_path):
@@ -212,6 +213,7 @@ def test_duplicates_count_once(digits_multirun, tmp_path):
     shutil.copytree(digits_multirun, tree / "a")
     shutil.copytree(digits_multirun, tree / "b")
     assert len(load_runs([tree])) == 4 and len(load_runs([tree], keep_duplicates=True)) == 8
+    assert set(load_runs([tree], keep_duplicates=True)["settings_hash"].value_counts()) == {2}
     assert set(tables.aggregate(load_runs([tree]))["n"]) == {2}
     assert set(tables.aggregate(load_runs([tree], keep_duplicates=True))["n"]) == {4}
     # the newest copy wins: give one copy of one run another acc and a later mtime
@@ -277,12 +279,13 @@ def test_wandb_export_rows(digits_multirun, tmp_path):
                 assert r[col] == d[col], col
             assert r["order"] == d["order"] and r["task_seq.tasks"] == d["task_seq.tasks"]
             assert r["protocol"] == "continual" and r["eval_split"] == "validation"
+            assert r["settings_hash"] == d["settings_hash"]  # the same run, whatever the source
             for col in [*METRICS, *(c for c in dirs if c.startswith("per_task."))]:
                 assert r[col] == pytest.approx(d[col], rel=1e-12), col
-    js, _ = _exports(digits_multirun, tmp_path)
-    both = load_runs([digits_multirun], wandb_exports=[js])
-    assert len(both) == 4 and set(both["run_dir"]) == set(dirs.index)  # the run dirs win over the export
-    assert len(load_runs([digits_multirun], wandb_exports=[js], keep_duplicates=True)) == 8
+    for export in _exports(digits_multirun, tmp_path):
+        both = load_runs([digits_multirun], wandb_exports=[export])
+        assert len(both) == 4 and set(both["run_dir"]) == set(dirs.index)  # run dirs win over exports
+        assert len(load_runs([digits_multirun], wandb_exports=[export], keep_duplicates=True)) == 8
 
 
 def test_wandb_exports_give_the_same_table(digits_multirun, tmp_path):

@@ -10,7 +10,8 @@ metrics (``acc``, ``bwt``, ``normalized_acc``, ``wall_time_s``, ``peak_memory_mb
 of ``{"name", "config", "summary"}``) gives rows with the same columns; W&B's own columns
 (``Name``, ``State``, ``Created`` ...) become ``wandb.name``, ``wandb.state`` ...
 
-Identical runs (every setting equal, same task order) count once, the newest wins::
+Identical runs (equal ``settings_hash``: every config value but logging / output options, the
+names and the task order) count once, the newest wins::
 
     df = load_runs(["multirun/digits8"])
     df.groupby(["method", "method.alpha"])["acc"].agg(["mean", "std", "count"])
@@ -18,6 +19,7 @@ Identical runs (every setting equal, same task order) count once, the newest win
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,13 +37,13 @@ log = logging.getLogger(__name__)
 METRICS = ("acc", "bwt", "normalized_acc", "wall_time_s", "peak_memory_mb")
 #: the first columns, in this order (the rest follow in the order the sources give them)
 _LEAD = ("run_dir", "method", "task_seq", "backbone", "protocol", "seed", "order_seed", "alpha", *METRICS)
-#: name columns filled from ``<group>.name`` when a source lacks them (W&B exports)
-_NAMES = ("method", "task_seq", "backbone")
-#: columns that describe a result, or where and how a run ran, not a setting: not part of a
-#: run's identity (neither are W&B summary keys, which have a "/": ``per_task/flip``, ``step/acc``)
-_NOT_SETTINGS = {"run_dir", "finished_at", "out_dir", "progress", "resume", "keep_checkpoints"}
-_NOT_SETTINGS |= {"save_merged", "device", "acc_matrix", "memory_kind", *METRICS}
-_NOT_SETTING_PREFIXES = ("per_task.", "individual.", "logger.", "wandb.")
+_LEAD += ("settings_hash",)
+#: what identifies a run besides its config values: the names and the task order it ran
+_IDENTITY = ("method", "task_seq", "backbone", "protocol", "seed", "alpha", "order")
+#: config values that do not change a result (where and how a run was logged, saved, run)
+_NOT_IDENTITY = {"out_dir", "progress", "resume", "keep_checkpoints", "save_merged", "device"}
+#: what the W&B tracker puts in a run's summary, besides ``per_task/<task>`` and ``step/...``
+_SUMMARY = {*METRICS, "order", "acc_matrix"}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,6 +62,28 @@ def is_missing(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """A short hash of a run's settings (config values but logging / output options, names,
+    task order), equal for identical runs: the ``settings_hash`` column, :func:`dedupe`'s key."""
+    plain = {
+        k: v.item() if isinstance(v, np.generic) else v
+        for k, v in settings.items()
+        if not is_missing(v) and k not in _NOT_IDENTITY and not k.startswith(("logger.", "_"))
+    }
+    return hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finish(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Names from ``<group>.name`` where missing, protocol ``continual`` by default, the hash."""
+    for name in ("method", "task_seq", "backbone"):
+        if is_missing(rec.get(name)):
+            rec[name] = rec.get(f"{name}.name")
+    if is_missing(rec.get("protocol")):
+        rec["protocol"] = "continual"
+    rec["settings_hash"] = settings_hash({**settings, **{k: rec.get(k) for k in _IDENTITY}})
+    return rec
+
+
 def _run_record(metrics_file: Path) -> dict[str, Any] | None:
     try:
         m = json.loads(metrics_file.read_text())
@@ -69,6 +93,7 @@ def _run_record(metrics_file: Path) -> dict[str, Any] | None:
     cfg_file = metrics_file.parent / "config.yaml"
     rec = flatten(yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.exists() else {}
     rec.update(flatten(m.pop("method_config", None) or {}, "method."))  # what the method really ran
+    settings = dict(rec)
     for k, v in m.items():
         if isinstance(v, Mapping):
             rec.update(flatten(v, f"{k}."))
@@ -76,7 +101,7 @@ def _run_record(metrics_file: Path) -> dict[str, Any] | None:
             rec[k] = v
     rec["run_dir"] = str(metrics_file.parent)
     rec["finished_at"] = pd.Timestamp(metrics_file.stat().st_mtime, unit="s", tz="UTC")
-    return rec
+    return _finish(rec, settings)
 
 
 def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -94,45 +119,18 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             df[c] = df[c].astype("Int64")
         else:
             df[c] = df[c].infer_objects()
-    for name in _NAMES:
-        if f"{name}.name" in df and name in df:
-            df[name] = df[name].fillna(df[f"{name}.name"])
-        elif f"{name}.name" in df:
-            df[name] = df[f"{name}.name"]
-    if "protocol" not in df:
-        df["protocol"] = "continual"
     lead = [c for c in _LEAD if c in df]
     return df[lead + [c for c in df.columns if c not in lead]]
 
 
-def _key(v: Any) -> str:
-    v = None if is_missing(v) else v.item() if isinstance(v, np.generic) else v
-    return json.dumps(v, sort_keys=True, default=str)
-
-
-def identity(df: pd.DataFrame) -> pd.Series:
-    """A string per run that is equal for runs with the same settings (every config value but
-    logging / output options) and the same task order: the key of :func:`dedupe`."""
-    cols = sorted(
-        c
-        for c in df.columns
-        if c not in _NOT_SETTINGS and "/" not in c and not c.startswith(_NOT_SETTING_PREFIXES)
-    )
-    rows = df[cols].itertuples(index=False) if cols else [()] * len(df)
-    return pd.Series(
-        ["\x1f".join(f"{c}={_key(v)}" for c, v in zip(cols, row)) for row in rows],
-        index=df.index,
-        dtype=object,
-    )
-
-
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:
-    """Identical runs once: the newest (``finished_at``; undated export rows lose) wins."""
+    """Identical runs (equal ``settings_hash``) once: the newest (``finished_at``) wins; an
+    export row, undated, loses to a run dir."""
     if df.empty:
         return df
     when = df["finished_at"] if "finished_at" in df else pd.Series(pd.NaT, index=df.index)
     keep = when.sort_values(kind="stable", na_position="first").index
-    kept = df.loc[keep][~identity(df.loc[keep]).duplicated(keep="last")].sort_index()
+    kept = df.loc[keep][~df.loc[keep, "settings_hash"].duplicated(keep="last")].sort_index()
     if len(kept) < len(df):
         log.info("%d duplicate run(s) (same settings, order and seed) counted once", len(df) - len(kept))
     return kept
@@ -179,7 +177,12 @@ def _value(v: Any) -> Any:
         return s
 
 
-def _export_record(row: dict[str, Any], source: Path) -> dict[str, Any]:
+def _export_record(row: dict[str, Any], source: Path, config: Iterable[str] | None) -> dict[str, Any]:
+    """A run of an export; ``config``: its config keys (JSON), None for a CSV row, whose config
+    columns are the lowercase ones that are not summary values."""
+    if config is None:
+        config = [k for k in row if k[:1].islower() and "/" not in k and k not in _SUMMARY]
+    settings = {k: row.get(k) for k in config}
     rec: dict[str, Any] = {}
     for k, v in row.items():
         if k.startswith("_") or k.startswith("acc_matrix"):  # W&B internals; the matrix is a file ref
@@ -192,7 +195,7 @@ def _export_record(row: dict[str, Any], source: Path) -> dict[str, Any]:
     tasks = [k.split(".", 1)[1] for k in rec if k.startswith("per_task.")]
     rec["order"] = order.split(",") if isinstance(order, str) else list(order or tasks)
     rec["run_dir"] = str(rec.get("wandb.name") or source)
-    return rec
+    return _finish(rec, settings)
 
 
 def load_wandb_export(path: str | Path) -> pd.DataFrame:
@@ -200,19 +203,19 @@ def load_wandb_export(path: str | Path) -> pd.DataFrame:
     e.g. ``method.name``; summary columns ``acc``, ``per_task/<task>``) or a JSON list of
     ``{"name", "config", "summary"}`` objects (see the README for the export)."""
     path = Path(path)
+    rows: list[tuple[dict[str, Any], list[str] | None]] = []
     if path.suffix == ".json":
-        items = json.loads(path.read_text())
-        rows = [
-            {**flatten(it.get("config", {})), **flatten(it.get("summary", {})), "Name": it.get("name")}
-            if "config" in it
-            else it
-            for it in items
-        ]
+        for it in json.loads(path.read_text()):
+            if "config" in it:
+                cfg = flatten(it["config"])
+                rows.append(({**cfg, **flatten(it.get("summary", {})), "Name": it.get("name")}, list(cfg)))
+            else:
+                rows.append((it, None))
     else:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-        rows = [{k: _value(v) for k, v in r.items()} for r in raw.to_dict("records")]
-    keep = [r for r in rows if r.get("State") in (None, "finished") and not is_missing(r.get("acc"))]
-    return _frame([_export_record(r, path) for r in keep])
+        rows = [({k: _value(v) for k, v in r.items()}, None) for r in raw.to_dict("records")]
+    done = [(r, c) for r, c in rows if r.get("State") in (None, "finished") and not is_missing(r.get("acc"))]
+    return _frame([_export_record(r, path, c) for r, c in done])
 
 
 def load_steps(runs: pd.DataFrame) -> pd.DataFrame:
