@@ -8,7 +8,8 @@
 
 Rows are grouped by (protocol, backbone, task_seq, method, varying method_config fields); cells
 are mean ± std over task orders and seeds (n shown), next to the published numbers
-(src/otmf_exp/data/reference_numbers.csv) and the difference. See otmf_exp.reporting.tables.
+(src/otmf_exp/data/reference_numbers.csv) and the difference. The runs are a pandas DataFrame
+(otmf_exp.reporting.runs.load_runs); see otmf_exp.reporting.tables and .render.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import argparse
 import logging
 import sys
 
+import pandas as pd
+
 from otmf_exp.reporting import render, tables
+from otmf_exp.reporting.runs import load_runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,24 +49,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.paths and not args.wandb_export:
         p.error("give run dirs and/or --wandb-export FILE")
-    runs = tables.load_runs(args.paths, keep_duplicates=args.keep_duplicates) if args.paths else []
-    for f in args.wandb_export:
-        runs += tables.load_wandb_export(f)
-    if not runs:
+    runs = load_runs(args.paths, args.wandb_export, keep_duplicates=args.keep_duplicates)
+    if runs.empty:
         print(
             f"error: no completed runs (metrics.json) under {' '.join(args.paths or args.wandb_export)}",
             file=sys.stderr,
         )
         return 2
     reference = tables.load_reference(args.reference)
-    rows = tables.aggregate(runs, reference, by=args.by)
+    summary = tables.aggregate(runs, reference, by=args.by)
     if args.published_only:
-        rows = sorted(rows + tables.reference_only_rows(rows, reference), key=tables.row_order)
-    files = render.write_all(rows, reference, args.out, args.decimals)
+        extra = tables.reference_only_rows(summary, reference)
+        summary = tables.sort_rows(pd.concat([summary, extra], ignore_index=True))
+    files = render.write_all(summary, reference, args.out, args.decimals)
     if not args.quiet:
         print(files["md"].read_text())
     print(
-        f"{len(runs)} runs -> {len(rows)} rows; wrote " + ", ".join(str(f) for f in files.values()),
+        f"{len(runs)} runs -> {len(summary)} rows; wrote " + ", ".join(str(f) for f in files.values()),
         file=sys.stderr,
     )
     return 0

@@ -1,9 +1,13 @@
-"""plot.py: every figure is written as a non-empty PNG of the documented pixel size."""
+"""plot.py: every figure is a non-empty PNG of its documented size; without matplotlib, one line.
+
+Without matplotlib the CLI names ``pip install -e '.[plots]'`` on one line and exits 1."""
 
 from __future__ import annotations
 
 import runpy
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +63,39 @@ def test_no_runs_is_an_error(tmp_path, capsys):
     main = runpy.run_path(str(ROOT / "scripts" / "plot.py"), run_name="plot")["main"]
     assert main([str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "no completed runs" in capsys.readouterr().err
+
+
+def test_per_run_figures_follow_the_runs_dataframe(digits_multirun, tmp_path):
+    """heatmap/forgetting take a row of the runs DataFrame and its rows of load_steps."""
+    from otmf_exp.reporting.runs import load_runs, load_steps
+
+    runs = load_runs([digits_multirun])
+    steps = load_steps(runs)
+    assert len(steps) == 4 * 4 and set(steps["run_dir"]) == set(runs["run_dir"])
+    r = runs.iloc[0]
+    own = steps[steps["run_dir"] == r["run_dir"]]
+    assert list(own["step"]) == [1, 2, 3, 4] and own["avg_acc"].iloc[-1] == r["acc"]
+    for path, size in (
+        (plots.heatmap(r, tmp_path / "h.png"), plots.HEATMAP_SIZE),
+        (plots.forgetting(r, own, tmp_path / "f.png"), plots.CURVE_SIZE),
+    ):
+        assert _png_size(path) == size and _not_blank(path), path
+
+
+def test_plot_without_matplotlib_says_how_to_install(digits_multirun, tmp_path):
+    """``import matplotlib`` fails in the child: one line naming the extra, exit 1, no traceback."""
+    block = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', *sys.argv[1:]]; "
+        f"runpy.run_path({str(ROOT / 'scripts' / 'plot.py')!r}, run_name='__main__')"
+    )
+    out = tmp_path / "plots"
+    proc = subprocess.run(
+        [sys.executable, "-c", block, str(digits_multirun), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e '.[plots]'" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == "" and not out.exists()

@@ -103,6 +103,37 @@ def test_each_multirun_job_has_its_own_offline_run(digits_multirun):
     assert len(names) == 4  # nothing shared between jobs
 
 
+def test_offline_runs_exported_give_the_run_dirs_table(digits_multirun, tmp_path):
+    """What W&B recorded for the multirun, exported as the API's JSON list, loads as the same
+    runs DataFrame rows and the same table as the run dirs (summary ``acc_matrix`` table refs and
+    ``_wandb`` internals left out)."""
+    from otmf_exp.reporting.runs import load_runs, load_wandb_export
+    from otmf_exp.reporting.tables import aggregate
+
+    items = []
+    for f in sorted(digits_multirun.rglob("metrics.json")):
+        (run,) = _offline_runs(f.parent)
+        r = read_offline_run(run)
+        items.append({"name": r["name"], "config": r["config"], "summary": r["summary"]})
+    export = tmp_path / "runs.json"
+    export.write_text(json.dumps(items, default=str))
+    df = load_wandb_export(export)
+    dirs = load_runs([digits_multirun])
+    assert sorted(df["run_dir"]) == sorted(it["name"] for it in items) and len(df) == 4
+    assert not [c for c in df if c.startswith(("_", "acc_matrix"))]
+    key = ["method", "order_seed"]
+    a, b = df.sort_values(key).reset_index(drop=True), dirs.sort_values(key).reset_index(drop=True)
+    for col in ("method", "task_seq", "backbone", "seed", "order_seed", "order", "eval_split"):
+        assert list(a[col]) == list(b[col]), col
+    for col in ("acc", "bwt", "normalized_acc", *(c for c in dirs if c.startswith("per_task."))):
+        assert list(a[col]) == pytest.approx(list(b[col])), col
+    want, got = aggregate(dirs), aggregate(df)
+    assert list(got["method"]) == list(want["method"]) and list(got["n"]) == list(want["n"]) == [2, 2]
+    assert list(got["acc_mean"]) == pytest.approx(list(want["acc_mean"]))
+    assert list(got["bwt_std"]) == pytest.approx(list(want["bwt_std"]))
+    assert len(load_runs([digits_multirun], wandb_exports=[export])) == 4  # the same runs, counted once
+
+
 def test_run_name_keeps_only_experiment_overrides():
     ov = [
         "method=otmf",

@@ -1,24 +1,28 @@
-"""Figures for continual-merging runs (the per-step / forgetting views the OTMF reviewers asked
-for, arXiv 2511.19561): PNGs with matplotlib's Agg backend, fixed pixel sizes.
+"""Figures for continual-merging runs: accuracy heatmaps, forgetting, ACC vs tasks, time/memory.
+
+The per-step / forgetting views the OTMF reviewers asked for (arXiv 2511.19561): PNGs with
+matplotlib's Agg backend, fixed pixel sizes.
 
 - ``heatmap/<run>.png`` (:data:`HEATMAP_SIZE`): the accuracy matrix a[j][i] of one run
   (row = after merging step j, column = task i, blank = not yet seen), values annotated.
 - ``forgetting/<run>.png`` (:data:`CURVE_SIZE`): per-task accuracy over steps of one run, each
   task from the step it was merged in, dashed line = its individual (fine-tuned) accuracy.
 - ``acc_vs_tasks__<block>.png`` (:data:`CURVE_SIZE`): mean accuracy over the seen tasks vs number
-  of tasks merged, one line per method (± std band over orders/seeds), from ``steps.jsonl``.
+  of tasks merged, one line per method (± std band over orders/seeds), from ``steps.jsonl``
+  (:func:`otmf_exp.reporting.runs.load_steps`).
 - ``time_memory__<block>.png`` (:data:`WIDE_SIZE`): merge time, evaluation time and peak memory
   per step, one line per method (mean over runs).
-A block is ``protocol · backbone · task_seq`` as in :mod:`otmf_exp.reporting.tables`.
+A block is ``protocol · backbone · task_seq`` and a line is a row of
+:func:`otmf_exp.reporting.tables.aggregate`; runs come from the DataFrame of
+:func:`otmf_exp.reporting.runs.load_runs`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from otmf_exp.reporting.tables import aggregate, load_runs  # noqa: E402
+from otmf_exp.reporting.runs import load_runs, load_steps  # noqa: E402
+from otmf_exp.reporting.tables import aggregate, py  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +59,12 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")[:150] or "run"
 
 
-def read_steps(run_dir: str | Path) -> list[dict[str, Any]]:
-    f = Path(run_dir) / "steps.jsonl"
-    if not f.exists():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-
-
 def _title(m: dict[str, Any]) -> str:
     return f"{m.get('method')} · {m.get('backbone')} · {m.get('task_seq')} ({m.get('protocol')})"
 
 
-def heatmap(m: dict[str, Any], path: Path) -> Path:
-    """Accuracy matrix of one run (``metrics.json`` dict)."""
+def heatmap(m: Mapping[str, Any], path: Path) -> Path:
+    """Accuracy matrix of one run (a row of the runs DataFrame, or a ``metrics.json`` dict)."""
     order = list(m["order"])
     a = np.array([[np.nan if v is None else v for v in row] for row in m["acc_matrix"]], dtype=float)
     fig, ax = _fig(HEATMAP_SIZE)
@@ -88,7 +87,7 @@ def heatmap(m: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(a.shape[0]), steps)
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after merging step (task added)")
-    bwt = m.get("bwt")
+    bwt = py(m.get("bwt"))
     ax.set_title(
         f"{_title(m)}\nrun {Path(m.get('run_dir', '')).name} · ACC {m['acc']:.1f}"
         + (f" · BWT {bwt:+.1f}" if bwt is not None else "")
@@ -97,17 +96,17 @@ def heatmap(m: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def forgetting(m: dict[str, Any], steps: list[dict[str, Any]], path: Path) -> Path:
-    """Per-task accuracy over continual steps of one run."""
+def forgetting(m: Mapping[str, Any], steps: pd.DataFrame, path: Path) -> Path:
+    """Per-task accuracy over continual steps of one run (its rows of :func:`load_steps`)."""
     order = list(m["order"])
     fig, ax = _fig(CURVE_SIZE)
     colors = plt.get_cmap("tab20" if len(order) > 10 else "tab10")
     for i, t in enumerate(order):
-        xs = [s["step"] for s in steps if t in s.get("acc", {})]
-        ys = [s["acc"][t] for s in steps if t in s.get("acc", {})]
+        seen = steps[["step", f"acc.{t}"]].dropna() if f"acc.{t}" in steps else steps.iloc[:0]
+        xs, ys = seen["step"].tolist(), seen.get(f"acc.{t}", pd.Series(dtype=float)).tolist()
         c = colors(i % colors.N)
         ax.plot(xs, ys, marker="o", ms=3, lw=1.6, color=c, label=t)
-        ind = (m.get("individual") or {}).get(t)
+        ind = py(m.get(f"individual.{t}"))
         if ind is not None and xs:
             ax.hlines(ind, xs[0], len(order), colors=[c], linestyles="dashed", lw=0.8, alpha=0.6)
     ax.set_xlabel("merging step (number of tasks merged)")
@@ -129,17 +128,12 @@ def forgetting(m: dict[str, Any], steps: list[dict[str, Any]], path: Path) -> Pa
     return _save(fig, path)
 
 
-def _series(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    per_step: dict[int, list[float]] = defaultdict(list)
-    for r in runs:
-        for s in r["_steps"]:
-            v = s.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                per_step[int(s["step"])].append(float(v))
-    xs = np.array(sorted(per_step))
-    mean = np.array([np.mean(per_step[x]) for x in xs])
-    std = np.array([np.std(per_step[x], ddof=1) if len(per_step[x]) > 1 else 0.0 for x in xs])
-    return xs, mean, std
+def _series(steps: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: mean and sample std (0 for one run) of ``key`` over the runs in ``steps``."""
+    v = pd.to_numeric(steps[key], errors="coerce") if key in steps else pd.Series(dtype=float)
+    v = v.replace([np.inf, -np.inf], np.nan)
+    stats = v.groupby(steps["step"].astype(int)).agg(["mean", "std"]).dropna(subset=["mean"]).sort_index()
+    return stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].fillna(0.0).to_numpy()
 
 
 _MARKERS = "osD^vP*Xh<>p"
@@ -165,18 +159,20 @@ def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def acc_vs_tasks(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
+def acc_vs_tasks(groups: Mapping[str, pd.DataFrame], title: str, path: Path) -> Path:
+    """One line per label: the steps of its runs (rows of :func:`load_steps`), mean ± std."""
     fig, ax = _fig(CURVE_SIZE)
     tmax = 1
     styles = _styles(list(groups))
-    for label, runs in groups.items():
-        xs, mean, std = _series(runs, "avg_acc")
+    for label, steps in groups.items():
+        xs, mean, std = _series(steps, "avg_acc")
         if len(xs) == 0:
             continue
         tmax = max(tmax, int(xs.max()))
         st = styles[label]
-        ax.plot(xs, mean, ms=4, lw=1.8, label=f"{label} (n={len(runs)})", **st)
-        if len(runs) > 1 and st["ls"] == "-":
+        n = steps["run_dir"].nunique()
+        ax.plot(xs, mean, ms=4, lw=1.8, label=f"{label} (n={n})", **st)
+        if n > 1 and st["ls"] == "-":
             ax.fill_between(xs, mean - std, mean + std, color=st["color"], alpha=0.12)
     ax.set_xlabel("number of tasks merged")
     ax.set_ylabel("average accuracy on the tasks seen so far (%)")
@@ -187,18 +183,20 @@ def acc_vs_tasks(groups: dict[str, list[dict[str, Any]]], title: str, path: Path
     return _save(fig, path)
 
 
-def time_memory(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
+def time_memory(groups: Mapping[str, pd.DataFrame], title: str, path: Path) -> Path:
+    """Merge time, evaluation time and peak memory per step, one line per label (mean)."""
     fig, (ax_t, ax_e, ax_m) = _fig(WIDE_SIZE, ncols=3)
     kind = "memory"
     styles = _styles(list(groups))
     panels = ((ax_t, "time_s"), (ax_e, "eval_time_s"), (ax_m, "peak_memory_mb"))
-    for label, runs in groups.items():
+    for label, steps in groups.items():
         st = {**styles[label], "ls": "-"}
         for ax, key in panels:
-            xs, ys, _ = _series(runs, key)
+            xs, ys, _ = _series(steps, key)
             if len(xs):
                 ax.plot(xs, ys, ms=4, lw=1.6, label=label, **st)
-        kind = next((s.get("memory_kind") for r in runs for s in r["_steps"] if s.get("memory_kind")), kind)
+        kinds = steps["memory_kind"].dropna() if "memory_kind" in steps else []
+        kind = kinds.iloc[0] if len(kinds) else kind
     ax_t.set_yscale("log")
     ax_t.set_ylabel("merge time (s, log scale)")
     ax_t.set_title("Merge time per step")
@@ -214,26 +212,30 @@ def time_memory(groups: dict[str, list[dict[str, Any]]], title: str, path: Path)
     return _save(fig, path)
 
 
-def plot_all(paths: list[str | Path], out_dir: str | Path, per_run_limit: int | None = None) -> list[Path]:
+def plot_all(
+    paths: Iterable[str | Path], out_dir: str | Path, per_run_limit: int | None = None
+) -> list[Path]:
     """Every figure for the runs under ``paths``; ``per_run_limit`` caps heatmaps/forgetting per row."""
     out = Path(out_dir)
     runs = load_runs(paths)
-    for r in runs:
-        r["_steps"] = read_steps(r["run_dir"])
-    rows = aggregate(runs)
-    by_dir = {r["run_dir"]: r for r in runs}
+    if runs.empty:
+        return []
+    steps = load_steps(runs)
+    by_dir = runs.set_index("run_dir", drop=False)
     written: list[Path] = []
-    blocks: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(dict)
-    for row in rows:
+    blocks: dict[str, dict[str, pd.DataFrame]] = defaultdict(dict)
+    for _, row in aggregate(runs).iterrows():
         label = row["method"] if not row["variant"] else f"{row['method']} ({row['variant']})"
-        members = [by_dir[d] for d in row["run_dirs"]]
-        blocks[f"{row['protocol']} · {row['backbone']} · {row['task_seq']}"][label] = members
-        for m in members[: per_run_limit or None]:
-            rd = Path(m["run_dir"])
+        blocks[f"{row['protocol']} · {row['backbone']} · {row['task_seq']}"][label] = steps[
+            steps["run_dir"].isin(row["run_dirs"])
+        ]
+        for run_dir in row["run_dirs"][: per_run_limit or None]:
+            m, rd = by_dir.loc[run_dir], Path(run_dir)
             name = _slug(f"{label}__{rd.parent.name}_{rd.name}")
             written.append(heatmap(m, out / "heatmap" / f"{name}.png"))
-            if m.get("protocol") == "continual" and m["_steps"]:
-                written.append(forgetting(m, m["_steps"], out / "forgetting" / f"{name}.png"))
+            run_steps = steps[steps["run_dir"] == run_dir]
+            if m.get("protocol") == "continual" and not run_steps.empty:
+                written.append(forgetting(m, run_steps, out / "forgetting" / f"{name}.png"))
     for title, groups in blocks.items():
         slug = _slug(title.replace(" · ", "__"))
         written.append(acc_vs_tasks(groups, title, out / f"acc_vs_tasks__{slug}.png"))
