@@ -19,7 +19,7 @@ from otmf_exp.errors import UserError
 @dataclass
 class BackboneConfig:
     name: str = MISSING
-    #: tiny | hf_clip | open_clip | hf_t5 (see ``models.BACKBONES``)
+    #: tiny | hf_clip | open_clip | hf_t5 | synthetic (see ``models.BACKBONES``)
     kind: str = MISSING
     #: hub id of the pre-trained model (e.g. openai/clip-vit-base-patch32)
     model_id: str | None = None
@@ -45,16 +45,20 @@ class BackboneConfig:
     #: text-to-text models: answer length for evaluation (greedy generate) and prompt truncation
     max_new_tokens: int = 10
     max_input_length: int = 512
+    #: synthetic (benchmark stand-in): θ_t = θ₀ + noise · N(0, 1), seeded per task
+    noise: float = 1e-3
 
 
 @dataclass
 class TaskSeqConfig:
     name: str = MISSING
-    #: digits | hf_vision | glue (see ``data.TASK_KINDS``)
+    #: digits | hf_vision | glue | synthetic (see ``data.TASK_KINDS``)
     kind: str = MISSING
     tasks: list[str] = field(default_factory=list)
     #: a local directory replacing the hub for datasets (``<local_dir>/<dataset id>``)
     local_dir: str | None = None
+    #: synthetic (benchmark stand-in): examples per split, e.g. {train: 64, validation: 16, test: 64}
+    split_sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from otmf_exp.config import check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import UserError
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
+from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone
 from otmf_exp.reporting import metrics
 from otmf_exp.runtime import checkpoint, files
@@ -294,6 +295,7 @@ class Experiment:
             "wall_time_s": wall,
             "peak_memory_mb": max(r["peak_memory_mb"] for r in self.records),
             "baseline_memory_mb": self.baseline_memory_mb,
+            "model_mb": num_bytes(self.pretrained) / 2**20,
             "state_mb": state.nbytes() / 2**20,
             "state_growth": self.method.state_growth,
             "memory_kind": self.records[-1]["memory_kind"],

@@ -27,10 +27,19 @@ def _glue(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
     return build_glue_task(task, seq_cfg, backbone)
 
 
+def _synthetic(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+
+    if not isinstance(backbone, SyntheticBackbone):
+        raise UserError("task_seq kind 'synthetic' needs backbone=synthetic (random images sized for its tower)")
+    return backbone.task_data(task, dict(seq_cfg.split_sizes) or None)
+
+
 TASK_KINDS: dict[str, Callable[[str, Any, Any], TaskData]] = {
     "digits": _digits,
     "hf_vision": _hf_vision,
     "glue": _glue,
+    "synthetic": _synthetic,
 }
 
 

@@ -46,11 +46,20 @@ def _hf_t5(cfg: Any, device: torch.device, progress: bool) -> Backbone:
     return T5Backbone(cfg, device)
 
 
+def _synthetic(cfg: Any, device: torch.device, progress: bool) -> Backbone:
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticBackbone
+
+    if cfg.arch not in ARCHS:
+        raise UserError(f"backbone.arch={cfg.arch!r} is not a synthetic architecture; known: {sorted(ARCHS)}")
+    return SyntheticBackbone(cfg.arch, device, noise=float(cfg.noise), autocast=cfg.autocast)
+
+
 BACKBONES: dict[str, Callable[[Any, torch.device, bool], Backbone]] = {
     "tiny": _tiny,
     "hf_clip": _hf_clip,
     "open_clip": _open_clip,
     "hf_t5": _hf_t5,
+    "synthetic": _synthetic,
 }
 
 
