@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="update benchmarks.json in --out with what this run measures (same machine and mode only)",
     )
+    ap.add_argument(
+        "--fusionbench-python",
+        default=None,
+        help="opcm part: a Python with fusion-bench==0.2.33 installed, to run FusionBench's own OPCM on the "
+        "same towers (e.g. a venv made with `pip install fusion-bench==0.2.33 'transformers<5' 'datasets<4'`)",
+    )
     return ap
 
 
@@ -87,6 +93,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
         raise _BadArgs("--device cuda but CUDA is not available; use --device cpu")
     if args.autocast not in ("float32", "bfloat16", "float16"):
         raise _BadArgs(f"--autocast must be float32, bfloat16 or float16, got {args.autocast!r}")
+    fb = args.fusionbench_python
+    if fb and not (Path(fb).is_file() and os.access(fb, os.X_OK)):
+        raise _BadArgs(f"--fusionbench-python {fb} is not an executable file")
     return parts, device
 
 
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": pl,
         "machine": machine(device),
     }
-    res |= measure(parts, base, pl, runs_step, runs_flat, args.steps, log)
+    res |= measure(parts, base, pl, runs_step, runs_flat, args.steps, log, args.fusionbench_python)
     if model_mb(res) is not None:
         res["model_mb"] = model_mb(res)
     out = Path(args.out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-PARTS = ("step", "flat", "ratio", "eval", "e2e")
+PARTS = ("step", "flat", "ratio", "opcm", "eval", "e2e")
+#: OPCM SVD precisions compared in the opcm part (float64 = the exact reference)
+OPCM_SVD = ("float64", "float32", "auto")
 #: joint task-wise AdaMerging runs of the ratio part: the FusionBench implementation (the paper's
 #: comparator; the memory target is against it) and our default, which backpropagates per task
 JOINT = {
@@ -17,6 +19,9 @@ TARGETS = {
     "otmf_vs_continual_adamerging_time": 1.5,
     "eval_vs_raw_forward": 0.9,
     "default_run_warm_s": 120.0,
+    "opcm_vs_fusionbench_time": 1.0,
+    "opcm_vs_fusionbench_memory": 1.0,
+    "opcm_max_abs_diff_vs_float64": 1e-5,
 }
 
 

@@ -63,12 +63,30 @@ def summarise(res: dict) -> dict:
         r["eval_vs_raw_forward"] = res["eval"]["evaluate_per_s"] / res["eval"]["raw_per_s"]
     if "e2e" in res:
         r["default_run_warm_s"] = res["e2e"]["warm"]["wall_s"]
+    r |= _opcm_ratios(res.get("opcm"))
     checks = {}
     for key, target in TARGETS.items():
         if key in r:
             ok = r[key] >= target if key == "eval_vs_raw_forward" else r[key] <= target
             checks[key] = {"value": r[key], "target": target, "met": ok}
     return {"ratios": r, "targets": checks}
+
+
+def _merge_time(rows: dict) -> float:
+    """Merge time of steps 2..T (step 1 only copies τ₁), as FusionBench's "merging model" profile."""
+    return sum(s["wall_s"] for s in rows["steps"] if s["step"] >= 2)
+
+
+def _opcm_ratios(opcm: dict | None) -> dict:
+    if not opcm:
+        return {}
+    auto = opcm["settings"]["auto"]
+    r = {"opcm_max_abs_diff_vs_float64": auto["max_abs_diff_vs_float64"]}
+    fb = opcm.get("fusionbench")
+    if fb:
+        r["opcm_vs_fusionbench_time"] = _merge_time(auto) / fb["merge_s"]
+        r["opcm_vs_fusionbench_memory"] = max(s["peak_mb"] for s in auto["steps"]) / fb["peak_mb"]
+    return r
 
 
 def merge_into(path: Path, new: dict) -> dict:
@@ -97,7 +115,7 @@ def merge_into(path: Path, new: dict) -> dict:
     for part in ("step", "flat", "ratio"):
         if part in new:
             old[part] = {**old.get(part, {}), **new[part]}
-    for part in ("eval", "e2e"):
+    for part in ("opcm", "eval", "e2e"):
         if part in new:
             old[part] = new[part]
     old["command"] = f"{old['command']}; then {new['command']}"
@@ -111,7 +129,7 @@ def _fmt(x, nd=2):
 
 def _table(rows: list[dict]) -> list[str]:
     """A markdown table (pandas ``to_markdown``) from rows of already formatted cells."""
-    return [pd.DataFrame(rows).to_markdown(index=False)]
+    return [pd.DataFrame(rows).astype(str).to_markdown(index=False, disable_numparse=True)]
 
 
 TARGET_NAMES = {
@@ -120,6 +138,9 @@ TARGET_NAMES = {
     "otmf_vs_continual_adamerging_time": "OTMF step time / continual AdaMerging step (equal iterations, batch)",
     "eval_vs_raw_forward": "evaluate throughput / raw forward throughput",
     "default_run_warm_s": "default offline run, warm (s)",
+    "opcm_vs_fusionbench_time": "OPCM (svd auto) merge time / FusionBench 0.2.33 OPCM, 3 steps",
+    "opcm_vs_fusionbench_memory": "OPCM (svd auto) peak memory / FusionBench 0.2.33 OPCM, 3 steps",
+    "opcm_max_abs_diff_vs_float64": "OPCM (svd auto) max abs weight difference vs the float64 result, 3 steps",
 }
 INFO_RATIOS = {
     "otmf_vs_joint_adamerging_memory_above_baseline": "same, memory above the process baseline",
@@ -156,7 +177,7 @@ def _targets(res: dict) -> list[str]:
     rows = [
         {
             "target": TARGET_NAMES[key],
-            "value": _fmt(c["value"]),
+            "value": _fmt(c["value"]) if abs(c["value"]) >= 1e-2 else f"{c['value']:.2e}",
             "limit": f"{'≥' if key == 'eval_vs_raw_forward' else '≤'} {c['target']}",
             "met": "yes" if c["met"] else "**no**",
         }
@@ -283,12 +304,53 @@ def _e2e_section(res: dict) -> list[str]:
     return ["", "## 5. Default offline run (`python -m otmf_exp.run`)", "", *_table(rows)]
 
 
+def _opcm_section(res: dict) -> list[str]:
+    o = res["opcm"]
+    rows = [
+        {
+            "run": f"ours, svd_dtype={svd}",
+            "merge time steps 2-3 (s)": _fmt(_merge_time(r)),
+            "peak (MB)": _fmt(max(s["peak_mb"] for s in r["steps"]), 0),
+            "max abs diff vs float64": f"{r['max_abs_diff_vs_float64']:.2e}",
+        }
+        for svd, r in o["settings"].items()
+    ]
+    fb = o.get("fusionbench")
+    if fb:
+        rows.append(
+            {
+                "run": "FusionBench 0.2.33 OPCMForCLIP (float32 full SVD)",
+                "merge time steps 2-3 (s)": _fmt(fb["merge_s"]),
+                "peak (MB)": _fmt(fb["peak_mb"], 0),
+                "max abs diff vs float64": "—",
+            }
+        )
+    note = (
+        "FusionBench was not run (pass --fusionbench-python PYTHON, an environment with "
+        "fusion-bench==0.2.33)."
+        if not fb
+        else "FusionBench: its own `merging model` profile; peak RSS of its process during `run()` (loading "
+        "its checkpoints included, as in a real run). Ours: `time_s` of steps 2-3, max `peak_memory_mb`."
+    )
+    return [
+        "",
+        "## 6. OPCM precision and FusionBench",
+        "",
+        "3 continual steps, α 0.5, same towers on both sides.",
+        "",
+        *_table(rows),
+        "",
+        note,
+    ]
+
+
 SECTIONS = {
     "step": _step_section,
     "flat": _flat_section,
     "ratio": _ratio_section,
     "eval": _eval_section,
     "e2e": _e2e_section,
+    "opcm": _opcm_section,
 }
 
 

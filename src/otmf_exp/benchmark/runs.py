@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ def run_overrides(spec: dict, out_dir: Path) -> list[str]:
         "progress=false",
         f"out_dir={out_dir}",
     ]
+    if spec.get("merged_to"):
+        ovr.append("save_merged=true")
     return ovr + [f"method.{k}={v}" for k, v in spec["overrides"].items()]
 
 
@@ -74,6 +77,8 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
             )
         m = json.loads((out / "metrics.json").read_text())
         records = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        if spec.get("merged_to"):
+            shutil.copy2(out / "merged.safetensors", spec["merged_to"])
     steps = [
         {
             "step": r["step"],
@@ -92,6 +97,23 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
         "state_growth": m["state_growth"],
         "steps": steps,
     }
+
+
+def run_fusionbench(spec: dict, python: str, log: Callable[[str], None]) -> dict:
+    """FusionBench's own OPCM on the same synthetic towers, with ``python`` (an env with fusion-bench)."""
+    import otmf_exp
+
+    env = _env(spec)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(otmf_exp.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [python, "-m", "otmf_exp.benchmark.fusionbench", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: the FusionBench OPCM run failed ({last}); rerun it: {shlex.join(cmd)}")
+    log(f"fusionbench opcm: {time.perf_counter() - t0:.0f}s")
+    return json.loads(lines[-1][len(MARK) :])
 
 
 def run_throughput(spec: dict, log: Callable[[str], None]) -> dict:

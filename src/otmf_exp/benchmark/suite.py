@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from otmf_exp.benchmark.plan import JOINT
-from otmf_exp.benchmark.runs import e2e, run_method, run_throughput
+from otmf_exp.benchmark.plan import JOINT, OPCM_SVD
+from otmf_exp.benchmark.runs import e2e, run_fusionbench, run_method, run_throughput
 
 Runs = dict[str, tuple[str, dict]]
 #: the step-part rows the ratio part needs when the step part itself is not asked for
@@ -23,6 +25,35 @@ def _continual(base: dict, runs: Runs, tasks: int, what: str, log: Callable[[str
     }
 
 
+def _opcm(base: dict, fusionbench_python: str | None, log: Callable[[str], None]) -> dict:
+    """OPCM over 3 continual steps in each SVD precision, max |Δw| of the merged weights against
+    float64, and FusionBench 0.2.33's OPCM on the same towers when ``fusionbench_python`` is given."""
+    from safetensors.torch import load_file
+
+    out: dict = {"settings": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = {}
+        for svd in OPCM_SVD:
+            path = Path(tmp) / f"{svd}.safetensors"
+            spec = base | {
+                "kind": "continual",
+                "label": f"opcm svd_dtype={svd}",
+                "method": "opcm",
+                "overrides": {"svd_dtype": svd},
+                "tasks": 3,
+                "merged_to": str(path),
+            }
+            out["settings"][svd] = run_method(spec, log)
+            merged[svd] = load_file(str(path))
+        for svd in OPCM_SVD:
+            out["settings"][svd]["max_abs_diff_vs_float64"] = max(
+                float((merged[svd][k] - merged["float64"][k]).abs().max()) for k in merged["float64"]
+            )
+    if fusionbench_python:
+        out["fusionbench"] = run_fusionbench(base | {"tasks": 3, "alpha": 0.5}, fusionbench_python, log)
+    return out
+
+
 def measure(
     parts: list[str],
     base: dict,
@@ -31,6 +62,7 @@ def measure(
     runs_flat: Runs,
     steps: int,
     log: Callable[[str], None],
+    fusionbench_python: str | None = None,
 ) -> dict:
     """Run every part in ``parts``; returns ``{part: results}`` (step, flat, ratio: per table row)."""
     res: dict = {}
@@ -55,6 +87,8 @@ def measure(
             )
             for label, mode in JOINT.items()
         }
+    if "opcm" in parts:
+        res["opcm"] = _opcm(base, fusionbench_python, log)
     if "eval" in parts:
         res["eval"] = run_throughput(base | {"kind": "eval", "label": "eval"}, log)
     if "e2e" in parts:
@@ -69,4 +103,6 @@ def model_mb(res: dict) -> float | None:
     for group in ("step", "flat", "ratio"):
         for rows in res.get(group, {}).values():
             return rows["model_mb"]
+    if "opcm" in res:
+        return res["opcm"]["settings"]["float64"]["model_mb"]
     return None
