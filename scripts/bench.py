@@ -144,7 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         "plan": pl,
         "machine": machine(device),
     }
-    res |= measure(parts, base, pl, runs_step, runs_flat, args.steps, log, args.fusionbench_python)
+    partial = Path(args.out) / "benchmarks.partial.json"
+
+    def save_partial(done: dict) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(res | done, indent=1) + "\n")
+
+    res |= measure(
+        parts, base, pl, runs_step, runs_flat, args.steps, log, args.fusionbench_python, save_partial
+    )
+    partial.unlink(missing_ok=True)
     if model_mb(res) is not None:
         res["model_mb"] = model_mb(res)
     out = Path(args.out)

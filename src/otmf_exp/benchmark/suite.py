@@ -63,14 +63,19 @@ def measure(
     steps: int,
     log: Callable[[str], None],
     fusionbench_python: str | None = None,
+    on_part: Callable[[dict], None] = lambda res: None,
 ) -> dict:
-    """Run every part in ``parts``; returns ``{part: results}`` (step, flat, ratio: per table row)."""
+    """Run every part in ``parts``; returns ``{part: results}`` (step, flat, ratio: per table row).
+    ``on_part(results so far)`` is called after each part (the CLI saves them, so a run cut short
+    keeps what it measured)."""
     res: dict = {}
     if "step" in parts or "ratio" in parts:
         wanted = runs_step if "step" in parts else {k: v for k, v in runs_step.items() if k in RATIO_ROWS}
         res["step"] = _continual(base, wanted, 3, "step", log)
+        on_part(res)
     if "flat" in parts:
         res["flat"] = _continual(base, runs_flat, steps, "flat", log)
+        on_part(res)
     if "ratio" in parts:
         joint = {"granularity": "task", "steps": plan["iterations_flat"]}
         res["ratio"] = {
@@ -87,12 +92,16 @@ def measure(
             )
             for label, mode in JOINT.items()
         }
+        on_part(res)
     if "opcm" in parts:
         res["opcm"] = _opcm(base, fusionbench_python, log)
+        on_part(res)
     if "eval" in parts:
         res["eval"] = run_throughput(base | {"kind": "eval", "label": "eval"}, log)
+        on_part(res)
     if "e2e" in parts:
         res["e2e"] = e2e(log)
+        on_part(res)
     return res
 
 
