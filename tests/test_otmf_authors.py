@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.head_tuning import FeatureStream, train_head
-from otmf_exp.merging.ot_fusion import FusionStep, Masks, exact_quantiles, own_match, transport_plan
+from otmf_exp.merging.ot_diagnostics import exact_quantiles, own_match, transport_plan
+from otmf_exp.merging.ot_fusion import FusionStep, Masks
 from otmf_exp.merging.otmf import OTMF, OTMFConfig
 from otmf_exp.models.base import head_logits
 from otmf_exp.runtime import checkpoint
@@ -84,6 +85,9 @@ def test_exact_quantiles_match_torch_and_have_no_size_limit():
     q = torch.tensor([0.01, 0.5, 0.99])
     assert exact_quantiles(ts) == pytest.approx(torch.quantile(flat, q).tolist(), abs=1e-6)
     assert exact_quantiles([torch.tensor(2.0), torch.tensor(4.0)], (0.0, 0.5, 1.0)) == [2.0, 3.0, 4.0]
+    assert exact_quantiles([torch.full((10,), -2.5)]) == [-2.5] * 3  # all tied, negative
+    signed = [torch.tensor([-0.0, 0.0, -0.25, 0.25, -3.0, 7.0])]
+    assert exact_quantiles(signed, (0.0, 0.2, 0.5, 1.0)) == [-3.0, -0.25, 0.0, 7.0]
     big = [
         torch.rand(1 << 23, generator=g),
         torch.rand((1 << 23) + 7, generator=g),

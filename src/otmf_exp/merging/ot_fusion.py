@@ -9,16 +9,16 @@ functional forward) and cached frozen teachers' features on the same images: the
 
 Selection (``select=authors``, the authors' src/tasks/shortest_route_mask.py): one best loss over
 both sides; after each iteration's optimiser step, if that iteration's loss is the lowest so far,
-both masks are saved as they are after the step. Diagnostics per step: quantiles of each mask
-(:func:`exact_quantiles`), the selected iteration and its loss, and per side the fraction of
-student points whose largest transport mass goes to their own teacher image (:func:`own_match`).
+both masks are saved as they are after the step. Diagnostics per step (``merging/ot_diagnostics.py``):
+quantiles of each mask, the selected iteration and its loss, and per side the fraction of student
+points whose largest transport mass goes to their own teacher image.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
+from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, own_match, transport_plan
 from otmf_exp.merging.task_vectors import StateDict, apply
 
 
@@ -88,59 +89,6 @@ class Masks:
     def free_grads(self) -> None:
         for r in self.raw.values():
             r.grad = None
-
-
-#: mask quantiles recorded per step (``mask_quantiles`` in steps.jsonl)
-QUANTILES = (0.01, 0.5, 0.99)
-
-
-def exact_quantiles(tensors: Iterable[Tensor], qs: Sequence[float] = QUANTILES) -> list[float]:
-    """Quantiles ``qs`` (linear interpolation, as ``torch.quantile``) of every entry of ``tensors``
-    together, exactly and without ``torch.quantile``'s input-size limit: one float32 flat copy on
-    the tensors' device (a ViT-B/32 mask: 87 M entries, 350 MB), then selection of the needed ranks
-    (numpy's introselect for all ranks in one call on CPU, ``kthvalue`` per rank on an accelerator)."""
-    ts = [t.detach() for t in tensors]
-    n = sum(t.numel() for t in ts)
-    if n == 0:
-        return [float("nan")] * len(qs)
-    flat = torch.empty(n, dtype=torch.float32, device=ts[0].device)
-    offset = 0
-    for t in ts:
-        flat[offset : offset + t.numel()].copy_(t.reshape(-1))
-        offset += t.numel()
-    pos = [q * (n - 1) for q in qs]
-    ranks = sorted({math.floor(p) for p in pos} | {math.ceil(p) for p in pos})
-    if flat.device.type == "cpu":
-        a = flat.numpy()
-        a.partition(ranks)  # in place: every listed rank lands in its sorted position
-        val = {r: float(a[r]) for r in ranks}
-    else:
-        val = {r: float(flat.kthvalue(r + 1).values) for r in ranks}
-    del flat
-    return [val[math.floor(p)] + (p - math.floor(p)) * (val[math.ceil(p)] - val[math.floor(p)]) for p in pos]
-
-
-def transport_plan(x: Tensor, y: Tensor, *, p: int, blur: float, scaling: float) -> Tensor:
-    """Entropic OT plan ``[N, M]`` between uniform point clouds ``x [N, D]`` and ``y [M, D]``, from
-    geomloss' raw (not debiased) dual potentials F, G: π_ij = a_i·b_j·exp((F_i + G_j − C_ij)/ε) with
-    C = |x−y|^p / p and ε = blur^p (geomloss' conventions). Rows sum to 1/N, columns to 1/M."""
-    from geomloss import SamplesLoss
-
-    x, y = x.detach().float(), y.detach().float()
-    solver = SamplesLoss(
-        "sinkhorn", p=p, blur=blur, scaling=scaling, debias=False, potentials=True, backend="tensorized"
-    )
-    f, g = (v.reshape(-1) for v in solver(x, y))  # geomloss 0.3 returns [1, N] for unbatched clouds
-    diff = x[:, None, :] - y[None, :, :]
-    cost = (diff**2).sum(-1) / 2 if p == 2 else diff.norm(dim=-1)
-    log_ab = -math.log(len(x)) - math.log(len(y))
-    return torch.exp((f[:, None] + g[None, :] - cost) / blur**p + log_ab)
-
-
-def own_match(plan: Tensor) -> float:
-    """Fraction of rows i (student points) whose largest transport mass goes to column i (the
-    teacher's features of the same image): 1 = the plan pairs every image with itself."""
-    return float((plan.argmax(1) == torch.arange(len(plan), device=plan.device)).float().mean())
 
 
 def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
