@@ -1,7 +1,10 @@
 """Bounded memory as properties (timings live in scripts/bench.py, not here).
 
 For every method with a continual protocol, on the synthetic tiny CLIP tower:
-  * the carried state's weight-sized part is exactly one task vector at every step (does not grow with T);
+  * ``constant`` methods: the carried state's weight-sized part is exactly one task vector at every
+    step and its other tensors do not grow with T;
+  * ``per_task`` methods (MINGLE): the carried tensors grow at every step by exactly what the method
+    declares (``state_growth_bytes``), and hold no full task vector;
   * per-task extras are one head per task seen and O(1) scalars per task;
   * a step keeps no reference to the task's fine-tuned weights (no θ_t survives its step).
 """
@@ -28,6 +31,7 @@ FAST = {
         "method.eval_batches=1",
         "method.head_tuning.steps=2",
     ],
+    "mingle": ["method.max_steps=2", "method.batch_size=4"],
 }
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols and n != "individual")
 T = 6
@@ -41,7 +45,7 @@ def backbone():
 
 
 @pytest.mark.parametrize("name", CONTINUAL)
-def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
+def test_carried_state_grows_only_as_declared(name, backbone, make_cfg):
     bb = backbone
     cfg = method_config(make_cfg(f"method={name}", *FAST.get(name, [])))
     method = METHODS[name](
@@ -55,6 +59,10 @@ def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
     datas = {n: bb.task_data(n, sizes) for n in names}
     state = method.init(pre)
     w = num_bytes(pre)
+    growth = method.state_growth_bytes(pre)
+    constant = METHODS[name].state_growth == "constant"
+    assert (growth == 0) == constant, f"{name}: declares {METHODS[name].state_growth} growth of {growth} B"
+    carried = [num_bytes(state.merged) + num_bytes(state.extra)]
     head_bytes = 10 * (16 + 1) * 4  # 10 classes x (projection dim 16 + a tuned bias column), float32
     scalar_sizes = []
     for i, n in enumerate(names):
@@ -76,10 +84,18 @@ def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
             f"{name} keeps the fine-tuned weights of step {i + 1} alive"
         )
         assert state.step == i + 1
-        assert set(state.merged) == set(pre)
-        assert num_bytes(state.merged) == w, (
-            f"{name}: merged state is not exactly one task vector at step {i + 1}"
-        )
+        carried.append(num_bytes(state.merged) + num_bytes(state.extra))
+        if constant:
+            assert set(state.merged) == set(pre)
+            assert num_bytes(state.merged) == w, (
+                f"{name}: merged state is not exactly one task vector at step {i + 1}"
+            )
+            assert num_bytes(state.extra) == carried[1] - w, f"{name}: extra tensors grow at step {i + 1}"
+        else:
+            assert carried[-1] - carried[-2] == growth, (
+                f"{name}: state grew by {carried[-1] - carried[-2]} B at step {i + 1}, declared {growth} B"
+            )
+            assert num_bytes(state.merged) < w  # the growing part is not a stack of task vectors
         assert len(state.heads) <= i + 1
         assert all(h.numel() * h.element_size() <= head_bytes for h in state.heads.values())
         scalar_sizes.append(len(json.dumps(state.scalars)))

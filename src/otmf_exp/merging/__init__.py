@@ -12,6 +12,7 @@ from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
+from otmf_exp.merging.mingle import MINGLE
 from otmf_exp.merging.opcm import OPCM
 from otmf_exp.merging.otmf import OTMF
 from otmf_exp.merging.pretrained import Pretrained
@@ -28,6 +29,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "magmax": MagMax,
     "opcm": OPCM,
     "otmf": OTMF,
+    "mingle": MINGLE,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

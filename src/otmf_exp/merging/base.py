@@ -195,6 +195,12 @@ class MergeMethod(ABC):
         before any heavy work. Default: nothing beyond the schema's types."""
         return None
 
+    def state_growth_bytes(self, pretrained: StateDict) -> int:
+        """Bytes the carried state's tensors (heads excluded) grow by with each task, for
+        ``self.ctx.backbone``: 0 for ``constant`` methods; a ``per_task`` method computes it from the
+        shapes it adds to (the bounded-memory test checks the measured growth equals it)."""
+        return 0
+
     # ---- the protocols ----------------------------------------------------------------------------
     def init(self, pretrained: StateDict) -> ContinualState:
         """The state before the first task: τᵐ = 0."""

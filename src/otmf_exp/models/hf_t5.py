@@ -130,6 +130,40 @@ class T5Backbone(Backbone):
             raise UserError(f"task {data.name!r}: split {split!r} is empty; nothing to evaluate")
         return score(preds, targets, getattr(data, "metric", "exact_match"))
 
+    # ---- token-level helpers (MINGLE's test-time adaptation: teacher answers, per-token logits) -----
+    @torch.no_grad()
+    def generate_ids(self, params: StateDict, inputs: dict[str, Tensor], max_new_tokens: int) -> Tensor:
+        """Greedy answer tokens ``[B, L]`` (starting with the decoder start token, pad after EOS)."""
+        with swapped_parameters(self.module, params), autocast_context(self.device, self.autocast):
+            return self.module.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
+
+    def target_ids(self, targets: list[str]) -> Tensor:
+        """Label texts tokenized (EOS appended), right-padded with the pad token: ``[B, L]``."""
+        enc = self.tokenizer(list(targets), padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device)
+
+    def seq2seq_logits(self, params: StateDict, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
+        """Vocabulary logits ``[B, L, V]`` with teacher forcing on ``labels`` ``[B, L]`` (decoder inputs =
+        labels shifted right behind the start token, as ``T5ForConditionalGeneration(labels=...)``)."""
+        dec = torch.cat([torch.full_like(labels[:, :1], self.start_id), labels[:, :-1]], dim=1)
+        pad = self.module.config.pad_token_id
+        dec = dec.masked_fill(dec == -100, 0 if pad is None else pad)
+        with autocast_context(self.device, self.autocast):
+            out = self.call(
+                params,
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                decoder_input_ids=dec,
+                use_cache=False,
+            )
+        return out.logits.float()
+
     # ---- fine-tuned models -------------------------------------------------------------------------
     def finetuned_id(self, task: str) -> str:
         return self.finetuned_pattern.format(task=task)
