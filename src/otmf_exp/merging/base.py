@@ -241,11 +241,13 @@ class MergeMethod(ABC):
         return out
 
     def load_state(self, step: int, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> ContinualState:
-        """Inverse of :meth:`state_tensors`."""
+        """Inverse of :meth:`state_tensors`. Each tensor is copied into fresh memory: safetensors'
+        buffers are only 8-byte aligned, and CPU kernels may round differently on unaligned inputs
+        (a resumed run would then drift from an uninterrupted one in the last bits)."""
         parts: dict[str, dict[str, Tensor]] = {"merged": {}, "heads": {}, "extra": {}}
         for key, v in tensors.items():
             kind, _, name = key.partition("/")
             if kind not in parts or not name:
                 raise ValueError(f"unexpected tensor {key!r} in the checkpoint")
-            parts[kind][name] = v
+            parts[kind][name] = v.clone()
         return ContinualState(step, parts["merged"], parts["heads"], dict(scalars), parts["extra"])
