@@ -359,3 +359,43 @@ def test_the_authors_task_order_for_seed_42(make_cfg):
     ref = list(ta8)
     random.shuffle(ref)
     assert order == ref
+
+
+def test_reference_rows_for_mingle_and_mingle_star():
+    from otmf_exp.reporting import tables
+
+    rm = tables.reference_method
+    assert rm("mingle", {"lora_r": 64, "max_steps": 50, "seed_split": "test"}) == "mingle"
+    assert rm("mingle", {"lora_layer": ["attn", "fc1"]}) == "mingle_star"  # tab1.sh
+    assert (
+        rm("mingle", {"lora_layer": ["q_proj", "k_proj", "v_proj", "fc1"]}) == "mingle_star"
+    )  # the paper's text
+    for changed in (
+        {"lr": 1e-3},
+        {"seed_split": "validation"},
+        {"static_gate": 0.3},
+        {"lora_layer": ["mlp"]},
+    ):
+        assert rm("mingle", changed) is None  # the paper has no number for these settings
+    ref = tables.load_reference()
+    pick = ref[(ref.backbone == "clip_vit_b32") & ref.metric.isin(["acc", "bwt"])]
+    got = {
+        (r.method, r.task_seq, r.metric): r.value for r in pick.itertuples() if r.method.startswith("mingle")
+    }
+    want = {
+        ("mingle", "vit8", "acc"): 85.8,
+        ("mingle", "vit14", "acc"): 81.6,
+        ("mingle", "vit20", "acc"): 77.1,
+        ("mingle", "vit8", "bwt"): -0.6,
+        ("mingle", "vit14", "bwt"): -1.1,
+        ("mingle", "vit20", "bwt"): -2.2,
+        ("mingle_star", "vit8", "acc"): 85.0,
+        ("mingle_star", "vit14", "acc"): 81.7,
+        ("mingle_star", "vit20", "acc"): 77.1,
+        ("mingle_star", "vit8", "bwt"): -0.1,
+        ("mingle_star", "vit14", "bwt"): -0.4,
+        ("mingle_star", "vit20", "bwt"): -1.3,
+    }
+    assert got == want
+    glue = ref[(ref.method == "mingle") & (ref.task_seq == "glue8") & (ref.metric == "acc")]
+    assert list(glue.value) == [83.3]

@@ -17,9 +17,10 @@ CONF = resources.files("otmf_exp.conf")
 PRESETS = sorted(p.name[:-5] for p in (CONF / "experiment" / "paper").iterdir() if p.name.endswith(".yaml"))
 #: job counts documented in README "Reproducing the tables"
 JOBS = {
-    "continual_vision": 810,
+    "continual_vision": 900,
     "joint_vision": 8,
-    "glue8_continual": 9,
+    "glue8_continual": 10,
+    "mingle_star": 90,
     "ablation_alpha": 5,
     "ablation_masks": 2,
     "ablation_head_tuning": 2,
@@ -133,3 +134,12 @@ def test_preset_with_a_misspelled_option_fails(tmp_path):
     )
     with pytest.raises(MissingConfigException, match="otmf_typo"):
         _compose([f"hydra.searchpath=[file://{tmp_path.as_posix()}]", "experiment=broken"])
+
+
+def test_mingle_in_the_continual_presets_and_mingle_star():
+    for name in ("continual_vision", "glue8_continual"):
+        cfg = _compose([f"experiment=paper/{name}"], True)
+        assert "mingle" in str(cfg.hydra.sweeper.params.method).split(",")
+    c = _compose(["experiment=paper/mingle_star", "backbone=clip_vit_b32"])
+    assert c.method.name == "mingle" and list(c.method.lora_layer) == ["attn", "fc1"]
+    assert c.task_order == "shuffled" and method_config(c).lora_r == 64

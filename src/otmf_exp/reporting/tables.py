@@ -46,6 +46,7 @@ METHOD_ORDER = (
     "adamerging_layer",
     "adamerging_layer_plus",
     "mingle",
+    "mingle_star",
     "otmf",
     "otmf_no_masks",
     "otmf_no_head_tuning",
@@ -60,6 +61,22 @@ _OTMF_PAPER = {
     "mask.granularity": "element",
     "iterations": 100,
 }
+#: MINGLE settings of the published numbers (null options resolve to the authors' per-backbone values);
+#: the layer lists of MINGLE* (tab1.sh's [attn, fc1] and the paper's "qkv & fc1")
+_MINGLE_PAPER = {
+    "lora_r": 64,
+    "batch_reduce": True,
+    "max_steps": 50,
+    "seed_split": "test",
+    "subspace_k": 3,
+    "constraint_gate": True,
+    "gamma": 1.0,
+    "beta": 0.99,
+    "gate_init": "normal",
+    "zero_diag": False,
+}
+_MINGLE_NULL = ("lr", "batch_size", "seed_samples", "seed_sampling", "subspace", "static_gate")
+_MINGLE_STAR = (["attn", "fc1"], ["q_proj", "k_proj", "v_proj", "fc1"])
 #: columns of a table row that identify it; the statistics follow
 ROW_KEYS = ["protocol", "backbone", "task_seq", "method", "variant"]
 _REF_KEYS = ["protocol", "backbone", "task_seq", "method"]
@@ -84,6 +101,15 @@ def reference_method(method: str, cfg: Mapping[str, Any]) -> str | None:
     """The name a run has in reference_numbers.csv, or None when the paper has no such setting."""
     if method == "adamerging" and cfg.get("granularity"):
         return f"adamerging_{cfg['granularity']}"
+    if method == "mingle":
+        if any(k in cfg and cfg[k] != v for k, v in _MINGLE_PAPER.items()) or any(
+            k in cfg for k in _MINGLE_NULL
+        ):
+            return None
+        layers = cfg.get("lora_layer")
+        if layers is None:
+            return "mingle"
+        return "mingle_star" if list(layers) in _MINGLE_STAR else None
     if method == "otmf":
         if any(k in cfg and cfg[k] != v for k, v in _OTMF_PAPER.items()):
             return None
