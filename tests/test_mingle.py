@@ -1,4 +1,4 @@
-"""MINGLE maths (spec shared/spec/mingle.md §9): experts, effective rank, gate-gradient projection,
+"""MINGLE maths (the minimal tests of its spec): experts, effective rank, gate-gradient projection,
 subspace growth, frozen old rows, trainable count, the attached forward equals θ₀ + gated deltas."""
 
 from __future__ import annotations
