@@ -167,6 +167,27 @@ def test_subspace_top_directions_and_growth():
     assert grow_subspace(u2, top).shape == (6, 6)  # capped at C columns
 
 
+def test_subspace_at_width_uses_lobpcg_and_matches_eigh(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 300, generator=g)
+    x[:, :5] *= torch.tensor([9.0, 7.0, 5.0, 3.0, 2.0])  # activation outliers: a clear top-3
+    sigma = x.T @ x
+    ref = torch.linalg.eigh(sigma.double())[1][:, -3:]
+    calls = []
+    real = torch.lobpcg
+    monkeypatch.setattr(torch, "lobpcg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    top = top_subspace(sigma, 3)
+    assert calls and top.dtype == sigma.dtype
+    assert torch.allclose(top.double() @ top.double().T, ref @ ref.T, atol=1e-5)  # same subspace
+
+
+def test_subspace_falls_back_to_eigh_when_lobpcg_is_not_accurate(monkeypatch):
+    sigma = torch.diag(torch.linspace(1.0, 300.0, 300))
+    monkeypatch.setattr(torch, "lobpcg", lambda s, k, **kw: (torch.ones(k), torch.ones(s.shape[0], k)))
+    top = top_subspace(sigma, 3)
+    assert torch.allclose(top.abs(), torch.eye(300)[:, [299, 298, 297]])
+
+
 # ---- losses, seed samples ---------------------------------------------------------------------------------------
 def test_kd_loss_matches_the_authors_forms():
     s, t = torch.randn(4, 5), torch.randn(4, 5)

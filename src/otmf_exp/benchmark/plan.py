@@ -56,4 +56,6 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
             "otmf",
             {"iterations": iterations, "eval_batches": eval_batches, "mask.granularity": "tensor"},
         ),
+        # the authors' 50 adaptation steps at most (memory does not depend on the count)
+        "mingle": ("mingle", {"max_steps": min(iterations, 50)}),
     }
