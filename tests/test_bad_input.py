@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from otmf_exp.config import _rule
+from otmf_exp.checks import value_problem
 from otmf_exp.errors import UserError
 from otmf_exp.runtime import files
 
@@ -182,7 +182,7 @@ def test_cuda_device_on_a_machine_without_it(make_cfg, tmp_path):
     ],
 )
 def test_rules_go_by_field_name(name, value, bad):
-    assert (_rule(name, value) is not None) == bad
+    assert (value_problem(name, value) is not None) == bad
 
 
 def test_metrics_json_is_strict_json(tmp_path, caplog):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,7 +125,15 @@ class Experiment:
             result = None
             try:
                 self.setup()
-                start = self._start()
+                start = resume.start(
+                    self.cfg,
+                    self.out_dir,
+                    self.device,
+                    self.method,
+                    self.pretrained,
+                    self.result_config,
+                    self.order,
+                )
                 # only now, with every check passed, may a previous result in out_dir go
                 (self.out_dir / "metrics.json").unlink(missing_ok=True)
                 files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -146,26 +153,6 @@ class Experiment:
             finally:
                 tracker.finish(result, failed=result is None)
                 detach_log_file(handler)
-
-    def _start(self) -> tuple[ContinualState, dict[str, Any]] | None:
-        """With ``resume=true``: the checkpointed state and progress if they match this config
-        (else one line), or None (fresh start, said so). Checkpoints of another run never mix."""
-        found = None
-        if self.cfg.resume and self.cfg.protocol == "joint":
-            log.warning("resume=true: the joint protocol keeps no checkpoints; running from the start")
-        elif self.cfg.resume:
-            found = resume.resume_from(
-                self.out_dir, self.device, self.method, self.pretrained, self.result_config
-            )
-            if found is None:
-                log.warning("resume=true but %s has no checkpoint: starting fresh", self.out_dir)
-            elif found[1]["order"] != self.order or found[1]["method"] != self.cfg.method.name:
-                raise UserError(
-                    f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir"
-                )
-        if found is None and self.cfg.protocol == "continual":  # a fresh run: no stale checkpoints
-            shutil.rmtree(checkpoint.ckpt_root(self.out_dir), ignore_errors=True)
-        return found
 
     def _continual(
         self, tracker: Any, start: tuple[ContinualState, dict[str, Any]] | None

@@ -40,7 +40,7 @@ from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
 from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.offline import tiny_clip as tiny
-from otmf_exp.runtime.files import write_error, write_json
+from otmf_exp.runtime.files import replace_dir, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class DigitsZoo:
             for name, tensors in files.items():
                 save_file(tensors, str(staged / f"{name}.safetensors"))
             write_json(staged / "config.json", cfg)
-            _swap_into_place(staged, out)
+            replace_dir(staged, out)
         except UserError:
             raise
         except Exception as e:  # OSError or safetensors' wrapper of one (full disk, permissions)
@@ -268,24 +268,6 @@ class DigitsZoo:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
         return out
-
-
-def _swap_into_place(staged: Path, out: Path) -> None:
-    """Move the complete directory ``staged`` to ``out``; an existing ``out`` (``--force``) is moved
-    aside first and deleted only once the new one is in place."""
-    old = out.with_name(f".{out.name}.old")
-    _remove(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staged, out)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
 
 
 def _task_list(text: str | None) -> list[str]:

@@ -121,6 +121,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_dir(staged: str | Path, out: str | Path) -> None:
+    """Move the complete directory ``staged`` to ``out`` (same file system); an existing ``out`` is
+    moved aside first and deleted only once the new one is in place."""
+    staged, out = Path(staged), Path(out)
+    old = out.with_name(f".{out.name}.old")
+    _remove(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
 def check_writable(out_dir: Path) -> None:
     """Create ``out_dir`` and prove a file can be written there."""
     try:

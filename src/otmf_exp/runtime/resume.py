@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from otmf_exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: top-level keys (or dotted paths) that change how a run is shown or stored, never its numbers
 IGNORED = (
@@ -133,3 +137,31 @@ def resume_from(
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(checkpoint.broken_message(d / checkpoint.STATE, str(e))) from None
     return state, doc["progress"]
+
+
+def start(
+    cfg: Any,
+    out_dir: Path,
+    device: Any,
+    method: Any,
+    pretrained: dict[str, Any],
+    config: dict[str, Any],
+    order: list[str],
+) -> tuple[Any, dict[str, Any]] | None:
+    """Where a run starts. With ``resume=true``: the checkpointed state and progress when they
+    match this run (else one-line :class:`UserError`), or None with a warning that it starts fresh.
+    A fresh continual run clears ``out_dir``'s checkpoints, so it never mixes with another run's."""
+    from otmf_exp.runtime import checkpoint
+
+    found = None
+    if cfg.resume and cfg.protocol == "joint":
+        log.warning("resume=true: the joint protocol keeps no checkpoints; running from the start")
+    elif cfg.resume:
+        found = resume_from(out_dir, device, method, pretrained, config)
+        if found is None:
+            log.warning("resume=true but %s has no checkpoint: starting fresh", out_dir)
+        elif found[1]["order"] != order or found[1]["method"] != cfg.method.name:
+            raise UserError(f"checkpoint in {out_dir} is for another order or method; use a new out_dir")
+    if found is None and cfg.protocol == "continual":
+        shutil.rmtree(checkpoint.ckpt_root(out_dir), ignore_errors=True)
+    return found

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otmf_exp.config import check_device
+from otmf_exp.checks import check_device
 
 
 def seed_everything(seed: int) -> None:
