@@ -208,3 +208,26 @@ def test_a_run_writes_strict_json(run_cfg):
     for line in (out / "steps.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse)
     assert math.isfinite(m["acc"])
+
+
+def test_every_shipped_config_passes_the_value_rules(make_cfg):
+    """The rules never refuse a shipped default or preset (a rule that did would be a bug)."""
+    from pathlib import Path
+
+    import otmf_exp.conf
+
+    from otmf_exp.checks import check_values
+
+    conf = Path(otmf_exp.conf.__file__).parent
+    overrides = [
+        f"{g}={p.stem}"
+        for g in ("backbone", "task_seq", "method", "logger")
+        for p in (conf / g).glob("*.yaml")
+    ]
+    overrides += [
+        f"experiment={p.relative_to(conf / 'experiment').with_suffix('').as_posix()}"
+        for p in (conf / "experiment").rglob("*.yaml")
+    ]
+    assert len(overrides) > 30
+    for o in overrides:
+        check_values(make_cfg(o))

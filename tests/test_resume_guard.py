@@ -48,7 +48,15 @@ def copy(done, tmp_path):
         ("task_order=[flip,rot90]", "task_order", "[", "["),
     ],
 )
-def test_changed_value_is_refused_naming_key_and_both_values(make_cfg, copy, done, override, key, was, now):
+def test_changed_value_is_refused_naming_key_and_both_values(
+    make_cfg, copy, done, monkeypatch, override, key, was, now
+):
+    import otmf_exp.runner as runner
+
+    def no_heavy_work(*a, **k):
+        raise AssertionError("a model was built before the checkpoint's config was compared")
+
+    monkeypatch.setattr(runner, "build_backbone", no_heavy_work)
     cfg = make_cfg(*BASE, override, "resume=true")
     with pytest.raises(UserError) as e:
         run_experiment(cfg, copy)
@@ -83,7 +91,10 @@ def test_resume_without_checkpoint_says_it_starts_fresh(make_cfg, tmp_path, zoo,
         ("", "Expecting value"),
     ],
 )
-def test_structurally_wrong_progress_gets_the_corrupted_line(make_cfg, copy, content, problem):
+def test_structurally_wrong_progress_gets_the_corrupted_line(make_cfg, copy, monkeypatch, content, problem):
+    import otmf_exp.runner as runner
+
+    monkeypatch.setattr(runner, "build_backbone", None)  # refused before any model is built
     doc = copy / "checkpoints" / "step_002" / "progress.json"
     doc.write_text(content)
     with pytest.raises(UserError) as e:

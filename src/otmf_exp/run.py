@@ -78,8 +78,9 @@ def _main(cfg: DictConfig) -> Any:
         if not multirun:
             raise
         log.exception("job #%s crashed", hc.job.num)
+        first = (str(e).splitlines() or [""])[0]
         sweep.record_failure(
-            hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {e}", type(e).__name__
+            hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
         )
         return None
     finally:

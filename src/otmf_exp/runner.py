@@ -124,6 +124,7 @@ class Experiment:
             tracker = make_tracker(self.cfg.get("logger"))
             result = None
             try:
+                resume.precheck(self.cfg, self.out_dir, self.result_config)  # before heavy work
                 self.setup()
                 start = resume.start(
                     self.cfg,

@@ -66,12 +66,12 @@ def broken_message(path: Path, problem: str) -> str:
     )
 
 
-def load_latest(
-    out_dir: Path, device: Any, check: Callable[[Any], str | None] | None = None
-) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
-    """``(step, tensors, doc)`` of the last completed step, or None when there is no checkpoint.
-    ``check(doc)`` returns what is structurally wrong with a parsed doc (or None). A corrupted or
-    structurally wrong checkpoint is a :class:`UserError` naming the file."""
+def latest_doc(
+    out_dir: Path, check: Callable[[Any], str | None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """``(step dir, doc)`` of the last completed step (no tensors read), or None when there is no
+    checkpoint. ``check(doc)`` returns what is structurally wrong with a parsed doc (or None); a
+    corrupted or structurally wrong ``progress.json`` is a :class:`UserError` naming it."""
     found = steps(out_dir)
     if not found:
         return None
@@ -85,6 +85,18 @@ def load_latest(
         raise UserError(broken_message(d / DOC, problem))
     if doc["step"] != int(d.name.removeprefix("step_")):
         raise UserError(broken_message(d / DOC, f"it records step {doc['step']}, not {d.name}"))
+    return d, doc
+
+
+def load_latest(
+    out_dir: Path, device: Any, check: Callable[[Any], str | None] | None = None
+) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
+    """``(step, tensors, doc)`` of the last completed step, or None when there is no checkpoint;
+    see :func:`latest_doc`. A damaged ``state.safetensors`` is a :class:`UserError` naming it."""
+    found = latest_doc(out_dir, check)
+    if found is None:
+        return None
+    d, doc = found
     try:
         tensors = load_file(str(d / STATE), device=str(device))
     except Exception as e:  # safetensors raises its own error type for a damaged header

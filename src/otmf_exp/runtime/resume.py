@@ -3,9 +3,10 @@
 A checkpoint's ``progress.json`` records ``config`` = the run's resolved config minus the keys
 that cannot change a result (:data:`IGNORED`), with the method's effective config (top-level
 ``alpha`` applied), and ``config_hash`` = its sha256. ``resume=true`` compares the checkpoint's
-config with the run's, key by key, and refuses the first difference with one line naming the key
-and both values. A ``progress.json`` without the expected structure is refused like a corrupted
-file.
+config with the run's, key by key, before any model or data is loaded (:func:`precheck`), and
+refuses the first difference with one line naming the key and both values. A ``progress.json``
+without the expected structure is refused like a corrupted file. :func:`start` then loads the
+state (after the run's setup) or says that the run starts fresh.
 """
 
 from __future__ import annotations
@@ -137,6 +138,19 @@ def resume_from(
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(checkpoint.broken_message(d / checkpoint.STATE, str(e))) from None
     return state, doc["progress"]
+
+
+def precheck(cfg: Any, out_dir: Path, config: dict[str, Any]) -> None:
+    """With ``resume=true`` (continual): refuse a checkpoint whose ``progress.json`` is broken or
+    was produced by another config, before any model or data is loaded (tensors are read later,
+    by :func:`start`)."""
+    from otmf_exp.runtime import checkpoint
+
+    if not (cfg.resume and cfg.protocol == "continual"):
+        return
+    found = checkpoint.latest_doc(out_dir, progress_problem)
+    if found is not None:
+        check_same_config(found[1]["progress"]["config"], config, found[0])
 
 
 def start(
