@@ -27,12 +27,12 @@ test-all: setup ## every test including slow ones (still offline)
 	$(BIN)/python -m pytest -q -m 'not network and not gpu'
 
 lint: setup ## ruff lint + format check
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts conf
+	$(BIN)/ruff format --check src tests scripts conf
 
 format: setup ## ruff format + autofix
-	$(BIN)/ruff format src tests scripts
-	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts conf
+	$(BIN)/ruff check --fix src tests scripts conf
 
 RUNS ?= multirun outputs
 REPORTS ?= reports

@@ -33,7 +33,7 @@ def _rate(fn, n: int, repeats: int) -> float:
     return n / best
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", choices=["hf_clip", "open_clip", "hf_t5"], default="hf_clip")
     ap.add_argument("--n", type=int, default=1024, help="test examples")
@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    return ap
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+
+def _build(args: argparse.Namespace, root: Path, device):
+    """The tiny stand-ins of ``args.backbone`` under ``root``; returns (backbone, task data)."""
     from omegaconf import OmegaConf
 
     from otmf_exp.config import BackboneConfig
@@ -53,77 +54,84 @@ def main(argv: list[str] | None = None) -> int:
     from otmf_exp.models import build_backbone
     from otmf_exp.offline import tiny_hub
 
+    os.environ["OTMF_EXP_CACHE"] = str(root / "cache")
+    cfg = OmegaConf.structured(BackboneConfig)
+    cfg.local_dir, cfg.batch_size, cfg.num_workers = str(root), args.batch_size, args.num_workers
+    if args.backbone == "hf_t5":
+        task = "cola"
+        tiny_hub.build_t5(root, [task], lora=None)
+        tiny_hub.build_glue_datasets(root, [task], n_train=10, n_val=args.n)
+        cfg.name, cfg.kind, cfg.model_id, cfg.finetuned = (
+            "flan_t5_base",
+            "hf_t5",
+            tiny_hub.T5_ID,
+            tiny_hub.T5_FT,
+        )
+        seq = {"name": "glue8", "kind": "glue"}
+    else:
+        task = "mnist"
+        tiny_hub.build_vision_datasets(root, [task], n_train=10, n_test=args.n)
+        if args.backbone == "hf_clip":
+            tiny_hub.build_hf_clip(root, [task])
+            cfg.name, cfg.kind = "clip_vit_b32", "hf_clip"
+            cfg.model_id, cfg.finetuned = tiny_hub.CLIP_ID, tiny_hub.CLIP_FT
+        else:
+            cfg.arch = str(tiny_hub.build_open_clip(root, [task]))
+            cfg.name, cfg.kind, cfg.model_id = "openclip_vit_b32", "open_clip", tiny_hub.OPENCLIP_ID
+            cfg.checkpoint_dir = str(root / "checkpoints")
+        seq = {"name": "vit8", "kind": "hf_vision"}
+    bb = build_backbone(cfg, device, progress=False)
+    seq_cfg = OmegaConf.create({**seq, "tasks": [task], "local_dir": str(root)})
+    return bb, build_task_data(task, seq_cfg, bb)
+
+
+def _measure(args: argparse.Namespace, bb, data) -> list[tuple[str, float]]:
+    import torch
+
+    head, params = bb.zero_shot_head(data), bb.pretrained_state()
+    n, bs = data.size("test"), args.batch_size
+    batches = [bb.to_device(b["inputs"]) for b in data.loader("test", bs)]
+
+    def evaluate() -> None:
+        bb.evaluate(params, head, data, "test", bs)
+
+    def data_only() -> None:
+        for _ in data.loader("test", bs):
+            pass
+
+    @torch.inference_mode()
+    def raw() -> None:
+        for x in batches:
+            if args.backbone == "hf_t5":
+                bb.module.generate(**x, max_new_tokens=bb.max_new_tokens, do_sample=False, num_beams=1)
+            elif args.backbone == "hf_clip":
+                bb.module(pixel_values=x)
+            else:
+                bb.module(x)
+
+    return [
+        (name, _rate(fn, n, args.repeats))
+        for name, fn in (("evaluate", evaluate), ("data only", data_only), ("raw forward", raw))
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        os.environ["OTMF_EXP_CACHE"] = str(root / "cache")
-        cfg = OmegaConf.structured(BackboneConfig)
-        cfg.local_dir, cfg.batch_size, cfg.num_workers = str(root), args.batch_size, args.num_workers
-        if args.backbone == "hf_t5":
-            tiny_hub.build_t5(root, ["cola"], lora=None)
-            tiny_hub.build_glue_datasets(root, ["cola"], n_train=10, n_val=args.n)
-            cfg.name, cfg.kind, cfg.model_id, cfg.finetuned = (
-                "flan_t5_base",
-                "hf_t5",
-                tiny_hub.T5_ID,
-                tiny_hub.T5_FT,
-            )
-            seq = OmegaConf.create(
-                {"name": "glue8", "kind": "glue", "tasks": ["cola"], "local_dir": str(root)}
-            )
-            task = "cola"
-        else:
-            task = "mnist"
-            tiny_hub.build_vision_datasets(root, [task], n_train=10, n_test=args.n)
-            if args.backbone == "hf_clip":
-                tiny_hub.build_hf_clip(root, [task])
-                cfg.name, cfg.kind = "clip_vit_b32", "hf_clip"
-                cfg.model_id, cfg.finetuned = tiny_hub.CLIP_ID, tiny_hub.CLIP_FT
-            else:
-                cfg.arch = str(tiny_hub.build_open_clip(root, [task]))
-                cfg.name, cfg.kind, cfg.model_id = "openclip_vit_b32", "open_clip", tiny_hub.OPENCLIP_ID
-                cfg.checkpoint_dir = str(root / "checkpoints")
-            seq = OmegaConf.create(
-                {"name": "vit8", "kind": "hf_vision", "tasks": [task], "local_dir": str(root)}
-            )
-        bb = build_backbone(cfg, device, progress=False)
-        data = build_task_data(task, seq, bb)
-        head = bb.zero_shot_head(data)
-        params = bb.pretrained_state()
-        n, bs = data.size("test"), args.batch_size
-        batches = [bb.to_device(b["inputs"]) for b in data.loader("test", bs)]
-
-        def evaluate() -> None:
-            bb.evaluate(params, head, data, "test", bs)
-
-        def data_only() -> None:
-            for _ in data.loader("test", bs):
-                pass
-
-        @torch.inference_mode()
-        def raw() -> None:
-            for x in batches:
-                if args.backbone == "hf_t5":
-                    bb.module.generate(**x, max_new_tokens=bb.max_new_tokens, do_sample=False, num_beams=1)
-                elif args.backbone == "hf_clip":
-                    bb.module(pixel_values=x)
-                else:
-                    bb.module(x)
-
-        rows = [
-            ("evaluate", _rate(evaluate, n, args.repeats)),
-            ("data only", _rate(data_only, n, args.repeats)),
-            ("raw forward", _rate(raw, n, args.repeats)),
-        ]
-    unit = "examples/s"
+        bb, data = _build(args, Path(tmp), device)
+        rows = _measure(args, bb, data)
     print(
-        f"{args.backbone}: n={n} batch={bs} workers={args.num_workers} threads={torch.get_num_threads()} "
-        f"device={device}"
+        f"{args.backbone}: n={data.size('test')} batch={args.batch_size} workers={args.num_workers} "
+        f"threads={torch.get_num_threads()} device={device}"
     )
     for name, r in rows:
-        print(f"  {name:12s} {r:10.1f} {unit}   ({1e3 / r:.3f} ms/example)")
+        print(f"  {name:12s} {r:10.1f} examples/s   ({1e3 / r:.3f} ms/example)")
     print(f"  evaluate / raw forward = {rows[0][1] / rows[2][1]:.2f}")
     return 0
 

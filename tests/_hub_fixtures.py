@@ -148,7 +148,7 @@ FAST = {
     "epochs": 1,
     "batch_size": 4,
     "eval_batches": 1,
-    "head_tuning.epochs": 2,
+    "head_tuning.steps": 2,
     "head_tuning.batch_size": 4,
 }
 

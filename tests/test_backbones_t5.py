@@ -12,6 +12,7 @@ from _hub_fixtures import fast_method_overrides, run_cli, seq_cfg, t5_cfg
 from otmf_exp.data import build_task_data
 from otmf_exp.data.glue import GLUE8, PROMPTS, exact_match, render, score, spearman
 from otmf_exp.errors import UserError
+from otmf_exp.merging import METHODS
 from otmf_exp.models import build_backbone
 from otmf_exp.models.functional import swapped_parameters
 from otmf_exp.offline import tiny_hub
@@ -194,21 +195,12 @@ def test_end_to_end_cli_full(hub_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method,variant",
-    [
-        ("task_arithmetic", "lora"),
-        ("ties", "full"),
-        ("opcm", "full"),
-        ("adamerging", "full"),
-        ("otmf", "full"),
-    ],
+    "method,variant", [("task_arithmetic", "lora")] + [(m, "full") for m in sorted(METHODS)]
 )
 def test_end_to_end_methods_in_process(hub_root, tmp_path, make_cfg, method, variant):
-    from otmf_exp.merging import METHODS
+    """Every registered method (from the registry) on the tiny Flan-T5 fixture, + LoRA task vectors."""
     from otmf_exp.runner import run_experiment
 
-    if method not in METHODS:
-        pytest.skip(f"method {method!r} not registered yet")
     base = [
         "task_seq=glue8",
         f"backbone.local_dir={hub_root}",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from otmf_exp.checks import value_problem
+from otmf_exp.config import value_problem
 from otmf_exp.errors import UserError
 from otmf_exp.runtime import files
 
@@ -216,7 +216,7 @@ def test_every_shipped_config_passes_the_value_rules(make_cfg):
 
     import otmf_exp.conf
 
-    from otmf_exp.checks import check_values
+    from otmf_exp.config import check_values
 
     conf = Path(otmf_exp.conf.__file__).parent
     overrides = [

@@ -26,7 +26,7 @@ FAST = {
         "method.iterations=2",
         "method.batch_size=4",
         "method.eval_batches=1",
-        "method.head_tuning.epochs=2",
+        "method.head_tuning.steps=2",
     ],
 }
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols and n != "individual")
@@ -55,7 +55,7 @@ def test_carried_state_does_not_grow_with_tasks(name, backbone, make_cfg):
     datas = {n: bb.task_data(n, sizes) for n in names}
     state = method.init(pre)
     w = num_bytes(pre)
-    head_bytes = 10 * 16 * 4  # 10 classes x projection dim 16, float32
+    head_bytes = 10 * (16 + 1) * 4  # 10 classes x (projection dim 16 + a tuned bias column), float32
     scalar_sizes = []
     for i, n in enumerate(names):
         weights = bb.load_finetuned(n)

@@ -20,7 +20,7 @@ from otmf_exp.runtime import checkpoint
 ORDER = "task_order=[rot90,flip,invert]"
 FAST = {
     "adamerging": ["method.steps=3"],
-    "otmf": ["method.iterations=4", "method.head_tuning.epochs=2"],
+    "otmf": ["method.iterations=4", "method.head_tuning.steps=2"],
 }
 CASES = [(name, p) for name, cls in sorted(METHODS.items()) for p in cls.protocols]
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols)

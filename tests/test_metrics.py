@@ -1,3 +1,5 @@
+"""ACC, BWT, normalized ACC and the accuracy-matrix CSV on hand-computed matrices."""
+
 import pytest
 
 from otmf_exp.reporting import metrics

@@ -25,7 +25,7 @@ def setup(zoo):
 
 
 def _method(bb, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(OTMFConfig), {"iterations": 4, "head_tuning": {"epochs": 2}})
+    cfg = OmegaConf.merge(OmegaConf.structured(OTMFConfig), {"iterations": 4, "head_tuning": {"steps": 2}})
     for k, v in over.items():
         OmegaConf.update(cfg, k, v)
     OTMF.validate(cfg)
@@ -50,6 +50,7 @@ def _run(bb, data, names=("rot90", "rot180"), **over):
             data[n],
             prev,
             {k: data[k] for k in names[: i + 1]},
+            last=i == len(names) - 1,
         )
         state = m.step(state, task, pre)
     return state, rec
@@ -60,7 +61,7 @@ def test_no_masks_equals_alpha_weighted_continual_task_arithmetic(run_cfg, zoo):
         "task_order=[rot90,rot180,flip]",
         "method.mask.enabled=false",
         "alpha=0.7",
-        "method.head_tuning.epochs=1",
+        "method.head_tuning.steps=1",
         "save_merged=true",
     )
     merged = load_file(str(out / "merged.safetensors"))
@@ -112,8 +113,11 @@ def test_only_masks_train_inputs_unchanged(setup):
     assert all(p.grad is None and not p.requires_grad for p in bb.module.parameters())
     assert all(torch.equal(w2[k], w2_copy[k]) for k in w2)
     assert all(torch.equal(s1.merged[k], s1_merged[k]) for k in s1_merged)
-    assert torch.equal(s1.heads["rot90"], head_before)  # which=current: only rot180's head changes
-    assert not torch.equal(s2.heads["rot180"], bb.zero_shot_head(data["rot180"]))
+    assert torch.equal(s1.heads["rot90"], head_before)  # the state is never modified in place
+    assert torch.equal(head_before, bb.zero_shot_head(data["rot90"]))  # which=authors: no tuning at step 1
+    # step 2 (not the last): the previous task's head is tuned (weight + a bias column), not rot180's
+    assert s2.heads["rot90"].shape == (head_before.shape[0], head_before.shape[1] + 1)
+    assert torch.equal(s2.heads["rot180"], bb.zero_shot_head(data["rot180"]))
     assert not any(v.requires_grad for v in s2.merged.values())
 
 
@@ -126,7 +130,7 @@ class _Spy:
         return self.data.size(split)
 
     def loader(self, split, batch_size, **kw):
-        self.calls.append((split, kw.get("fraction", 1.0)))
+        self.calls.append((split, kw.get("fraction", 1.0), batch_size))
         return self.data.loader(split, batch_size, **kw)
 
     def batches(self, split, batch_size, seed):
@@ -138,23 +142,34 @@ class _Spy:
 def test_head_tuning_uses_fraction_of_split_and_no_test(setup, split):
     bb, data = setup
     spy = _Spy(data["rot180"])
-    m, rec = _method(bb, iterations=0, **{"head_tuning.split": split, "head_tuning.fraction": 0.25})
+    over = {"head_tuning.split": split, "head_tuning.fraction": 0.25, "head_tuning.which": "current"}
+    m, rec = _method(bb, iterations=0, **over, **{"head_tuning.steps": 200, "head_tuning.batch_size": 8})
     pre = bb.pretrained_state()
     m.step(m.init(pre), TaskInput("rot180", 0, bb.load_finetuned("rot180"), bb.zero_shot_head(spy), spy), pre)
-    assert spy.calls == [(split, 0.25)]  # iterations=0: no adaptation pool read; never the test split
-    assert rec["head_tuning_examples"] == {"rot180": math.ceil(0.25 * data["rot180"].size(split))}
+    # iterations=0: no adaptation pool read; one pass over the subset, never the test split
+    assert spy.calls == [(split, 0.25, 8)]
+    subset = math.ceil(0.25 * data["rot180"].size(split))
+    assert 200 * 8 > subset and rec["head_tuning_examples"] == {"rot180": subset}
+    m, rec = _method(bb, iterations=0, **over, **{"head_tuning.steps": 3, "head_tuning.batch_size": 4})
+    m.step(m.init(pre), TaskInput("rot180", 0, bb.load_finetuned("rot180"), bb.zero_shot_head(spy), spy), pre)
+    assert rec["head_tuning_examples"] == {"rot180": 12}  # 3 steps of 4: only what the stream reached
 
 
 def test_head_tuning_on_test_is_flagged(setup):
     bb, data = setup
-    _, rec = _run(bb, data, names=("rot90",), **{"head_tuning.split": "test"})
+    _, rec = _run(bb, data, names=("rot90",), **{"head_tuning.split": "test", "head_tuning.which": "current"})
     assert rec["head_tuning_test_leakage"] is True
 
 
-def test_which_previous_and_all_seen(setup):
+def test_which_authors_previous_and_all_seen(setup):
     bb, data = setup
     names = ("rot90", "rot180", "flip")
     zs = {n: bb.zero_shot_head(data[n]) for n in names}
+    # authors: step 2 tunes rot90, step 3 (the last) tunes rot180 and flip: every head once, with a bias
+    s, rec = _run(bb, data, names=names)
+    assert set(rec["head_tuning_examples"]) == {"rot180", "flip"}
+    for n in names:
+        assert s.heads[n].shape == (zs[n].shape[0], zs[n].shape[1] + 1)
     s, _ = _run(bb, data, names=names, **{"head_tuning.which": "previous"})
     assert not torch.equal(s.heads["rot180"], zs["rot180"]) and torch.equal(s.heads["flip"], zs["flip"])
     s, rec = _run(bb, data, names=names, **{"head_tuning.which": "all_seen"})
@@ -177,13 +192,14 @@ OVERRIDES = [
     ("iterations", 2),
     ("batch_size", 8),
     ("select", "last"),
+    ("head_tuning.which", "current"),
     ("l1", 1.0),
     ("head_tuning.enabled", False),
     ("head_tuning.which", "previous"),
     ("head_tuning.fraction", 0.5),
     ("head_tuning.split", "validation"),
     ("head_tuning.lr", 0.05),
-    ("head_tuning.epochs", 1),
+    ("head_tuning.steps", 1),
     ("head_tuning.batch_size", 64),
 ]
 

@@ -28,7 +28,8 @@ JOBS = {
     "ablation_mask_granularity": 2,
     "ablation_schedule": 2,
     "ablation_iterations": 4,
-    "ablation_head_split": 2,
+    "ablation_head_split": 4,
+    "two_task": 3,
 }
 PROTOCOL = {"joint_vision": "joint"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ORDER = "task_order=[rot90,rot180,flip,invert]"
-FAST = ("method.iterations=20", "method.head_tuning.epochs=3", "progress=false")
+FAST = ("method.iterations=20", "method.head_tuning.steps=3", "progress=false")
 TIMING = {"wall_time_s", "peak_memory_mb", "baseline_memory_mb"}
 STEP_TIMING = {"time_s", "eval_time_s", "peak_memory_mb"}
 

@@ -10,7 +10,7 @@ SHORT = ("task_order=[rot90,rot180,flip]",)
 
 
 def test_smoke_default_experiment_reduced(run_cfg):
-    m, out = run_cfg(*SHORT, "method.iterations=6", "method.head_tuning.epochs=2")
+    m, out = run_cfg(*SHORT, "method.iterations=6", "method.head_tuning.steps=2")
     for f in ("metrics.json", "steps.jsonl", "acc_matrix.csv", "config.yaml", "run.log"):
         assert (out / f).exists(), f
     saved = json.loads((out / "metrics.json").read_text())

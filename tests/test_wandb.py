@@ -11,8 +11,6 @@ from omegaconf import OmegaConf
 from otmf_exp.tracking import NullTracker, make_tracker
 from otmf_exp.tracking.wandb import WandbTracker, read_offline_run, run_name
 
-pytest.importorskip("wandb")
-
 FAST = ("task_order=[rot90]", "eval_split=validation")
 
 

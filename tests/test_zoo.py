@@ -80,7 +80,7 @@ def test_new_task_builds_on_demand_and_runs_end_to_end(tmp_path, monkeypatch, ma
     for f in ("pretrained.safetensors", "rot90.safetensors"):
         shutil.copy2(zoo.dir / f, cache / f)
     monkeypatch.setenv("OTMF_EXP_CACHE", str(cache.parent))
-    cfg = make_cfg("task_seq.tasks=[rot90,bigsmall]", "method.iterations=6", "method.head_tuning.epochs=2")
+    cfg = make_cfg("task_seq.tasks=[rot90,bigsmall]", "method.iterations=6", "method.head_tuning.steps=2")
     metrics = run_experiment(cfg, tmp_path / "run")
     assert metrics["order"] == ["rot90", "bigsmall"] and set(metrics["per_task"]) == {"rot90", "bigsmall"}
     assert 50.0 < metrics["per_task"]["bigsmall"] <= 100.0  # two classes: better than chance

@@ -6,14 +6,16 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from otmf_exp.checks import check_device, check_values
 from otmf_exp.errors import UserError
 
 
@@ -232,6 +234,7 @@ def check_run_config(cfg: DictConfig) -> None:
     """Every check of a composed config that needs no model or data: the generic value rules
     (:func:`check_values`), the top-level choices and the device. One :class:`UserError` line."""
     from otmf_exp.merging import METHODS
+    from otmf_exp.runtime.session import check_device
 
     check_values(cfg)
     if cfg.protocol not in ("continual", "joint"):
@@ -257,3 +260,72 @@ _CHOICES = {
     "backbone.variant": ("full", "lora"),
     "logger.mode": ("online", "offline", "disabled", None),
 }
+
+
+# ---- the value rules, by field name (one walk over the composed config) ---------------------------
+#: split names every task-data loader knows (``data.base.SPLITS``)
+SPLITS = ("train", "validation", "test")
+#: seeds: numpy's range (torch accepts it too; the per-step seed ``seed·1000 + step`` stays in range)
+SEED_MAX = 2**32 - 1
+_COUNTS = ("steps", "iterations", "epochs")
+_COUNT_SUFFIXES = ("_steps", "_iterations", "_epochs", "_batches")
+
+
+def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a plain container (lists index as ``key[i]``)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with leaf ``name`` = ``value`` under the rules by name (README
+    "Configuration": finite floats, ``*split``, ``*_seed``, counts, ``*_lr``, coefficients ≥ 0), or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if name.endswith("split"):
+        return None if value in SPLITS else f"must be one of {list(SPLITS)}, got {value!r}"
+    if not isinstance(value, (int, float)):
+        return None
+    if name == "seed" or name.endswith("_seed"):
+        ok = isinstance(value, int) and 0 <= value <= SEED_MAX
+        return None if ok else f"must be an integer in [0, {SEED_MAX}], got {value}"
+    if name.endswith("batch_size"):
+        return None if value >= 1 else f"must be >= 1, got {value}"
+    if name.endswith("workers") or name in _COUNTS or name.endswith(_COUNT_SUFFIXES):
+        return None if value >= 0 else f"must be >= 0, got {value}"
+    if name.startswith("max_") and isinstance(value, int):
+        return None if value >= 1 else f"must be >= 1, got {value}"
+    if name == "lr" or name.endswith("_lr"):
+        return None if value > 0 else f"must be > 0, got {value}"
+    if name in ("scaling", "alpha") or name.endswith("_scaling"):
+        return None if value >= 0 else f"must be >= 0 (coefficients are never negative), got {value}"
+    return None
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One walk over the whole composed config (top level, ``backbone``, ``task_seq``, ``logger``,
+    ``method.*`` at any depth): the first leaf breaking a rule of :func:`value_problem` is a UserError
+    naming its dotted key. Rules go by field name, so a new method's fields are covered as soon
+    as they follow the naming (``*_batch_size``, ``*_split``, ``*_seed``, ...)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
+    for path, value in _leaves(plain):
+        problem = value_problem(path.rsplit(".", 1)[-1], value)
+        if problem:
+            raise UserError(f"{path} {problem}")
+    sizes = plain.get("task_seq", {}).get("split_sizes") or {}
+    for split, n in sizes.items():
+        if split not in SPLITS:
+            raise UserError(f"task_seq.split_sizes.{split}: not a split name; use {list(SPLITS)}")
+        if not isinstance(n, int) or n < 0:
+            raise UserError(f"task_seq.split_sizes.{split} must be >= 0, got {n}")

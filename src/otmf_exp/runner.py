@@ -78,6 +78,7 @@ class Experiment:
             self.data[prev] if prev is not None else None,
             {t: self.data[t] for t in self.order[: i + 1]},
             owned=True,
+            last=i == len(self.order) - 1,
         )
 
     def _evaluate(self, state: ContinualState, upto: int) -> list[float]:

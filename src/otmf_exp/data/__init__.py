@@ -31,7 +31,9 @@ def _synthetic(task: str, seq_cfg: Any, backbone: Any) -> TaskData:
     from otmf_exp.offline.synthetic import SyntheticBackbone
 
     if not isinstance(backbone, SyntheticBackbone):
-        raise UserError("task_seq kind 'synthetic' needs backbone=synthetic (random images sized for its tower)")
+        raise UserError(
+            "task_seq kind 'synthetic' needs backbone=synthetic (random images sized for its tower)"
+        )
     return backbone.task_data(task, dict(seq_cfg.split_sizes) or None)
 
 

@@ -150,14 +150,18 @@ class AdaMerging(MergeMethod):
         datas: Sequence[Any],
         init: Sequence[float],
         what: str,
-        seed: int,
+        key: tuple[Any, ...],
     ) -> Tensor:
         """Learn coefficients for ``tvs`` by entropy minimisation on ``datas`` seen through ``heads``
-        (one batch per pool per step). Returns the detached coefficients; records the curve."""
+        (one batch per pool per step; pool j's stream is seeded by the run's ``seed``, ``key`` and j).
+        Returns the detached coefficients; records the curve."""
         cfg = self.cfg
         coef = init_coefficients(len(tvs), len(pretrained), cfg.granularity, init, device=self.ctx.device)
         opt = torch.optim.Adam([coef], lr=cfg.lr)
-        streams = [d.batches(cfg.adapt_split, cfg.batch_size, seed + 101 * j) for j, d in enumerate(datas)]
+        streams = [
+            d.batches(cfg.adapt_split, cfg.batch_size, self.ctx.seed_for("adamerging", *key, j))
+            for j, d in enumerate(datas)
+        ]
         curve: list[float] = []
         bar = tqdm(range(cfg.steps), desc=f"AdaMerging {what}", disable=not self.ctx.progress, leave=False)
         for it in bar:
@@ -244,7 +248,7 @@ class AdaMerging(MergeMethod):
             datas,
             [init_m, self.cfg.init],
             what=f"step {t} ({task.name})",
-            seed=7919 * t,
+            key=(t,),
         )
         return state.advance(self._apply([state.merged, tv], coef), heads=heads)
 
@@ -259,6 +263,6 @@ class AdaMerging(MergeMethod):
         if not tvs:
             raise UserError("AdaMerging joint merge needs at least one task")
         coef = self.adapt(
-            pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", seed=104729
+            pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", key=("joint",)
         )
         return ContinualState(step=len(tvs), merged=self._apply(tvs, coef))

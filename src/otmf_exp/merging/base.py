@@ -107,6 +107,8 @@ class TaskInput:
             that explicitly revisit earlier tasks (OTMF ``head_tuning.which=all_seen``).
         owned: ``weights`` were loaded for this step alone (the runner's case), so
             :meth:`task_vector` may turn them into τ_t in place instead of allocating a copy.
+        last: this is the run's final task (set by the runner); a method may finish work here
+            (OTMF's ``head_tuning.which=authors`` also tunes the last task's head).
     """
 
     name: str
@@ -117,6 +119,7 @@ class TaskInput:
     previous_data: Any = None
     seen_data: dict[str, Any] = field(default_factory=dict)
     owned: bool = False
+    last: bool = False
     _vector: StateDict | None = field(default=None, init=False, repr=False)
 
     def task_vector(self, pretrained: StateDict) -> StateDict:

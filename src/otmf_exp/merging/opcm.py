@@ -15,8 +15,13 @@ The reduced SVD (``full_matrices=False``, U ``[m,k]``, V ``[n,k]``, k = min(m,n)
 full-SVD result: with full U = [U_k U_⊥], V = [V_k V_⊥] orthogonal, U P Vᵀ = Δ_t, and every
 zeroed entry (the min(m,n)-long diagonal and the r×r block, r < k) lies in the top-left k×k block
 U_kᵀ Δ_t V_k; so Δ̃_t = Δ_t − U_k E V_kᵀ with E those entries. The columns U_⊥, V_⊥ (arbitrary in
-a full SVD) never enter. The SVD runs in ``svd_dtype`` (float64 default; FusionBench uses the
-model dtype) and the cumulative ratio uses sum(S) = cumsum(S)[-1], so α ≥ 1 never zeroes a block.
+a full SVD) never enter. The SVD runs on the tensors' device with torch's driver for it, in
+``svd_dtype``: ``auto`` (default) = float32, except a layer whose cumulative ratio at the split lies
+within ``AUTO_MARGIN`` of α, which is redone in float64 (the only place float32 rounding can change
+a discrete decision); ``float32`` (FusionBench: the model dtype); ``float64`` (the exact reference).
+The cumulative ratio uses sum(S) = cumsum(S)[-1], so α ≥ 1 never zeroes a block. The update is
+written into τ_t's own buffers and rescaled in place: a step holds τᵐ_{t−1}, τ_t and one layer's
+SVD temporaries, never a float64 copy of the model.
 
 ``fusionbench_compat``: FusionBench walks leaf modules only, so parameters owned directly by a
 non-leaf module (CLIP's ``class_embedding``) are left out of the per-layer rule: they keep τᵐ_{t−1}
@@ -37,11 +42,13 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, global_norm, scale
+from otmf_exp.merging.task_vectors import StateDict, global_norm
 
 log = logging.getLogger(__name__)
 
-SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "auto": torch.float32}
+#: ``auto``: a float32 split whose cumulative ratio lies this close to α is recomputed in float64
+AUTO_MARGIN = 1e-4
 
 
 @dataclass
@@ -51,25 +58,36 @@ class OPCMConfig:
     alpha: float = 0.5
     #: keep parameters owned directly by non-leaf modules (CLIP class token) out of the per-layer rule
     fusionbench_compat: bool = False
-    #: float64 | float32 (FusionBench: the model dtype)
-    svd_dtype: str = "float64"
+    #: SVD precision: auto (float32, a layer whose split rank is within AUTO_MARGIN of α is redone in
+    #: float64) | float32 (FusionBench: the model dtype) | float64 (the exact reference)
+    svd_dtype: str = "auto"
 
 
 def split_rank(s: Tensor, alpha: float) -> int:
     """First 0-based index k with ``cumsum(s)[k] / sum(s) > alpha`` for singular values ``s`` ``[k]``
     (≥ 0, descending); 0 if there is none or ``s`` is all zero."""
+    r, _ = _split(s, alpha)
+    return r
+
+
+def _split(s: Tensor, alpha: float) -> tuple[int, float]:
+    """(split rank, distance of the cumulative ratio to α at the decision: the smaller of the two
+    ratios around the boundary); the distance is ``inf`` when there is nothing to decide."""
     if s.numel() == 0:
-        return 0
+        return 0, float("inf")
     c = s.double().cumsum(0)
     total = c[-1]
     if not total > 0:
-        return 0
-    hits = torch.nonzero(c / total > alpha)
-    return int(hits[0]) if len(hits) else 0
+        return 0, float("inf")
+    ratio = c / total
+    hits = torch.nonzero(ratio > alpha)
+    r = int(hits[0]) if len(hits) else 0
+    near = ratio[max(r - 1, 0) : r + 1] - alpha
+    return r, float(near.abs().min()) if len(hits) else float("inf")
 
 
 def project_out(
-    delta_m: Tensor, delta_t: Tensor, alpha: float, svd_dtype: torch.dtype = torch.float64
+    delta_m: Tensor, delta_t: Tensor, alpha: float, svd_dtype: str | torch.dtype = torch.float64
 ) -> tuple[Tensor, int]:
     """OPCM's cleaned update Δ̃_t ``[m, n]`` of one linear weight and the split rank r.
 
@@ -77,51 +95,75 @@ def project_out(
         delta_m: merged task vector of the layer, ``[m, n]``.
         delta_t: new task vector of the layer, ``[m, n]``.
         alpha: split threshold (see :func:`split_rank`).
+        svd_dtype: float64 | float32 | ``"auto"`` (float32; float64 when the split is within
+            :data:`AUTO_MARGIN` of α, where float32 rounding could move r).
     Returns:
         (Δ̃_t in ``delta_t``'s dtype, r) where Uᵀ Δ̃_t V has a zero diagonal and a zero r×r top-left block.
     """
-    dm, dt = delta_m.to(svd_dtype), delta_t.to(svd_dtype)
-    u, s, vh = torch.linalg.svd(dm, full_matrices=False)
-    r = split_rank(s, alpha)
-    p = u.T @ dt @ vh.T  # [k, k], the top-left block of the full projection
+    correction, r = removed_part(delta_m, delta_t, alpha, svd_dtype)
+    return (delta_t - correction).to(delta_t.dtype), r
+
+
+def removed_part(
+    delta_m: Tensor, delta_t: Tensor, alpha: float, svd_dtype: str | torch.dtype = torch.float64
+) -> tuple[Tensor, int]:
+    """``U_k E V_kᵀ`` (in ``delta_t``'s dtype): the part of Δ_t that OPCM removes (E = the diagonal
+    and the r×r top-left block of U_kᵀ Δ_t V_k), and r. Temporaries are one layer's size."""
+    auto = svd_dtype == "auto"
+    dtype = SVD_DTYPES[svd_dtype] if isinstance(svd_dtype, str) else svd_dtype
+    u, s, vh = torch.linalg.svd(delta_m.to(dtype), full_matrices=False)
+    r, margin = _split(s, alpha)
+    if auto and margin < AUTO_MARGIN:  # float32 rounding could move the split: decide it exactly
+        dtype = torch.float64
+        u, s, vh = torch.linalg.svd(delta_m.to(dtype), full_matrices=False)
+        r, _ = _split(s, alpha)
+    del s
+    p = u.T @ delta_t.to(dtype) @ vh.T  # [k, k], the top-left block of the full projection
     removed = torch.diag_embed(torch.diagonal(p))
     removed[:r, :r] = p[:r, :r]
-    cleaned = dt - u @ removed @ vh
-    return cleaned.to(delta_t.dtype), r
+    del p
+    return (u @ removed @ vh).to(delta_t.dtype), r
 
 
 def opcm_merge(
     merged_tv: Mapping[str, Tensor],
-    new_tv: Mapping[str, Tensor],
+    new_tv: StateDict,
     linear: set[str],
     keep: set[str],
     lam_prev: float,
     alpha: float,
-    svd_dtype: torch.dtype = torch.float64,
+    svd_dtype: str | torch.dtype = torch.float64,
 ) -> tuple[StateDict, dict[str, int]]:
-    """The per-layer OPCM update before rescaling: τ = λ_{t−1}·τᵐ + (Δ̃_t for keys in ``linear``,
-    τ_t otherwise); keys in ``keep`` stay τᵐ (FusionBench compat). Returns (τ, split rank per linear key)."""
-    out: StateDict = {}
+    """The per-layer OPCM update before rescaling, written INTO ``new_tv``'s tensors (no new
+    weight-sized buffers): τ = λ_{t−1}·τᵐ + (Δ̃_t for keys in ``linear``, τ_t otherwise); keys in
+    ``keep`` become τᵐ (FusionBench compat). ``merged_tv`` is not modified. Returns (``new_tv``, split
+    rank per linear key)."""
     ranks: dict[str, int] = {}
-    for k, m in merged_tv.items():
-        if k in keep:
-            out[k] = m.clone()
-        elif k in linear and m.dim() == 2:
-            cleaned, ranks[k] = project_out(m, new_tv[k], alpha, svd_dtype)
-            out[k] = lam_prev * m + cleaned
-        else:
-            out[k] = lam_prev * m + new_tv[k]
-    return out, ranks
+    with torch.no_grad():
+        for k, m in merged_tv.items():
+            out = new_tv[k]
+            if k in keep:
+                out.copy_(m)
+                continue
+            if k in linear and m.dim() == 2:
+                correction, ranks[k] = removed_part(m, out, alpha, svd_dtype)
+                out.sub_(correction)
+                del correction
+            out.add_(m, alpha=lam_prev)
+    return new_tv, ranks
 
 
-def rescale_to(tv: Mapping[str, Tensor], target_norm: float) -> tuple[StateDict, float]:
-    """Scale ``tv`` to global norm ``target_norm``; returns (scaled τ, λ = ‖tv‖/target). A zero ``tv``
-    (or zero target) is returned unchanged with λ = 1."""
+def rescale_to(tv: StateDict, target_norm: float) -> tuple[StateDict, float]:
+    """Scale ``tv`` IN PLACE to global norm ``target_norm``; returns (``tv``, λ = ‖tv‖/target). A zero
+    ``tv`` (or zero target) is left unchanged with λ = 1."""
     n = global_norm(tv)
     if n == 0.0 or target_norm == 0.0:
         log.warning("OPCM: zero merged or average task-vector norm; skipping the adaptive rescale")
-        return {k: v.clone() for k, v in tv.items()}, 1.0
-    return scale(tv, target_norm / n), n / target_norm
+        return tv, 1.0
+    with torch.no_grad():
+        for v in tv.values():
+            v.mul_(target_norm / n)
+    return tv, n / target_norm
 
 
 class OPCM(MergeMethod):
@@ -161,7 +203,7 @@ class OPCM(MergeMethod):
             keep,
             float(state.scalars["opcm_lambda"]),
             float(self.cfg.alpha),
-            SVD_DTYPES[self.cfg.svd_dtype],
+            self.cfg.svd_dtype,
         )
         merged, lam = rescale_to(merged, avg)
         self.ctx.record("opcm_lambda", lam)

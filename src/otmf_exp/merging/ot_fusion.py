@@ -6,10 +6,17 @@ divergence (geomloss) between the student's features (θ₀ + τᵐ_t through th
 functional forward) and cached frozen teachers' features on the same images: the "pre" teacher
 θ₀ + τᵐ_{t−1} on pre-side data, the "post" teacher θ_t on task t's data (Pan et al., arXiv
 2511.19561). :class:`FusionStep` is used by :class:`otmf_exp.merging.otmf.OTMF`.
+
+Selection (``select=authors``, the authors' src/tasks/shortest_route_mask.py): one best loss over
+both sides; after each iteration's optimiser step, if that iteration's loss is the lowest so far,
+both masks are saved as they are after the step. Diagnostics per step (``merging/ot_diagnostics.py``):
+quantiles of each mask, the selected iteration and its loss, and per side the fraction of student
+points whose largest transport mass goes to their own teacher image.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +27,7 @@ from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
+from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, own_match, transport_plan
 from otmf_exp.merging.task_vectors import StateDict, apply
 
 
@@ -114,8 +122,10 @@ class FusionStep:
         self.joint = cfg.schedule == "joint"
         self.n_pre = cfg.iterations if self.joint else (cfg.iterations + 1) // 2
         self.n_post = cfg.iterations if self.joint else cfg.iterations // 2
-        self.seed_pre, self.seed_post = 7919 * t + 1, 7919 * t + 2
+        self.seed_pre, self.seed_post = ctx.seed_for("otmf", t, "pre"), ctx.seed_for("otmf", t, "post")
         self.curves: dict[str, list[float]] = {"pre": [], "post": []}
+        #: (iteration, its loss) whose masks the step returns; None without iterations
+        self.selected: tuple[int, float] | None = None
 
     # ---- data and teachers ------------------------------------------------------------------------
     def stream(self, data: Any, n: int, seed: int) -> Iterator[Tensor]:
@@ -149,25 +159,34 @@ class FusionStep:
             params[k] = torch.addcmul(w, mq[k], self.tv_new[k].float(), value=1.0 - alpha).to(p.dtype)
         return self.ctx.backbone.features(params, x).float()
 
-    def ot(self, x: Tensor, target: Tensor, train: tuple[bool, bool] = (False, False)) -> Tensor:
-        feats = self.student(x, train)
+    def _loss(self, feats: Tensor, target: Tensor) -> Tensor:
         if not torch.isfinite(feats).all():  # geomloss fails obscurely on inf/NaN inputs
             return feats.new_tensor(float("nan"))
         return self.loss_fn(feats, target)
 
+    def ot(self, x: Tensor, target: Tensor, train: tuple[bool, bool] = (False, False)) -> Tensor:
+        return self._loss(self.student(x, train), target)
+
     @torch.no_grad()
-    def eval_losses(self) -> dict[str, float]:
-        """Mean OT loss per side on the first ``eval_batches`` batches (the same before and after)."""
-        k = self.cfg.eval_batches
+    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Per side, on the first ``eval_batches`` batches (the same before and after training): the
+        mean OT loss and the mean :func:`own_match` of the student-to-teacher transport plan."""
+        k, s = self.cfg.eval_batches, self.cfg.sinkhorn
         sides = {
             "pre": (self.pre_data, self.seed_pre, self.f_pre),
             "post": (self.task.data, self.seed_post, self.f_post),
         }
-        out = {}
+        losses, matches = {}, {}
         for side, (data, seed, feats) in sides.items():
-            vals = [float(self.ot(x, f)) for x, f in zip(self.stream(data, k, seed), feats[:k])]
-            out[side] = sum(vals) / max(len(vals), 1)
-        return out
+            vals, match = [], []
+            for x, f in zip(self.stream(data, k, seed), feats[:k]):
+                student = self.student(x, (False, False))
+                vals.append(float(self._loss(student, f)))
+                if torch.isfinite(student).all():
+                    match.append(own_match(transport_plan(student, f, p=s.p, blur=s.blur, scaling=s.scaling)))
+            losses[side] = sum(vals) / max(len(vals), 1)
+            matches[side] = sum(match) / len(match) if match else None
+        return losses, matches
 
     # ---- training ---------------------------------------------------------------------------------
     def _iteration_loss(
@@ -189,15 +208,16 @@ class FusionStep:
         return side, loss
 
     def train(self) -> None:
-        """Adam on the masks for ``iterations``; ``select=best`` keeps, per side, the masks that
-        produced that side's lowest loss."""
+        """Adam on the masks for ``iterations``. ``select=authors``: after each iteration's step, if
+        its loss (the side trained; the sum for ``joint``) is the lowest so far, both masks are saved
+        as they are after the step, and the saved ones are used. ``select=last``: the final masks."""
         cfg = self.cfg
         opts = {
             "pre": adam(list(self.m_pre.raw.values()), cfg.lr),
             "post": adam(list(self.m_post.raw.values()), cfg.lr),
         }
         masks = {"pre": (self.m_pre,), "post": (self.m_post,), "joint": (self.m_pre, self.m_post)}
-        best = {"pre": float("inf"), "post": float("inf"), "joint": float("inf")}
+        best = float("inf")
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
         post_it = self.stream(self.task.data, self.n_post, self.seed_post)
         bar = tqdm(
@@ -208,39 +228,51 @@ class FusionStep:
         )
         for i in bar:
             side, loss = self._iteration_loss(i, pre_it, post_it)
-            if not torch.isfinite(loss):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"OTMF step {self.t} ({self.task.name}), iteration {i}: non-finite OT loss; the last "
                     f"completed step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
                 )
-            if cfg.select == "best" and float(loss.detach()) < best[side]:  # masks that produced this loss
-                best[side] = float(loss.detach())
-                for m in masks[side]:
-                    m.save_best()
             if cfg.l1 > 0:
                 loss = loss + cfg.l1 * sum(m.mean_abs() for m in masks[side])
             loss.backward()
             for s in ("pre", "post") if side == "joint" else (side,):
                 opts[s].step()
                 opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
+            if cfg.select == "last":
+                self.selected = (i, value)
+            elif value < best:  # authors: both masks, as they are after this step
+                best, self.selected = value, (i, value)
+                self.m_pre.save_best()
+                self.m_post.save_best()
         del opts  # free the optimiser state before the result is built (lower peak memory)
         for m in (self.m_pre, self.m_post):
             m.free_grads()
-            if cfg.select == "best":
+            if cfg.select == "authors":
                 m.load_best()
 
     # ---- the whole step ---------------------------------------------------------------------------
     @torch.no_grad()
     def result(self) -> StateDict:
-        """τᵐ_t from the selected masks, in τᵐ_{t−1}'s dtypes; records the mean mask value."""
+        """τᵐ_t from the selected masks, in τᵐ_{t−1}'s dtypes; records the mean mask value and the
+        1/50/99 % quantiles of each mask."""
         merged = masked_merge(
-            self.tv_prev, self.tv_new, self.m_pre.values(), self.m_post.values(), self.cfg.alpha
+            self.tv_prev, self.tv_new, self.m_pre.values(False), self.m_post.values(False), self.cfg.alpha
         )
-        merged = {k: v.to(self.tv_prev[k].dtype).detach() for k, v in merged.items()}
-        mvals = [v for m in (self.m_pre, self.m_post) for v in m.values().values()]
+        merged = {k: v.to(self.tv_prev[k].dtype) for k, v in merged.items()}
+        mvals = {side: m.values(False) for side, m in (("pre", self.m_pre), ("post", self.m_post))}
+        every = [v for vals in mvals.values() for v in vals.values()]
         # float64: a float32 sum depends on memory alignment, which differs between processes
         self.ctx.record(
-            "mask_mean", float(sum(v.double().sum() for v in mvals) / sum(v.numel() for v in mvals))
+            "mask_mean", float(sum(v.double().sum() for v in every) / sum(v.numel() for v in every))
+        )
+        self.ctx.record(
+            "mask_quantiles",
+            {
+                side: dict(zip(("q01", "q50", "q99"), exact_quantiles(vals.values(), QUANTILES)))
+                for side, vals in mvals.items()
+            },
         )
         return merged
 
@@ -252,18 +284,22 @@ class FusionStep:
         self.m_pre = Masks(self.tv_prev, cfg.mask.param, cfg.mask.granularity)
         self.m_post = Masks(self.tv_new, cfg.mask.param, cfg.mask.granularity)
         t0 = time.perf_counter()
-        init_loss = self.eval_losses() if cfg.eval_batches > 0 else None
+        init = self.evaluate() if cfg.eval_batches > 0 else None
         t_eval = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.train()
         record("time_train_s", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        final_loss = self.eval_losses() if cfg.eval_batches > 0 else None
+        final = self.evaluate() if cfg.eval_batches > 0 else None
         record("time_ot_eval_s", t_eval + time.perf_counter() - t0)
         merged = self.result()
         record("ot_loss_pre", self.curves["pre"])
         record("ot_loss_post", self.curves["post"])
-        if init_loss is not None:
-            record("ot_eval_init", init_loss)
-            record("ot_eval_final", final_loss)
+        record("select_iteration", None if self.selected is None else self.selected[0])
+        record("select_loss", None if self.selected is None else self.selected[1])
+        if init is not None and final is not None:
+            record("ot_eval_init", init[0])
+            record("ot_eval_final", final[0])
+            record("ot_match_init", init[1])
+            record("ot_match_final", final[1])
         return merged

@@ -9,7 +9,8 @@ Masks start at 1 every step (the untrained merge is α-weighted continual task a
 are trained with Adam on the Sinkhorn divergence between the student's features and cached
 frozen teachers' features (``merging/ot_fusion.py``). Then, optionally (vision), the
 classification head(s) are tuned on cached merged-encoder features (``merging/head_tuning.py``).
-Every ambiguity of the paper is an option; see the README section "OTMF".
+Every ambiguity of the paper is an option; the defaults follow the authors' public code
+(README "OTMF" and "OTMF versus the authors' code").
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.head_tuning import cached_features, train_head
+from otmf_exp.merging.head_tuning import FeatureStream, train_head
 from otmf_exp.merging.ot_fusion import FusionStep, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 
@@ -52,13 +53,16 @@ class SinkhornConfig:
 @dataclass
 class HeadTuningConfig:
     enabled: bool = True
-    #: current | previous | all_seen (all_seen revisits earlier tasks' labelled data)
-    which: str = "current"
+    #: authors: at step t >= 2 the head of task t-1, and at the last step also task t's; none at
+    #: step 1 (the authors' code) | current | previous | all_seen (revisits earlier tasks' labelled data)
+    which: str = "authors"
+    #: fixed random subset of the split that the batch stream draws from
     fraction: float = 0.25
-    #: train | validation | test (test = the authors' code; reported as test-set leakage)
+    #: train | validation | test (test + fraction 1.0 = the authors' code; reported as test-set leakage)
     split: str = "train"
     lr: float = 1e-2
-    epochs: int = 100
+    #: Adam steps per head, one batch each (the authors' budget: 100 batches of 16)
+    steps: int = 100
     batch_size: int = 16
 
 
@@ -77,8 +81,9 @@ class OTMFConfig:
     lr: float = 1e-2
     iterations: int = 100
     batch_size: int = 16
-    #: best: keep the masks with the lowest loss seen (authors' code) | last
-    select: str = "best"
+    #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
+    #: its loss is the lowest so far, both masks are saved as they are after the step | last
+    select: str = "authors"
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
     l1: float = 0.0
     #: batches per side used to report the OT loss before/after training (0 disables)
@@ -91,8 +96,10 @@ _CHOICES = {
     "mask.granularity": ("element", "tensor"),
     "schedule": ("alternate", "joint"),
     "pre_data": ("previous_task", "current_task"),
-    "select": ("best", "last"),
-    "head_tuning.which": ("current", "previous", "all_seen"),
+    "select": ("authors", "last"),
+    "head_tuning.which": ("authors", "current", "previous", "all_seen"),
+    "head_tuning.split": ("train", "validation", "test"),
+    "adapt_split": ("train", "validation", "test"),
     "sinkhorn.backend": ("tensorized", "online", "multiscale", "auto"),
 }
 
@@ -128,8 +135,8 @@ class OTMF(MergeMethod):
                 f"method.head_tuning.fraction must be in (0, 1], got {cfg.head_tuning.fraction}",
             ),
             (
-                cfg.head_tuning.epochs >= 0,
-                f"method.head_tuning.epochs must be >= 0, got {cfg.head_tuning.epochs}",
+                cfg.head_tuning.steps >= 0,
+                f"method.head_tuning.steps must be >= 0, got {cfg.head_tuning.steps}",
             ),
             (
                 cfg.head_tuning.batch_size >= 1,
@@ -163,49 +170,59 @@ class OTMF(MergeMethod):
         else:
             merged = FusionStep(self.cfg, self.ctx, self.loss_fn, state.merged, task, pretrained, t).run()
         if self.cfg.head_tuning.enabled and task.head is not None:
-            t0 = time.perf_counter()
-            heads = self._tune_heads(heads, merged, task, pretrained, t)
-            self.ctx.record("time_head_tuning_s", time.perf_counter() - t0)
+            targets = self.head_targets(task, t)
+            if targets:
+                t0 = time.perf_counter()
+                heads = self._tune_heads(heads, merged, targets, pretrained, t)
+                self.ctx.record("time_head_tuning_s", time.perf_counter() - t0)
         return state.advance(merged, heads=heads)
 
     # ---- head tuning ------------------------------------------------------------------------
+    def head_targets(self, task: TaskInput, t: int) -> dict[str, Any]:
+        """The tasks (name -> data) whose heads step ``t`` tunes, by ``head_tuning.which``."""
+        which = self.cfg.head_tuning.which
+        prev = {} if task.previous_data is None else {task.previous_data.name: task.previous_data}
+        if which == "authors":  # scripts/clip_optimal_transport_route.py: after fusing task t
+            return {} if t == 1 else {**prev, **({task.name: task.data} if task.last else {})}
+        if which == "current":
+            return {task.name: task.data}
+        if which == "previous":
+            return prev
+        return dict(task.seen_data)
+
     def _tune_heads(
-        self, heads: dict[str, Tensor], merged: StateDict, task: TaskInput, pretrained: StateDict, t: int
+        self,
+        heads: dict[str, Tensor],
+        merged: StateDict,
+        targets: dict[str, Any],
+        pretrained: StateDict,
+        t: int,
     ) -> dict[str, Tensor]:
         hc = self.cfg.head_tuning
-        if hc.which == "current":
-            targets = {task.name: task.data}
-        elif hc.which == "previous":
-            targets = {} if task.previous_data is None else {task.previous_data.name: task.previous_data}
-        else:
-            targets = dict(task.seen_data)
         if hc.split == "test":
             log.warning("OTMF head tuning on the test split: test-set leakage (reported in steps.jsonl)")
             self.ctx.record("head_tuning_test_leakage", True)
         weights = apply(pretrained, merged)
-        bb = self.ctx.backbone
-        curves, examples = {}, {}
+        examples, losses = {}, {}
         for name, data in targets.items():
-            feats, labels = cached_features(
-                bb,
+            stream = FeatureStream(
+                self.ctx.backbone,
                 weights,
                 data,
                 hc.split,
                 hc.fraction,
-                seed=t,
-                batch_size=int(bb.batch_size),
+                hc.batch_size,
+                seed=self.ctx.seed_for("otmf", t, "head", name),
             )
-            heads[name], curves[name] = train_head(
+            heads[name], curve = train_head(
                 heads[name],
-                feats,
-                labels,
+                iter(stream),
+                steps=hc.steps,
                 lr=hc.lr,
-                epochs=hc.epochs,
-                batch_size=hc.batch_size,
-                seed=1000 * t + len(curves),
                 what=f"OTMF head tuning of {name!r} at step {t}",
             )
-            examples[name] = len(labels)
+            examples[name] = stream.examples
+            losses[name] = sum(curve[-10:]) / len(curve[-10:]) if curve else None
         self.ctx.record("head_tuning_examples", examples)
-        self.ctx.record("head_tuning_loss", {k: v[-1] if v else None for k, v in curves.items()})
+        self.ctx.record("head_tuning_loss", losses)  # mean cross-entropy of the last 10 steps
         return heads

@@ -19,6 +19,17 @@ from otmf_exp.errors import UserError
 from otmf_exp.merging.task_vectors import StateDict
 
 
+def head_logits(feats: Tensor, head: Tensor) -> Tensor:
+    """Logits ``normalize(f) @ W.T + b`` of features ``[B, D]``. A head ``[C, D]`` is ``W`` alone
+    (the CLIP zero-shot head, logit scale folded in); a head ``[C, D+1]`` carries its bias ``b`` in
+    the last column (a tuned head: one tensor per task, so states and checkpoints need no special case)."""
+    x = F.normalize(feats, dim=-1)
+    d = x.shape[-1]
+    if head.shape[-1] == d + 1:
+        return torch.addmm(head[:, d], x, head[:, :d].T)
+    return x @ head.T
+
+
 class Backbone(ABC):
     """One model family. Subclasses set ``module`` (with θ₀ loaded) and implement the loaders."""
 
@@ -102,8 +113,8 @@ class Backbone(ABC):
         """Encoder output embedding ``[B, D]`` (before any normalisation)."""
 
     def logits_from_features(self, feats: Tensor, head: Tensor) -> Tensor:
-        """CLIP-style logits: ``normalize(f) @ head.T`` (head already carries the logit scale)."""
-        return F.normalize(feats, dim=-1) @ head.T
+        """CLIP-style logits of a head ``[C, D]`` or ``[C, D+1]`` (see :func:`head_logits`)."""
+        return head_logits(feats, head)
 
     def logits(self, params: StateDict, head: Tensor | None, inputs: Any) -> Tensor:
         """Logits used for evaluation and entropy (vision: head over features)."""

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from otmf_exp.checks import check_device
+from otmf_exp.errors import UserError
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(name: str) -> None:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``, and available on this machine."""
+    if not _DEVICE.match(name):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("device=mps but MPS is not available; use device=cpu or device=auto")
 
 
 def seed_everything(seed: int) -> None:

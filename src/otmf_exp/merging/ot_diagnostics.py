@@ -1,0 +1,91 @@
+"""Diagnostics of an OTMF fusion step (Pan et al., arXiv 2511.19561), cheap enough to stay on.
+
+* :func:`exact_quantiles`: exact quantiles over all entries of a mask (87 M at ViT-B/32 size),
+  where ``torch.quantile`` refuses inputs above 2^24 entries.
+* :func:`transport_plan` / :func:`own_match`: the entropic OT plan between the student's and a
+  teacher's features on one batch, from geomloss' dual potentials, and the fraction of student
+  points whose largest transport mass goes to the teacher's features of the same image.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+#: mask quantiles recorded per step (``mask_quantiles`` in steps.jsonl)
+QUANTILES = (0.01, 0.5, 0.99)
+
+
+def _order_keys(t: Tensor) -> Tensor:
+    """Entries of ``t`` as float32, flattened, mapped to int32 keys of the same order (the IEEE bits
+    with the magnitude bits of negatives flipped); the map is its own inverse."""
+    bits = t.detach().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def exact_quantiles(tensors: Iterable[Tensor], qs: Sequence[float] = QUANTILES) -> list[float]:
+    """Quantiles ``qs`` (linear interpolation between order statistics, as ``torch.quantile``) of
+    every entry of ``tensors`` together, exactly, with no size limit and no flat copy: a two-pass
+    radix select over order-preserving 32-bit keys (a 2^16-bin histogram of the high 16 bits over
+    all tensors, then one of the low 16 bits inside the buckets that hold the wanted ranks), one
+    tensor at a time. Memory: a few temporaries of the largest tensor's size (+48 MB at ViT-B/32 size,
+    87 M entries, against 334 MB for a flat copy). Measured per 87 M-entry mask: 0.12 s on an H200
+    (``kthvalue`` on one flat 87 M slice: 3.8 s), 0.6 s on that machine's CPU."""
+    ts = list(tensors)
+    n = sum(t.numel() for t in ts)
+    if n == 0:
+        return [float("nan")] * len(qs)
+    device, nb = ts[0].device, 1 << 16
+    pos = [q * (n - 1) for q in qs]
+    ranks = sorted({math.floor(p) for p in pos} | {math.ceil(p) for p in pos})
+    high = torch.zeros(nb, dtype=torch.long, device=device)
+    for t in ts:
+        high += torch.bincount(((_order_keys(t) >> 16) + nb // 2).long(), minlength=nb)
+    high = high.cumsum(0).cpu()
+    bucket = {r: int(torch.searchsorted(high, r, right=True)) for r in ranks}  # high[b-1] <= r < high[b]
+    wanted = sorted(set(bucket.values()))
+    slot = torch.full((nb,), -1, dtype=torch.long, device=device)
+    slot[wanted] = torch.arange(len(wanted), device=device)
+    low = torch.zeros(len(wanted) * nb, dtype=torch.long, device=device)
+    for t in ts:
+        k = _order_keys(t)
+        s = slot[((k >> 16) + nb // 2).long()]
+        keep = s >= 0
+        low += torch.bincount(s[keep] * nb + (k[keep] & 0xFFFF).long(), minlength=len(low))
+    low = low.view(len(wanted), nb).cumsum(1).cpu()
+    val = {}
+    for r, b in bucket.items():
+        before = int(high[b - 1]) if b > 0 else 0
+        lo = int(torch.searchsorted(low[wanted.index(b)], r - before, right=True))
+        key = ((b - nb // 2) << 16) | lo
+        val[r] = struct.unpack("<f", struct.pack("<i", key ^ ((key >> 31) & 0x7FFFFFFF)))[0]
+    return [val[math.floor(p)] + (p - math.floor(p)) * (val[math.ceil(p)] - val[math.floor(p)]) for p in pos]
+
+
+def transport_plan(x: Tensor, y: Tensor, *, p: int, blur: float, scaling: float) -> Tensor:
+    """Entropic OT plan ``[N, M]`` between uniform point clouds ``x [N, D]`` and ``y [M, D]``, from
+    geomloss' raw (not debiased) dual potentials F, G: π_ij = a_i·b_j·exp((F_i + G_j − C_ij)/ε) with
+    C = |x−y|^p / p and ε = blur^p (geomloss' conventions). Rows sum to 1/N, columns to 1/M.
+    Solved on the CPU: at 16 points the ε-scaling loop is launch-bound on a GPU (≈ 50 ms a plan on an
+    H200 against a few ms on one CPU core); the plan is returned on the CPU."""
+    from geomloss import SamplesLoss
+
+    x, y = x.detach().float().cpu(), y.detach().float().cpu()
+    solver = SamplesLoss(
+        "sinkhorn", p=p, blur=blur, scaling=scaling, debias=False, potentials=True, backend="tensorized"
+    )
+    f, g = (v.reshape(-1) for v in solver(x, y))  # geomloss 0.3 returns [1, N] for unbatched clouds
+    diff = x[:, None, :] - y[None, :, :]
+    cost = (diff**2).sum(-1) / 2 if p == 2 else diff.norm(dim=-1)
+    log_ab = -math.log(len(x)) - math.log(len(y))
+    return torch.exp((f[:, None] + g[None, :] - cost) / blur**p + log_ab)
+
+
+def own_match(plan: Tensor) -> float:
+    """Fraction of rows i (student points) whose largest transport mass goes to column i (the
+    teacher's features of the same image): 1 = the plan pairs every image with itself."""
+    return float((plan.argmax(1) == torch.arange(len(plan), device=plan.device)).float().mean())

@@ -1,0 +1,251 @@
+"""OTMF as the authors run it: best-mask selection on a constructed loss sequence, the head schedule,
+the head budget and bias, the diagnostics (mask quantiles, transport-plan matching), and that the
+run's ``seed`` reaches every random stream (OTMF and AdaMerging) while resume stays exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from otmf_exp.data.base import TensorTaskData
+from otmf_exp.merging.base import MethodContext, TaskInput
+from otmf_exp.merging.head_tuning import FeatureStream, train_head
+from otmf_exp.merging.ot_diagnostics import exact_quantiles, own_match, transport_plan
+from otmf_exp.merging.ot_fusion import FusionStep, Masks
+from otmf_exp.merging.otmf import OTMF, OTMFConfig
+from otmf_exp.models.base import head_logits
+from otmf_exp.runtime import checkpoint
+
+LR = 0.1
+
+
+class _Scripted(FusionStep):
+    """A fusion step whose loss at iteration i is ``LOSSES[i]`` plus a small term in the trained
+    mask(s): Adam then moves every trained entry by -lr per step, so a mask's value tells how many
+    steps it has taken (1 - k·lr)."""
+
+    losses: list[float] = []
+
+    def _iteration_loss(self, i, pre_it, post_it):
+        side = "joint" if self.joint else ("pre" if i % 2 == 0 else "post")
+        masks = {"pre": [self.m_pre], "post": [self.m_post], "joint": [self.m_pre, self.m_post]}[side]
+        return side, self.losses[i] + 1e-3 * sum(v.sum() for m in masks for v in m.values().values())
+
+
+def _scripted(losses, **over):
+    cfg = OmegaConf.merge(OmegaConf.structured(OTMFConfig), {"iterations": len(losses), "lr": LR, **over})
+    ctx = MethodContext(None, torch.device("cpu"), torch.Generator(), progress=False)
+    tv = {"w": torch.ones(3)}
+    task = TaskInput("b", 1, {}, None, None)
+    step = _Scripted(cfg, ctx, None, tv, task, {"w": torch.zeros(3)}, t=2)
+    step.losses = losses
+    step.m_pre, step.m_post = Masks(tv, "identity", "element"), Masks(tv, "identity", "element")
+    step.train()
+    return step, float(step.m_pre.values(False)["w"][0]), float(step.m_post.values(False)["w"][0])
+
+
+#: iteration:   0 pre, 1 post, 2 pre, 3 post, 4 pre, 5 post, 6 pre, 7 post
+LOSSES = [5.0, 4.0, 4.5, 1.0, 3.0, 2.0, 2.5, 1.5]
+
+
+def test_select_authors_one_best_over_both_sides_masks_after_the_step():
+    step, m_pre, m_post = _scripted(LOSSES)
+    # lowest loss at iteration 3 (post): both masks as they are *after* that step: M_pre took the
+    # steps of iterations 0 and 2, M_post those of 1 and 3 (a per-side best saved before the step
+    # would give M_pre after 0, 2, 4 = 0.7 and M_post after 1 = 0.9)
+    assert step.selected[0] == 3 and step.selected[1] == pytest.approx(1.0, abs=0.01)
+    assert m_pre == pytest.approx(1 - 2 * LR, abs=1e-4) and m_post == pytest.approx(1 - 2 * LR, abs=1e-4)
+
+
+def test_select_authors_keeps_an_untouched_mask_when_the_first_iteration_wins():
+    step, m_pre, m_post = _scripted([0.5, 4.0, 3.0, 2.0])
+    assert step.selected[0] == 0
+    assert m_pre == pytest.approx(1 - LR, abs=1e-4) and m_post == 1.0  # the authors' rule, exactly
+
+
+def test_select_authors_joint_uses_the_summed_loss_and_last_uses_the_final_masks():
+    step, m_pre, m_post = _scripted([3.0, 1.0, 2.0], schedule="joint")
+    assert step.selected[0] == 1 and m_pre == m_post == pytest.approx(1 - 2 * LR, abs=1e-4)
+    step, m_pre, m_post = _scripted(LOSSES, select="last")
+    assert step.selected[0] == 7 and step.selected[1] == pytest.approx(1.5, abs=0.01)
+    assert m_pre == m_post == pytest.approx(1 - 4 * LR, abs=1e-4)
+    step, m_pre, m_post = _scripted([])
+    assert step.selected is None and m_pre == m_post == 1.0
+
+
+def test_exact_quantiles_match_torch_and_have_no_size_limit():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(7, 5, generator=g), torch.ones(40), torch.randn(3, generator=g).double()]
+    flat = torch.cat([t.reshape(-1).float() for t in ts])
+    q = torch.tensor([0.01, 0.5, 0.99])
+    assert exact_quantiles(ts) == pytest.approx(torch.quantile(flat, q).tolist(), abs=1e-6)
+    assert exact_quantiles([torch.tensor(2.0), torch.tensor(4.0)], (0.0, 0.5, 1.0)) == [2.0, 3.0, 4.0]
+    assert exact_quantiles([torch.full((10,), -2.5)]) == [-2.5] * 3  # all tied, negative
+    signed = [torch.tensor([-0.0, 0.0, -0.25, 0.25, -3.0, 7.0])]
+    assert exact_quantiles(signed, (0.0, 0.2, 0.5, 1.0)) == [-3.0, -0.25, 0.0, 7.0]
+    big = [
+        torch.rand(1 << 23, generator=g),
+        torch.rand((1 << 23) + 7, generator=g),
+    ]  # > torch.quantile's 2^24
+    ref = np.quantile(torch.cat(big).numpy().astype(np.float64), [0.01, 0.5, 0.99])
+    assert exact_quantiles(big) == pytest.approx(ref.tolist(), abs=1e-6)
+
+
+def test_transport_plan_marginals_and_own_match():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g)
+    plan = transport_plan(x, x + 0.01, p=2, blur=0.05, scaling=0.5)
+    assert plan.sum(1) == pytest.approx(torch.full((16,), 1 / 16), rel=0.02)
+    assert plan.sum(0) == pytest.approx(torch.full((16,), 1 / 16), rel=0.02)
+    assert own_match(plan) == 1.0
+    perm = torch.roll(torch.arange(16), 1)  # no fixed point: image i's teacher point sits at row i+1
+    assert own_match(transport_plan(x, x[perm], p=2, blur=0.05, scaling=0.5)) == 0.0
+    half = torch.cat([torch.arange(8).roll(1), torch.arange(8, 16)])  # 8 moved, 8 fixed
+    assert own_match(transport_plan(x, x[half], p=1, blur=0.05, scaling=0.5)) == 0.5
+
+
+def test_head_logits_bias_column():
+    f, w = torch.randn(4, 3), torch.randn(5, 3)
+    b = torch.randn(5)
+    base = torch.nn.functional.normalize(f, dim=-1) @ w.T
+    torch.testing.assert_close(head_logits(f, w), base)
+    torch.testing.assert_close(head_logits(f, torch.cat([w, b[:, None]], 1)), base + b)
+
+
+def _stream(n=40, classes=4, seed=0):
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = torch.arange(n)  # the features name their example
+    y = torch.arange(n) % classes
+    data = TensorTaskData("toy", {"train": (x, y)}, [str(c) for c in range(classes)])
+
+    class Backbone:
+        calls = 0
+
+        def features(self, params, inputs):
+            Backbone.calls += 1
+            return inputs.clone()
+
+        def to_device(self, v):
+            return v
+
+    bb = Backbone()
+    return FeatureStream(bb, {}, data, "train", 0.5, 6, seed), bb
+
+
+def test_feature_stream_encodes_each_example_once_then_reshuffles():
+    stream, bb = _stream()
+    it = iter(stream)
+    seen = [next(it) for _ in range(12)]  # 20 examples (fraction 0.5) = 4 batches of up to 6 per pass
+    assert bb.calls == 4 and stream.examples == 20
+    for f, y in seen:  # features and labels stay paired through the cache
+        assert torch.equal(y, f[:, 0].long() % 4)
+    first = torch.cat([f[:, 0] for f, _ in seen[:4]]).sort().values
+    later = torch.cat([f[:, 0] for f, _ in seen[4:8]]).sort().values
+    assert torch.equal(first, later)  # the same fixed subset, every pass
+    assert not torch.equal(
+        torch.cat([f[:, 0] for f, _ in seen[4:8]]), torch.cat([f[:, 0] for f, _ in seen[:4]])
+    )
+    other, _ = _stream(seed=1)
+    assert not torch.equal(next(iter(other))[0], seen[0][0])  # the seed picks subset and order
+
+
+def test_train_head_tunes_weight_and_bias_from_zero():
+    stream, _ = _stream()
+    head = torch.randn(4, 3)
+    tuned, curve = train_head(head, iter(stream), steps=25, lr=0.05)
+    assert tuned.shape == (4, 4) and len(curve) == 25
+    assert not torch.equal(tuned[:, :3], head) and tuned[:, 3].abs().sum() > 0
+    again, _ = train_head(tuned, iter(_stream()[0]), steps=0, lr=0.05)
+    assert torch.equal(again, tuned)  # a [C, D+1] head continues from its own bias; 0 steps: unchanged
+
+
+def test_authors_schedule_at_step_one_of_a_single_task_run_tunes_nothing(zoo):
+    from otmf_exp.data import digits
+    from otmf_exp.models.tiny import TinyBackbone
+
+    bb = TinyBackbone(zoo)
+    m = OTMF(OmegaConf.structured(OTMFConfig), MethodContext(bb, torch.device("cpu"), torch.Generator()))
+    d = digits.build_task("rot90")
+    assert m.head_targets(TaskInput("rot90", 0, {}, None, d, last=True), 1) == {}
+    prev = digits.build_task("flip")
+    assert set(m.head_targets(TaskInput("rot90", 1, {}, None, d, prev), 2)) == {"flip"}
+    assert set(m.head_targets(TaskInput("rot90", 1, {}, None, d, prev, last=True), 2)) == {"flip", "rot90"}
+
+
+# ---- end to end: diagnostics, seeds, resume ------------------------------------------------------
+ORDER = "task_order=[rot90,flip,invert]"
+FAST = {
+    "otmf": ["method.iterations=6", "method.head_tuning.steps=5", "method.eval_batches=2"],
+    "adamerging": ["method.steps=3"],
+}
+TIMING = ("time", "wall_time_s", "peak_memory_mb", "baseline_memory_mb", "eval_time_s", "load_time_s")
+
+
+def _untimed(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith(TIMING)}
+
+
+def _steps(out) -> list[dict]:
+    return [_untimed(json.loads(x)) for x in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def test_diagnostics_per_step(run_cfg):
+    _, out = run_cfg("method=otmf", ORDER, *FAST["otmf"])
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert "mask_quantiles" not in steps[0]  # step 1 has no fusion
+    for s in steps[1:]:
+        for side in ("pre", "post"):
+            q = s["mask_quantiles"][side]
+            assert q["q01"] <= q["q50"] <= q["q99"]
+            for key in ("ot_match_init", "ot_match_final"):
+                assert 0.0 <= s[key][side] <= 1.0
+        assert 0 <= s["select_iteration"] < 6
+        curve = s["ot_loss_pre"] + s["ot_loss_post"]
+        assert s["select_loss"] == min(curve)  # authors: the lowest loss over both sides
+    assert set(steps[1]["head_tuning_examples"]) == {"rot90"}  # authors: the previous task's head
+    assert set(steps[2]["head_tuning_examples"]) == {"flip", "invert"}  # ... and at the last step, this one's
+
+
+@pytest.mark.parametrize("method", ["otmf", "adamerging"])
+def test_seed_reaches_every_stream_and_repeats_exactly(run_cfg, method):
+    args = (f"method={method}", "task_order=[rot90,flip]", "save_merged=true", *FAST[method])
+    a, out = run_cfg(*args, "seed=0")
+    steps_a, merged_a = _steps(out), load_file(str(out / "merged.safetensors"))
+    b, out = run_cfg(*args, "seed=0")
+    assert _untimed(a) == _untimed(b) and _steps(out) == steps_a
+    c, out = run_cfg(*args, "seed=1")
+    merged_c = load_file(str(out / "merged.safetensors"))
+    assert any(not torch.equal(merged_a[k], merged_c[k]) for k in merged_a), "seed=1 merged the same weights"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_killed_after_a_tuned_head_then_resumed_equals_uninterrupted(run_cfg, monkeypatch):
+    args = ("method=otmf", ORDER, *FAST["otmf"])
+    full, out = run_cfg(*args)
+    full_steps = _steps(out)
+    (out / "metrics.json").unlink()
+    real_save = checkpoint.save
+    saved = {}
+
+    def save_then_die(out_dir, step, tensors, *a, **k):  # dies after step 2: rot90's head is tuned
+        real_save(out_dir, step, tensors, *a, **k)
+        if step == 2:
+            saved.update(tensors)
+            raise _Interrupted
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(_Interrupted):
+        run_cfg(*args)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert saved["heads/rot90"].shape[1] == saved["heads/flip"].shape[1] + 1  # weight + bias vs zero-shot
+    resumed, out = run_cfg(*args, "resume=true")
+    assert _untimed(resumed) == _untimed(full)
+    assert _steps(out) == full_steps
