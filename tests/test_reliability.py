@@ -92,6 +92,28 @@ def test_ctrl_c_line_without_a_checkpoint():
     assert interrupted_line(KeyboardInterrupt(), []) == "interrupted"
 
 
+def test_ctrl_c_turned_into_another_error_by_native_code_is_still_the_interrupt(
+    make_cfg, tmp_path, zoo, monkeypatch
+):
+    """Ctrl-C inside safetensors/torch can surface as their own error (seen: a file read failing
+    with a shape error, reported as a broken cache file); once Ctrl-C was pressed, any error is
+    the interrupt, so no good file is called broken."""
+    import otmf_exp.runner as runner
+    from otmf_exp import errors
+
+    def read_cut_short(*a, **k):
+        errors._INTERRUPT.set()  # what the SIGINT handler records
+        raise errors.UserError("cannot read zoo/rot180.safetensors: could not determine the shape; delete it")
+
+    monkeypatch.setattr(runner, "build_backbone", read_cut_short)
+    try:
+        with pytest.raises(errors.RunInterrupted) as e:
+            runner.run_experiment(make_cfg(ORDER, *FAST), tmp_path / "run")
+    finally:
+        errors._INTERRUPT.clear()
+    assert e.value.done == 0 and not e.value.resumable
+
+
 def test_same_seed_identical_metrics(run_cfg):
     a, out = run_cfg(ORDER, *FAST)
     steps_a = _steps(out)

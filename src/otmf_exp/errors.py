@@ -7,6 +7,10 @@ as a single line and exits with :data:`EXIT_USER_ERROR`.
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
+
 EXIT_USER_ERROR = 2
 
 
@@ -34,3 +38,24 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, out_dir: str, done: int, total: int, resumable: bool) -> None:
         super().__init__(f"interrupted after step {done} of {total}")
         self.out_dir, self.done, self.total, self.resumable = out_dir, done, total, resumable
+
+
+_INTERRUPT = threading.Event()
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    _INTERRUPT.set()
+    raise KeyboardInterrupt
+
+
+def watch_interrupts() -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered: native code (safetensors,
+    torch) may turn the exception into an error of its own, which the runner then reports as the
+    interrupt it was (:func:`interrupted`), not as a broken file. Called by the entry point."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed in this process (see :func:`watch_interrupts`)."""
+    return _INTERRUPT.is_set()

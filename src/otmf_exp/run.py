@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from otmf_exp.config import check_registry, register_configs
-from otmf_exp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RunInterrupted, UserError
+from otmf_exp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RunInterrupted, UserError, watch_interrupts
 from otmf_exp.reporting.summary import print_summary
 from otmf_exp.runner import run_experiment
 from otmf_exp.runtime import sweep
@@ -122,6 +122,7 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    watch_interrupts()
     try:
         _main()
     except KeyboardInterrupt as e:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from otmf_exp.config import check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
-from otmf_exp.errors import RunInterrupted, UserError
+from otmf_exp.errors import RunInterrupted, UserError, interrupted
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone
@@ -147,14 +147,20 @@ class Experiment:
                     matrix, state = self._joint(tracker)
                 result = self._finish(matrix, state, time.perf_counter() - t0)
                 return result
+            except Exception:
+                if not interrupted():  # else native code turned Ctrl-C into an error of its own
+                    raise
+                raise self._interrupted() from None
             except KeyboardInterrupt:
-                keep = self.cfg.protocol == "continual" and self.cfg.keep_checkpoints != "none"
-                raise RunInterrupted(
-                    str(self.out_dir), self.saved_step, len(self.order), keep and self.saved_step > 0
-                ) from None
+                raise self._interrupted() from None
             finally:
                 tracker.finish(result, failed=result is None)
                 detach_log_file(handler)
+
+    def _interrupted(self) -> RunInterrupted:
+        keep = self.cfg.protocol == "continual" and self.cfg.keep_checkpoints != "none"
+        resumable = keep and self.saved_step > 0
+        return RunInterrupted(str(self.out_dir), self.saved_step, len(self.order), resumable)
 
     def _continual(
         self, tracker: Any, start: tuple[ContinualState, dict[str, Any]] | None
@@ -191,7 +197,7 @@ class Experiment:
                 **self._step_records,
             }
             self.records.append(rec)
-            files.write_text(self.out_dir / "steps.jsonl", _jsonl(self.records, self.out_dir))
+            files.write_jsonl(self.out_dir / "steps.jsonl", self.records)
             tracker.log_step(rec)
             log.info(
                 "step %d/%d %-12s avg acc %.2f (merge %.2fs)",
@@ -253,7 +259,7 @@ class Experiment:
             **self._step_records,
         }
         self.records.append(rec)
-        files.write_text(self.out_dir / "steps.jsonl", _jsonl([rec], self.out_dir))
+        files.write_jsonl(self.out_dir / "steps.jsonl", [rec])
         tracker.log_step(rec)
         return [row], state
 
@@ -286,21 +292,13 @@ class Experiment:
             "device": str(self.device),
         }
         if cfg.save_merged:
-            from safetensors.torch import save_file
-
-            merged = {k: v.contiguous().cpu() for k, v in self.method.merged(state, self.pretrained).items()}
-            try:
-                with files.atomic_path(self.out_dir / "merged.safetensors") as tmp:
-                    save_file(merged, str(tmp))
-            except Exception as e:  # OSError or safetensors' wrapper of one (full disk)
-                raise files.write_error(self.out_dir / "merged.safetensors", e) from None
+            merged = self.method.merged(state, self.pretrained)
+            files.write_safetensors(
+                self.out_dir / "merged.safetensors", {k: v.cpu() for k, v in merged.items()}
+            )
         files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
         files.write_json(self.out_dir / "metrics.json", out)
         return out
-
-
-def _jsonl(records: list[dict[str, Any]], out_dir: Path) -> str:
-    return "".join(files.strict_dumps(r, str(out_dir / "steps.jsonl")) + "\n" for r in records)
 
 
 def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:

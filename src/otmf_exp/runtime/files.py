@@ -79,6 +79,22 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, strict_dumps(obj, str(path), indent=2) + "\n")
 
 
+def write_jsonl(path: str | Path, records: list[Any]) -> None:
+    """One strict-JSON line per record (atomic)."""
+    write_text(path, "".join(strict_dumps(r, str(path)) + "\n" for r in records))
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Save ``tensors`` atomically; a failed write is a :class:`UserError` naming ``path``."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    except Exception as e:  # OSError or safetensors' wrapper of one (full disk)
+        raise write_error(path, e) from None
+
+
 def finite_or_null(obj: Any, bad: list[str] | None = None, path: str = "") -> Any:
     """A copy of ``obj`` (dicts, lists, tuples, numbers, tensors/arrays' ``.item()``) with every
     NaN / ±inf replaced by ``None``; the dotted keys replaced are appended to ``bad``."""
