@@ -1,7 +1,8 @@
-"""Resume after SIGKILL, determinism, NaN losses and broken checkpoints."""
+"""Resume after SIGKILL or Ctrl-C, determinism, NaN losses and broken checkpoints."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,59 @@ def test_sigkill_after_step_k_then_resume_matches(tmp_path, uninterrupted, k):
     full, full_steps = uninterrupted
     assert _strip(json.loads((out / "metrics.json").read_text())) == _strip(full)
     assert _steps(out) == full_steps
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_001").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130, err
+    assert len(lines) == 1 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert lines[0].startswith("interrupted after step ") and "(checkpoint kept); resume with: " in lines[0]
+    cmd = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert cmd[-2:] == [f"out_dir={out}", "resume=true"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the printed command, as is
+    assert r.returncode == 0, r.stderr
+    full, full_steps = uninterrupted
+    assert _strip(json.loads((out / "metrics.json").read_text())) == _strip(full)
+    assert _steps(out) == full_steps
+
+
+def test_ctrl_c_line_without_a_checkpoint():
+    from otmf_exp.errors import RunInterrupted
+    from otmf_exp.run import interrupted_line
+
+    line = interrupted_line(RunInterrupted("/r", 0, 8, False), ["alpha=0.5", "out_dir=/old", "resume=false"])
+    assert line.startswith("interrupted; /r has no checkpoint to resume from; rerun with: ")
+    assert line.endswith("-m otmf_exp.run alpha=0.5 out_dir=/r") and "resume" not in line.split("with:")[1]
+    assert interrupted_line(KeyboardInterrupt(), []) == "interrupted"
+
+
+def test_ctrl_c_turned_into_another_error_by_native_code_is_still_the_interrupt(
+    make_cfg, tmp_path, zoo, monkeypatch
+):
+    """Ctrl-C inside safetensors/torch can surface as their own error (seen: a file read failing
+    with a shape error, reported as a broken cache file); once Ctrl-C was pressed, any error is
+    the interrupt, so no good file is called broken."""
+    import otmf_exp.runner as runner
+    from otmf_exp import errors
+
+    def read_cut_short(*a, **k):
+        errors._INTERRUPT.set()  # what the SIGINT handler records
+        raise errors.UserError("cannot read zoo/rot180.safetensors: could not determine the shape; delete it")
+
+    monkeypatch.setattr(runner, "build_backbone", read_cut_short)
+    try:
+        with pytest.raises(errors.RunInterrupted) as e:
+            runner.run_experiment(make_cfg(ORDER, *FAST), tmp_path / "run")
+    finally:
+        errors._INTERRUPT.clear()
+    assert e.value.done == 0 and not e.value.resumable
 
 
 def test_same_seed_identical_metrics(run_cfg):

@@ -145,3 +145,105 @@ def test_run_name_keeps_only_experiment_overrides():
     ]
     assert run_name("otmf", ov) == "otmf alpha=0.5 task_order=shuffled +experiment=paper/ablation_alpha"
     assert run_name("averaging", []) == "averaging"
+
+
+# ---- W&B's environment variables are honoured wherever the config leaves a value null ----------
+_NULL = {
+    "name": "wandb",
+    "mode": None,
+    "project": None,
+    "entity": None,
+    "group": None,
+    "tags": [],
+    "dir": None,
+}
+_RUN = {"method": {"name": "otmf"}, "task_seq": {"name": "digits8"}, "protocol": "continual"}
+_ENV = ("WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS")
+_ENV += ("WANDB_DIR", "WANDB_NAME", "WANDB_JOB_TYPE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in _ENV:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_defaults_without_environment(clean_env):
+    from otmf_exp.tracking.wandb import settings
+
+    s = settings(OmegaConf.create(_NULL), _RUN, "/run")
+    assert (s["mode"], s["project"], s["entity"], s["group"], s["tags"], s["dir"], s["job_type"]) == (
+        "online",
+        "otmf_exp",
+        None,
+        "digits8",
+        [],
+        "/run",
+        "continual",
+    )
+    assert s["name"] == "otmf"
+
+
+def test_environment_fills_what_the_config_leaves_null(clean_env):
+    from otmf_exp.tracking.wandb import settings
+
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_PROJECT": "proj",
+        "WANDB_ENTITY": "team",
+        "WANDB_RUN_GROUP": "grp",
+        "WANDB_TAGS": "a, b",
+        "WANDB_DIR": "/wb",
+        "WANDB_NAME": "my run",
+        "WANDB_JOB_TYPE": "eval",
+    }
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    s = settings(OmegaConf.create(_NULL), _RUN, "/run")
+    assert (s["mode"], s["project"], s["entity"], s["group"], s["tags"], s["dir"]) == (
+        "offline",
+        "proj",
+        "team",
+        "grp",
+        ["a", "b"],
+        "/wb",
+    )
+    assert s["name"] == "my run" and s["job_type"] == "eval"
+    # a value set in the config wins
+    cfg = {**_NULL, "mode": "disabled", "project": "mine", "group": "g", "tags": ["t"], "dir": "/d"}
+    s = settings(OmegaConf.create(cfg), _RUN, "/run")
+    assert (s["mode"], s["project"], s["group"], s["tags"], s["dir"]) == (
+        "disabled",
+        "mine",
+        "g",
+        ["t"],
+        "/d",
+    )
+
+
+def test_wandb_disabled_and_a_bad_mode(clean_env):
+    from otmf_exp.errors import UserError
+    from otmf_exp.tracking.wandb import settings
+
+    clean_env.setenv("WANDB_DISABLED", "true")
+    assert settings(OmegaConf.create(_NULL), _RUN, "/r")["mode"] == "disabled"
+    clean_env.delenv("WANDB_DISABLED")
+    clean_env.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(UserError, match="WANDB_MODE must be online, offline or disabled, got 'sometimes'"):
+        WandbTracker(OmegaConf.create(_NULL))
+
+
+def test_wandb_mode_offline_from_the_environment_end_to_end(run_cfg, clean_env):
+    """``logger=wandb`` without logger.mode: WANDB_MODE=offline gives an offline run in the run dir."""
+    clean_env.setenv("WANDB_MODE", "offline")
+    clean_env.setenv("WANDB_SILENT", "true")
+    m, out = run_cfg("method=pretrained", "logger=wandb", *FAST)
+    (run,) = _offline_runs(out)
+    assert read_offline_run(run)["config"]["method"]["name"] == "pretrained"
+
+
+def test_wandb_mode_disabled_from_the_environment_writes_nothing(run_cfg, clean_env):
+    clean_env.setenv("WANDB_MODE", "disabled")
+    m, out = run_cfg("method=pretrained", "logger=wandb", *FAST)
+    assert (out / "metrics.json").exists() and not (out / "wandb").exists()

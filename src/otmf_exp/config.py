@@ -6,12 +6,15 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from otmf_exp.errors import UserError
 
@@ -64,8 +67,10 @@ class TaskSeqConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"
-    mode: str = "disabled"
-    project: str = "otmf_exp"
+    #: online | offline | disabled; null = $WANDB_MODE, else online
+    mode: str | None = "disabled"
+    #: null = $WANDB_PROJECT, else otmf_exp
+    project: str | None = None
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -103,12 +108,34 @@ class RunConfig:
     deterministic: bool = True
 
 
+def _stamp() -> str:
+    """A run's directory name: time to the second plus 6 random hex digits (unique even for runs
+    started in the same second; cached per config, so one run resolves it once)."""
+    import uuid
+    from datetime import datetime
+
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{uuid.uuid4().hex[:6]}"
+
+
+def _run_dir(out_dir: str | None, default: str) -> str:
+    # out_dir given: Hydra stays in the current directory, where it writes nothing (no .hydra/, no
+    # log file: conf/run.yaml), so the run writes only into out_dir; else the unique default dir
+    return "." if out_dir not in (None, "") else default
+
+
+def register_resolvers() -> None:
+    """``${stamp:}`` (a unique run-dir name) and ``${run_dir:${out_dir},default}`` (``hydra.run.dir``)."""
+    OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore under ``schema/`` (never a choice of a user-facing
     group): a group's YAML extends its schema with ``- /schema/<group>@_here_`` and a method's with
     ``- /schema/method/<name>@_here_``, so a typo in any key fails at compose time."""
     from otmf_exp.merging import METHODS
 
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema", name="backbone", node=BackboneConfig)
@@ -204,8 +231,12 @@ def method_config(cfg: DictConfig) -> Any:
 
 
 def check_run_config(cfg: DictConfig) -> None:
+    """Every check of a composed config that needs no model or data: the generic value rules
+    (:func:`check_values`), the top-level choices and the device. One :class:`UserError` line."""
     from otmf_exp.merging import METHODS
+    from otmf_exp.runtime.session import check_device
 
+    check_values(cfg)
     if cfg.protocol not in ("continual", "joint"):
         raise UserError(f"protocol must be 'continual' or 'joint', got {cfg.protocol!r}")
     cls = METHODS.get(cfg.method.name)
@@ -215,5 +246,86 @@ def check_run_config(cfg: DictConfig) -> None:
         )
     if cfg.keep_checkpoints not in ("last", "all", "none"):
         raise UserError(f"keep_checkpoints must be last, all or none, got {cfg.keep_checkpoints!r}")
-    if cfg.backbone.batch_size < 1:
-        raise UserError(f"backbone.batch_size must be >= 1, got {cfg.backbone.batch_size}")
+    for key, allowed in _CHOICES.items():
+        v = OmegaConf.select(cfg, key)
+        if v not in allowed:
+            raise UserError(f"{key} must be one of {[a for a in allowed if a is not None]}, got {v!r}")
+    check_device(str(cfg.device))
+
+
+#: top-level / group choices not covered by a method's ``validate`` (None = "not set")
+_CHOICES = {
+    "backbone.autocast": ("float32", "bfloat16", "float16"),
+    "backbone.features": ("mean_pool", "first_token"),
+    "backbone.variant": ("full", "lora"),
+    "logger.mode": ("online", "offline", "disabled", None),
+}
+
+
+# ---- the value rules, by field name (one walk over the composed config) ---------------------------
+#: split names every task-data loader knows (``data.base.SPLITS``)
+SPLITS = ("train", "validation", "test")
+#: seeds: numpy's range (torch accepts it too; the per-step seed ``seed·1000 + step`` stays in range)
+SEED_MAX = 2**32 - 1
+_COUNTS = ("steps", "iterations", "epochs")
+_COUNT_SUFFIXES = ("_steps", "_iterations", "_epochs", "_batches")
+
+
+def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a plain container (lists index as ``key[i]``)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with leaf ``name`` = ``value`` under the rules by name (README
+    "Configuration": finite floats, ``*split``, ``*_seed``, counts, ``*_lr``, coefficients ≥ 0), or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if name.endswith("split"):
+        return None if value in SPLITS else f"must be one of {list(SPLITS)}, got {value!r}"
+    if not isinstance(value, (int, float)):
+        return None
+    if name == "seed" or name.endswith("_seed"):
+        ok = isinstance(value, int) and 0 <= value <= SEED_MAX
+        return None if ok else f"must be an integer in [0, {SEED_MAX}], got {value}"
+    if name.endswith("batch_size"):
+        return None if value >= 1 else f"must be >= 1, got {value}"
+    if name.endswith("workers") or name in _COUNTS or name.endswith(_COUNT_SUFFIXES):
+        return None if value >= 0 else f"must be >= 0, got {value}"
+    if name.startswith("max_") and isinstance(value, int):
+        return None if value >= 1 else f"must be >= 1, got {value}"
+    if name == "lr" or name.endswith("_lr"):
+        return None if value > 0 else f"must be > 0, got {value}"
+    if name in ("scaling", "alpha") or name.endswith("_scaling"):
+        return None if value >= 0 else f"must be >= 0 (coefficients are never negative), got {value}"
+    return None
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One walk over the whole composed config (top level, ``backbone``, ``task_seq``, ``logger``,
+    ``method.*`` at any depth): the first leaf breaking a rule of :func:`value_problem` is a UserError
+    naming its dotted key. Rules go by field name, so a new method's fields are covered as soon
+    as they follow the naming (``*_batch_size``, ``*_split``, ``*_seed``, ...)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
+    for path, value in _leaves(plain):
+        problem = value_problem(path.rsplit(".", 1)[-1], value)
+        if problem:
+            raise UserError(f"{path} {problem}")
+    sizes = plain.get("task_seq", {}).get("split_sizes") or {}
+    for split, n in sizes.items():
+        if split not in SPLITS:
+            raise UserError(f"task_seq.split_sizes.{split}: not a split name; use {list(SPLITS)}")
+        if not isinstance(n, int) or n < 0:
+            raise UserError(f"task_seq.split_sizes.{split} must be >= 0, got {n}")

@@ -1,28 +1,41 @@
-"""Hydra entry point: compose -> run_experiment -> metrics dict.
+"""Hydra entry point: compose -> run_experiment -> metrics dict; one line for every way a run ends badly.
 
 python -m otmf_exp.run                              # offline digits8 suite
 python -m otmf_exp.run task_seq=vit8 alpha=0.8      # ViT-B/32 on TA8 (needs the hub)
 python -m otmf_exp.run -m method=averaging,task_arithmetic
+
+* bad input: ``error: <one line>`` on stderr, exit code 2;
+* Ctrl-C: one line with the command that resumes the run, exit code 130;
+* multirun (``-m``): a failing job is reported and recorded, the other jobs still run; the sweep
+  ends with the list of failed jobs (``<sweep dir>/failed_jobs.jsonl``) and a non-zero exit code
+  (:class:`SweepReport`, registered in ``conf/run.yaml`` under ``hydra.callbacks``).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from otmf_exp.config import check_registry, register_configs
-from otmf_exp.errors import EXIT_USER_ERROR, UserError
+from otmf_exp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RunInterrupted, UserError, watch_interrupts
 from otmf_exp.reporting.summary import print_summary
 from otmf_exp.runner import run_experiment
+from otmf_exp.runtime import sweep
 
 log = logging.getLogger("otmf_exp")
 register_configs()
+
+#: the job running now, for the Ctrl-C line: its overrides
+_CURRENT: dict[str, Any] = {}
 
 
 def _out_dir(cfg: DictConfig) -> Path:
@@ -31,16 +44,75 @@ def _out_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _drop_if_empty(path: Path) -> None:
+    """Remove a run dir Hydra created for a run that failed before writing anything."""
+    try:
+        path.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
 @hydra.main(version_base="1.3", config_path="pkg://otmf_exp.conf", config_name="run")
 def _main(cfg: DictConfig) -> Any:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    overrides = [str(o) for o in hc.overrides.task]
+    _CURRENT["overrides"] = overrides
+    job_dir = Path(hc.runtime.output_dir)
     try:
+        if multirun and cfg.out_dir and hc.job.num > 0:
+            raise UserError(
+                f"out_dir={cfg.out_dir} would be shared by every job of this sweep; drop out_dir "
+                "(each job gets <sweep dir>/<job>) or run that job alone"
+            )
         result = run_experiment(cfg, _out_dir(cfg))
     except UserError as e:
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        print(f"error: job #{hc.job.num}: {e}" if multirun else f"error: {e}", file=sys.stderr)
+        if not cfg.out_dir or multirun:
+            _drop_if_empty(job_dir)
+        if not multirun:
+            sys.exit(EXIT_USER_ERROR)
+        sweep.record_failure(hc.sweep.dir, int(hc.job.num), overrides, str(e), "UserError")
+        return None
+    except Exception as e:  # a crash in one job must not end the sweep; in a single run it is a bug
+        if not multirun:
+            raise
+        log.exception("job #%s crashed", hc.job.num)
+        first = (str(e).splitlines() or [""])[0]
+        sweep.record_failure(
+            hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
+        )
+        return None
+    finally:
+        if multirun and cfg.out_dir:
+            _drop_if_empty(job_dir)  # the sweep's job dir, unused when out_dir was given
     print_summary(result)
     return result["acc"]
+
+
+class SweepReport(Callback):
+    """Lists a sweep's failed jobs when it ends and exits non-zero (2: bad input only, 1: a crash)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep.reset(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = sweep.failures(config.hydra.sweep.dir)
+        if rows:
+            print("\n".join(sweep.report(config.hydra.sweep.dir, rows)), file=sys.stderr)
+            sys.exit(sweep.exit_code(rows))
+
+
+def interrupted_line(e: KeyboardInterrupt, overrides: list[str]) -> str:
+    """The one line printed on Ctrl-C: where the run stopped and the command that continues it."""
+    if not isinstance(e, RunInterrupted):
+        return "interrupted"
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("out_dir", "resume")]
+    if not e.resumable:
+        cmd = shlex.join([sys.executable, "-m", "otmf_exp.run", *keep, f"out_dir={e.out_dir}"])
+        return f"interrupted; {e.out_dir} has no checkpoint to resume from; rerun with: {cmd}"
+    cmd = shlex.join([sys.executable, "-m", "otmf_exp.run", *keep, f"out_dir={e.out_dir}", "resume=true"])
+    return f"interrupted after step {e.done} of {e.total} (checkpoint kept); resume with: {cmd}"
 
 
 def main() -> None:
@@ -50,7 +122,12 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    _main()
+    watch_interrupts()
+    try:
+        _main()
+    except KeyboardInterrupt as e:
+        print(interrupted_line(e, _CURRENT.get("overrides", [])), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

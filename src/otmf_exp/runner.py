@@ -8,60 +8,31 @@ completed), ``run.log``, optional ``merged.safetensors`` and ``checkpoints/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from otmf_exp.config import check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
-from otmf_exp.errors import UserError
+from otmf_exp.errors import RunInterrupted, UserError, interrupted
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone
 from otmf_exp.reporting import metrics
-from otmf_exp.runtime import checkpoint, files
+from otmf_exp.runtime import checkpoint, files, resume
 from otmf_exp.runtime.files import check_writable
+from otmf_exp.runtime.lock import RunDirLock
 from otmf_exp.runtime.measure import current_memory_mb, measure
+from otmf_exp.runtime.session import attach_log_file, detach_log_file, resolve_device, seed_everything
 from otmf_exp.tracking import make_tracker
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available; use device=cpu")
-    return torch.device(name)
-
-
-def _attach_log_file(out_dir: Path) -> logging.Handler | None:
-    root = logging.getLogger()
-    path = (out_dir / "run.log").resolve()
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
-        return None
-    h = logging.FileHandler(path)
-    h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    root.addHandler(h)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    return h
 
 
 class Experiment:
@@ -70,13 +41,16 @@ class Experiment:
     def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        # --- validation before any heavy work ---
+        # --- validation before any heavy work (nothing in out_dir is touched before it passes) ---
         check_run_config(cfg)
         self.order = resolve_order(cfg)
         self.method_cfg = method_config(cfg)
+        self.result_config = resume.result_config(
+            OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(self.method_cfg, resolve=True)
+        )
         check_writable(self.out_dir)
-        (self.out_dir / "metrics.json").unlink(missing_ok=True)  # a stale result must not survive a rerun
         self.device = resolve_device(cfg.device)
+        self.saved_step = 0  # last checkpointed continual step
         self.eval_bs = int(cfg.backbone.batch_size)
         self.records: list[dict[str, Any]] = []
         self._step_records: dict[str, Any] = {}
@@ -146,46 +120,60 @@ class Experiment:
         self.baseline_memory_mb = current_memory_mb(self.device)  # θ₀, data handles and heads loaded
 
     def run(self) -> dict[str, Any]:
-        handler = _attach_log_file(self.out_dir)
-        tracker = make_tracker(self.cfg.get("logger"))
-        result = None
-        try:
-            self.setup()
-            files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-            tracker.start(OmegaConf.to_container(self.cfg, resolve=True), str(self.out_dir))
-            t0 = time.perf_counter()
-            if self.cfg.protocol == "continual":
-                matrix, state = self._continual(tracker)
-            else:
-                matrix, state = self._joint(tracker)
-            result = self._finish(matrix, state, time.perf_counter() - t0)
-            return result
-        finally:
-            tracker.finish(result, failed=result is None)
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
+        with RunDirLock(self.out_dir):  # one run at a time in out_dir (one line if another owns it)
+            handler = attach_log_file(self.out_dir)
+            tracker = make_tracker(self.cfg.get("logger"))
+            result = None
+            try:
+                resume.precheck(self.cfg, self.out_dir, self.result_config)  # before heavy work
+                self.setup()
+                start = resume.start(
+                    self.cfg,
+                    self.out_dir,
+                    self.device,
+                    self.method,
+                    self.pretrained,
+                    self.result_config,
+                    self.order,
+                )
+                # only now, with every check passed, may a previous result in out_dir go
+                (self.out_dir / "metrics.json").unlink(missing_ok=True)
+                files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+                tracker.start(OmegaConf.to_container(self.cfg, resolve=True), str(self.out_dir))
+                t0 = time.perf_counter()
+                if self.cfg.protocol == "continual":
+                    matrix, state = self._continual(tracker, start)
+                else:
+                    matrix, state = self._joint(tracker)
+                result = self._finish(matrix, state, time.perf_counter() - t0)
+                return result
+            except Exception:
+                if not interrupted():  # else native code turned Ctrl-C into an error of its own
+                    raise
+                raise self._interrupted() from None
+            except KeyboardInterrupt:
+                raise self._interrupted() from None
+            finally:
+                tracker.finish(result, failed=result is None)
+                detach_log_file(handler)
 
-    def _continual(self, tracker: Any) -> tuple[list[list[float | None]], ContinualState]:
+    def _interrupted(self) -> RunInterrupted:
+        keep = self.cfg.protocol == "continual" and self.cfg.keep_checkpoints != "none"
+        resumable = keep and self.saved_step > 0
+        return RunInterrupted(str(self.out_dir), self.saved_step, len(self.order), resumable)
+
+    def _continual(
+        self, tracker: Any, start: tuple[ContinualState, dict[str, Any]] | None
+    ) -> tuple[list[list[float | None]], ContinualState]:
         cfg = self.cfg
         state = self.method.init(self.pretrained)
         rows: list[list[float]] = []
-        start = 0
-        if cfg.resume:
-            found = checkpoint.load_latest(self.out_dir, self.device)
-            if found is not None:
-                step, tensors, doc = found
-                state, prog = self.method.load_state(step, tensors, doc["scalars"]), doc["progress"]
-                if prog["order"] != self.order or prog["method"] != cfg.method.name:
-                    raise UserError(
-                        f"checkpoint in {self.out_dir} is for another order or method; use a new out_dir"
-                    )
-                rows, self.records, self.individual = prog["rows"], prog["records"], prog["individual"]
-                start = state.step
-                log.info("resuming from step %d of %d", start, len(self.order))
-        if start == 0:  # a fresh run never mixes with another run's checkpoints
-            shutil.rmtree(checkpoint.ckpt_root(self.out_dir), ignore_errors=True)
-        for i in range(start, len(self.order)):
+        if start is not None:
+            state, prog = start
+            rows, self.records, self.individual = prog["rows"], prog["records"], prog["individual"]
+            self.saved_step = state.step
+            log.info("resuming from step %d of %d", state.step, len(self.order))
+        for i in range(state.step, len(self.order)):
             seed_everything(int(cfg.seed) * 1000 + i)  # per-step seeding: resumed == uninterrupted
             self._step_records = {}
             task = self._task(i, self.order[i - 1] if i > 0 else None)
@@ -209,9 +197,7 @@ class Experiment:
                 **self._step_records,
             }
             self.records.append(rec)
-            files.write_text(
-                self.out_dir / "steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
-            )
+            files.write_jsonl(self.out_dir / "steps.jsonl", self.records)
             tracker.log_step(rec)
             log.info(
                 "step %d/%d %-12s avg acc %.2f (merge %.2fs)",
@@ -233,10 +219,13 @@ class Experiment:
                         "rows": rows,
                         "records": self.records,
                         "individual": self.individual,
+                        "config": self.result_config,
+                        "config_hash": resume.config_hash(self.result_config),
                     },
                 },
                 cfg.keep_checkpoints,
             )
+            self.saved_step = state.step
         matrix = [list(r) + [None] * (len(self.order) - len(r)) for r in rows]
         return matrix, state
 
@@ -270,7 +259,7 @@ class Experiment:
             **self._step_records,
         }
         self.records.append(rec)
-        files.write_text(self.out_dir / "steps.jsonl", json.dumps(rec) + "\n")
+        files.write_jsonl(self.out_dir / "steps.jsonl", [rec])
         tracker.log_step(rec)
         return [row], state
 
@@ -303,11 +292,10 @@ class Experiment:
             "device": str(self.device),
         }
         if cfg.save_merged:
-            from safetensors.torch import save_file
-
-            merged = {k: v.contiguous().cpu() for k, v in self.method.merged(state, self.pretrained).items()}
-            with files.atomic_path(self.out_dir / "merged.safetensors") as tmp:
-                save_file(merged, str(tmp))
+            merged = self.method.merged(state, self.pretrained)
+            files.write_safetensors(
+                self.out_dir / "merged.safetensors", {k: v.cpu() for k, v in merged.items()}
+            )
         files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
         files.write_json(self.out_dir / "metrics.json", out)
         return out

@@ -36,6 +36,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("OTMF_EXP_CACHE", Path.home() / ".cache" / "otmf_exp"))
 
 
+def writable_cache(path: Path) -> Path:
+    """``path`` (under the cache root) created and proven writable, else one-line :class:`UserError`
+    naming it and ``OTMF_EXP_CACHE`` (checked before anything is built into it)."""
+    import uuid
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"cache directory {path} is not writable ({e.strerror or e}); set OTMF_EXP_CACHE to a "
+            "writable directory with free space"
+        ) from None
+    return path
+
+
 def fetch_hint(repo_id: str, field: str, repo_type: str = "model") -> str:
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
     return (

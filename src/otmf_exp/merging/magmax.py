@@ -12,6 +12,7 @@ stays exact for λ = 0 and keeps the running vector free of a (·/λ)·λ round 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,8 @@ class MagMax(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        if cfg.scaling < 0:
-            raise UserError(f"method.scaling must be >= 0, got {cfg.scaling}")
+        if not (math.isfinite(cfg.scaling) and cfg.scaling >= 0):
+            raise UserError(f"method.scaling must be a finite number >= 0, got {cfg.scaling}")
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         merged = magmax_step(state.merged, task.task_vector(pretrained), float(self.cfg.scaling))

@@ -32,6 +32,7 @@ parameter (FusionBench rescales all ``named_parameters``). Default: merge them a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,8 +174,8 @@ class OPCM(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        if cfg.alpha < 0:
-            raise UserError(f"method.alpha must be >= 0, got {cfg.alpha}")
+        if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
+            raise UserError(f"method.alpha must be a finite number >= 0, got {cfg.alpha}")
         if cfg.svd_dtype not in SVD_DTYPES:
             raise UserError(f"method.svd_dtype must be one of {list(SVD_DTYPES)}, got {cfg.svd_dtype!r}")
 

@@ -26,6 +26,7 @@ Protocols (``scaling`` λ; ``null`` = 0.3 joint, 0.5 continual):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,8 @@ class Ties(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        if cfg.scaling is not None and cfg.scaling < 0:
-            raise UserError(f"method.scaling must be >= 0 or null, got {cfg.scaling}")
+        if cfg.scaling is not None and not (math.isfinite(cfg.scaling) and cfg.scaling >= 0):
+            raise UserError(f"method.scaling must be a finite number >= 0 or null, got {cfg.scaling}")
         if not 0.0 < cfg.density <= 1.0:
             raise UserError(f"method.density must be a fraction in (0, 1], got {cfg.density}")
         if cfg.topk_scope not in SCOPES:

@@ -1,10 +1,11 @@
 """The offline suite's model zoo: the pre-trained tower once, each task's model on demand, cached.
 
 ``python -m otmf_exp.offline.zoo build [--tasks a,b]`` builds (or verifies) the cache;
-``python -m otmf_exp.offline.zoo export DIR [--tasks a,b]`` writes ``pretrained.safetensors``, one
-``<task>.safetensors`` per task (vision-tower state dicts), ``heads.safetensors`` and
+``python -m otmf_exp.offline.zoo export DIR [--tasks a,b] [--force]`` writes ``pretrained.safetensors``,
+one ``<task>.safetensors`` per task (vision-tower state dicts), ``heads.safetensors`` and
 ``config.json`` (the module config and recipe) so other merging tools can run on exactly the same
-models. Without ``--tasks``, the tasks of ``conf/task_seq/digits8.yaml``.
+models; atomically (a temp dir renamed into place), refusing a non-empty DIR unless ``--force``.
+Without ``--tasks``, the tasks of ``conf/task_seq/digits8.yaml``.
 
 Cache layout, in ``$OTMF_EXP_CACHE`` (default ``~/.cache/otmf_exp``)::
 
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -36,8 +38,9 @@ from safetensors.torch import load_file, save_file
 from otmf_exp.data import digits
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
+from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.offline import tiny_clip as tiny
-from otmf_exp.runtime.files import atomic_path, write_json
+from otmf_exp.runtime.files import replace_dir, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,17 @@ def stored_key(path: Path) -> str | None:
 
 def publish(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     """Save ``tensors`` (metadata ``key``) to a temp file beside ``path``, then move it into place;
-    a file with the same key that another process published meanwhile is kept (theirs)."""
+    a file with the same key that another process published meanwhile is kept (theirs). A failed
+    write (full disk, permissions) is one line naming the file."""
+    try:
+        _publish(path, tensors, key)
+    except UserError:
+        raise
+    except Exception as e:  # OSError, or safetensors' wrapper of one
+        raise write_error(path, e, "set OTMF_EXP_CACHE to a writable directory with free space") from None
+
+
+def _publish(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -164,6 +177,7 @@ class DigitsZoo:
         pre_missing = not self.pretrained_path.exists()
         if not todo and not pre_missing:
             return self.dir
+        writable_cache(self.dir)  # before minutes of training, not after
         log.info("building the offline digits zoo into %s: %s", self.dir, ", ".join(todo) or "pre-trained")
         with Progress(disable=not self.progress, transient=True) as bar:
             job = bar.add_task("build digits zoo", total=len(todo) + pre_missing)
@@ -214,18 +228,22 @@ class DigitsZoo:
             self._load_task(task)
         return self._heads[task]
 
-    def export(self, out: Path, tasks: Iterable[str] | None = None) -> Path:
-        """Write the pre-trained tower, one state dict per task, the heads and ``config.json`` to ``out``."""
+    def export(self, out: Path, tasks: Iterable[str] | None = None, force: bool = False) -> Path:
+        """Write the pre-trained tower, one state dict per task, the heads and ``config.json`` to
+        ``out``. A non-empty ``out`` is refused unless ``force`` (then replaced as a whole). The
+        files are written into a temp directory beside ``out`` and moved into place at the end,
+        so ``out`` is never half-written."""
         tasks = list(dict.fromkeys(suite_tasks() if tasks is None else tasks))
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+            raise UserError(
+                f"{out} exists and is not empty; choose a new directory or pass --force to replace it"
+            )
         self.build(tasks)
-        out.mkdir(parents=True, exist_ok=True)
         module = self.pretrained_module()
         files = {"pretrained": _load(self.pretrained_path, "the pre-trained tower")}
         files |= {t: self.finetuned_state(t)[0] for t in tasks}
         files["heads"] = {t: self.head(t) for t in tasks}
-        for name, tensors in files.items():
-            with atomic_path(out / f"{name}.safetensors") as tmp:
-                save_file(tensors, str(tmp))
         cfg = {
             "module_config": module.config.to_dict(),
             "recipe": self.recipe.as_dict(),
@@ -234,7 +252,21 @@ class DigitsZoo:
             "task_seeds": {t: self.task_seed(t) for t in tasks},
             "task_keys": {t: self.task_key(t) for t in tasks},
         }
-        write_json(out / "config.json", cfg)
+        staged = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            for name, tensors in files.items():
+                save_file(tensors, str(staged / f"{name}.safetensors"))
+            write_json(staged / "config.json", cfg)
+            replace_dir(staged, out)
+        except UserError:
+            raise
+        except Exception as e:  # OSError or safetensors' wrapper of one (full disk, permissions)
+            raise write_error(out, e) from None
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return out
 
 
@@ -256,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="export the zoo as safetensors state dicts + config.json")
     ex.add_argument("dir", type=Path)
     ex.add_argument("--tasks", help=tasks_help)
+    ex.add_argument("--force", action="store_true", help="replace DIR when it exists and is not empty")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         zoo, tasks = DigitsZoo(), _task_list(args.tasks)
-        result = zoo.build(tasks) if args.cmd == "build" else zoo.export(args.dir, tasks)
+        result = zoo.build(tasks) if args.cmd == "build" else zoo.export(args.dir, tasks, force=args.force)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,15 +1,17 @@
 """Per-step checkpoints of a method's carried state, for resuming pre-empted continual runs.
 
 Layout: ``<run>/checkpoints/step_XXX/{state.safetensors, progress.json}``; each step directory
-is written under a temp name and renamed (atomic). Tensors go to safetensors (never pickle);
-which tensors make up a state is the method's business (``MergeMethod.state_tensors`` /
-``load_state``), so this module knows nothing about any method.
+is written under a temp name and renamed (atomic), and older steps are removed only after the
+new one is in place, so a failed write (full disk) keeps the last good checkpoint. Tensors go to
+safetensors (never pickle); which tensors make up a state is the method's business
+(``MergeMethod.state_tensors`` / ``load_state``), so this module knows nothing about any method.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +19,102 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from otmf_exp.errors import UserError
-from otmf_exp.runtime.files import atomic_dir
+from otmf_exp.runtime.files import atomic_dir, strict_dumps, write_error
+
+STATE, DOC = "state.safetensors", "progress.json"
 
 
 def ckpt_root(out_dir: Path) -> Path:
     return out_dir / "checkpoints"
 
 
+def steps(out_dir: Path) -> list[Path]:
+    """The completed step directories, oldest first."""
+    return sorted(ckpt_root(out_dir).glob("step_[0-9][0-9][0-9]"))
+
+
 def save(out_dir: Path, step: int, tensors: dict[str, Tensor], doc: dict[str, Any], keep: str) -> None:
-    """Write the checkpoint after ``step``: ``tensors`` (safetensors) and ``doc`` (JSON).
-    ``keep``: last | all | none."""
+    """Write the checkpoint after ``step``: ``tensors`` (safetensors) and ``doc`` (strict JSON).
+    ``keep``: last | all | none. A failed write is a :class:`UserError` naming the file; the
+    previous checkpoint stays."""
     if keep == "none":
         return
     root = ckpt_root(out_dir)
     target = root / f"step_{step:03d}"
     if target.exists():
         shutil.rmtree(target)
-    with atomic_dir(target) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors")
-        )
-        (tmp / "progress.json").write_text(json.dumps({"step": step, **doc}, default=float))
-    if keep == "last":
-        for d in root.glob("step_*"):
-            if d != target:
-                shutil.rmtree(d, ignore_errors=True)
-
-
-def load_latest(out_dir: Path, device: Any) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
-    """``(step, tensors, doc)`` of the last completed step, or None when there is no checkpoint."""
-    steps = sorted(ckpt_root(out_dir).glob("step_[0-9][0-9][0-9]"))
-    if not steps:
-        return None
-    d = steps[-1]
+    previous = [d for d in steps(out_dir) if d != target]
+    kept = f"the last good checkpoint {previous[-1].name} is kept" if previous else "no step was saved"
+    current = target / STATE
     try:
-        tensors = load_file(str(d / "state.safetensors"), device=str(device))
-        doc = json.loads((d / "progress.json").read_text())
-    except Exception as e:
-        raise UserError(
-            f"checkpoint {d} is unreadable ({e}); delete it to restart from the previous step"
-        ) from None
+        with atomic_dir(target) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE))
+            current = target / DOC
+            (tmp / DOC).write_text(strict_dumps({"step": step, **doc}, str(target / DOC)))
+    except Exception as e:  # OSError, or safetensors' wrapper of one (full disk, permissions)
+        raise write_error(current, e, f"{kept}; resume with resume=true") from None
+    if keep == "last":
+        for d in previous:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def broken_message(path: Path, problem: str) -> str:
+    """The one line for an unusable checkpoint file, corrupted or structurally wrong."""
+    return (
+        f"checkpoint {path} is unreadable ({problem}); delete {path.parent} and rerun with "
+        "resume=true (it continues from the step before, or starts fresh if none is left)"
+    )
+
+
+def latest_doc(
+    out_dir: Path, check: Callable[[Any], str | None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """``(step dir, doc)`` of the last completed step (no tensors read), or None when there is no
+    checkpoint. ``check(doc)`` returns what is structurally wrong with a parsed doc (or None); a
+    corrupted or structurally wrong ``progress.json`` is a :class:`UserError` naming it."""
+    found = steps(out_dir)
+    if not found:
+        return None
+    d = found[-1]
+    try:
+        doc = json.loads((d / DOC).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(broken_message(d / DOC, _reason(e))) from None
+    problem = _doc_problem(doc) or (check(doc) if check is not None else None)
+    if problem:
+        raise UserError(broken_message(d / DOC, problem))
+    if doc["step"] != int(d.name.removeprefix("step_")):
+        raise UserError(broken_message(d / DOC, f"it records step {doc['step']}, not {d.name}"))
+    return d, doc
+
+
+def load_latest(
+    out_dir: Path, device: Any, check: Callable[[Any], str | None] | None = None
+) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
+    """``(step, tensors, doc)`` of the last completed step, or None when there is no checkpoint;
+    see :func:`latest_doc`. A damaged ``state.safetensors`` is a :class:`UserError` naming it."""
+    found = latest_doc(out_dir, check)
+    if found is None:
+        return None
+    d, doc = found
+    try:
+        tensors = load_file(str(d / STATE), device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise UserError(broken_message(d / STATE, _reason(e))) from None
     return int(doc["step"]), tensors, doc
+
+
+def _doc_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, found {type(doc).__name__}"
+    if not isinstance(doc.get("step"), int) or isinstance(doc.get("step"), bool):
+        return "'step' missing or not an integer"
+    if not isinstance(doc.get("scalars"), dict):
+        return "'scalars' missing or not an object"
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -1,8 +1,16 @@
-"""Atomic file writes: a reader never sees a half-written result."""
+"""Atomic file writes (a reader never sees a half-written result) and strict JSON.
+
+JSON written here is strict (RFC 8259: no ``NaN`` / ``Infinity`` tokens): a non-finite float is
+written as ``null`` and logged as a warning naming its key (:func:`finite_or_null`). A failed
+write (full disk, permissions) is a :class:`UserError` naming the file and the fix.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -14,10 +22,14 @@ from typing import Any
 
 from otmf_exp.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the same directory; rename it onto ``path`` on success."""
+    """Yield a temp path in the same directory; rename it onto ``path`` on success (``OSError`` as
+    raised: callers that can go on without the file catch it; :func:`write_text` turns it into a
+    :class:`UserError`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,13 +42,76 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_error(path: str | Path, e: BaseException, fix: str | None = None) -> UserError:
+    """One line for a failed write of ``path``: the reason and the fix (free space / permissions).
+    ``e`` may be an ``OSError`` or a library's wrapper of one (safetensors' ``SafetensorError``)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else text
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+        s in text for s in ("StorageFull", "No space left", "QuotaExceeded", "Disk quota")
+    )
+    if fix is None:
+        fix = "free space on its disk and rerun" if full else "make its directory writable or write elsewhere"
+    elif full:
+        fix = f"free space on its disk; {fix}"
+    return UserError(f"cannot write {path} ({reason}); {fix}")
+
+
 def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def strict_dumps(obj: Any, where: str = "", **kwargs: Any) -> str:
+    """``json.dumps`` with non-finite floats as ``null`` (warned about, naming ``where`` and the
+    key) and ``allow_nan=False``, so the text is strict JSON."""
+    bad: list[str] = []
+    clean = finite_or_null(obj, bad)
+    if bad:
+        log.warning("%s: non-finite values written as null: %s", where or "JSON", ", ".join(bad[:10]))
+    return json.dumps(clean, allow_nan=False, default=_default, **kwargs)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
+    write_text(path, strict_dumps(obj, str(path), indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[Any]) -> None:
+    """One strict-JSON line per record (atomic)."""
+    write_text(path, "".join(strict_dumps(r, str(path)) + "\n" for r in records))
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Save ``tensors`` atomically; a failed write is a :class:`UserError` naming ``path``."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    except Exception as e:  # OSError or safetensors' wrapper of one (full disk)
+        raise write_error(path, e) from None
+
+
+def finite_or_null(obj: Any, bad: list[str] | None = None, path: str = "") -> Any:
+    """A copy of ``obj`` (dicts, lists, tuples, numbers, tensors/arrays' ``.item()``) with every
+    NaN / ±inf replaced by ``None``; the dotted keys replaced are appended to ``bad``."""
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (ValueError, RuntimeError):  # a multi-element tensor/array: serialise as a list
+            obj = obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if bad is not None:
+            bad.append(path or "<value>")
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v, bad, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v, bad, f"{path}[{i}]") for i, v in enumerate(obj)]
+    return obj
 
 
 def _default(o: Any) -> Any:
@@ -60,6 +135,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(staged: str | Path, out: str | Path) -> None:
+    """Move the complete directory ``staged`` to ``out`` (same file system); an existing ``out`` is
+    moved aside first and deleted only once the new one is in place."""
+    staged, out = Path(staged), Path(out)
+    old = out.with_name(f".{out.name}.old")
+    _remove(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def check_writable(out_dir: Path) -> None:

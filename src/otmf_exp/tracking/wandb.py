@@ -19,10 +19,14 @@ What one run sends (one W&B run per experiment, also per multirun job):
 - ``finish(exit_code=1)`` when the run failed, ``finish()`` otherwise; every multirun job
   starts with ``reinit="finish_previous"`` so no state leaks from the previous job.
 
-``mode``: ``online`` (default of ``conf/logger/wandb.yaml``), ``offline`` (files only, in
-``<run dir>/wandb/offline-run-*``; ``wandb sync`` uploads them later), ``disabled`` (no W&B
-at all: :func:`otmf_exp.tracking.make_tracker` returns the null tracker). ``dir`` defaults to the
-run directory. :func:`read_offline_run` reads an offline run's records back without a network.
+``mode``: ``online``, ``offline`` (files only, in ``<run dir>/wandb/offline-run-*``; ``wandb
+sync`` uploads them later), ``disabled`` (no W&B at all). W&B's environment variables are
+honoured wherever the config leaves a value null (:func:`settings`): ``WANDB_MODE`` (else
+online; ``WANDB_DISABLED=true`` = disabled), ``WANDB_PROJECT`` (else ``otmf_exp``),
+``WANDB_ENTITY``, ``WANDB_RUN_GROUP`` (else the task sequence), ``WANDB_TAGS`` (comma-separated,
+when ``tags`` is empty), ``WANDB_DIR`` (else the run directory), ``WANDB_NAME`` and
+``WANDB_JOB_TYPE``; a value set in the config wins. :func:`read_offline_run` reads an offline
+run's records back without a network.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -73,41 +78,57 @@ def _number(v: Any) -> float | None:
     return float(v) if math.isfinite(float(v)) else None
 
 
+def settings(cfg: Any, config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """The ``wandb.init`` arguments: the logger config's values, W&B's environment variables where
+    the config leaves them null, then this project's defaults."""
+    env = os.environ
+    mode = cfg.get("mode") or env.get("WANDB_MODE") or "online"
+    if not cfg.get("mode") and env.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        mode = "disabled"
+    tags = [str(t) for t in (cfg.get("tags") or [])] or [
+        t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()
+    ]
+    method = str(config.get("method", {}).get("name", "run"))
+    return {
+        "mode": {"dryrun": "offline", "run": "online"}.get(mode, mode),
+        "project": cfg.get("project") or env.get("WANDB_PROJECT") or "otmf_exp",
+        "entity": cfg.get("entity") or env.get("WANDB_ENTITY") or None,
+        "group": cfg.get("group") or env.get("WANDB_RUN_GROUP") or config.get("task_seq", {}).get("name"),
+        "tags": tags,
+        "name": env.get("WANDB_NAME") or run_name(method, hydra_overrides()),
+        "dir": str(cfg.get("dir") or env.get("WANDB_DIR") or out_dir),
+        "job_type": env.get("WANDB_JOB_TYPE") or str(config.get("protocol", "continual")),
+    }
+
+
 class WandbTracker:
     """Sends one run to W&B; see the module docstring for the key layout."""
 
     def __init__(self, logger_cfg: Any) -> None:
         self.cfg = logger_cfg
         self.run: Any = None
+        mode = settings(logger_cfg, {}, ".")["mode"]  # checked before the run's heavy work
+        if mode not in ("online", "offline", "disabled"):
+            raise UserError(f"WANDB_MODE must be online, offline or disabled, got {mode!r}")
 
     def start(self, config: dict[str, Any], out_dir: str) -> None:
+        args = settings(self.cfg, config, out_dir)
+        if args["mode"] == "disabled":  # logger.mode=null with WANDB_MODE=disabled: no W&B at all
+            log.info("W&B disabled (logger.mode / WANDB_MODE)")
+            return
         import wandb
 
-        cfg = self.cfg
-        method = str(config.get("method", {}).get("name", "run"))
-        group = cfg.get("group") or config.get("task_seq", {}).get("name")
-        tags = [str(t) for t in (cfg.get("tags") or [])]
-        run_dir = Path(cfg.get("dir") or out_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        Path(args["dir"]).mkdir(parents=True, exist_ok=True)
         try:
-            self.run = wandb.init(
-                mode=str(cfg.mode),
-                project=cfg.get("project"),
-                entity=cfg.get("entity"),
-                group=group,
-                tags=tags,
-                name=run_name(method, hydra_overrides()),
-                config=config,
-                dir=str(run_dir),
-                job_type=str(config.get("protocol", "continual")),
-                reinit="finish_previous",
-            )
+            self.run = wandb.init(**args, config=config, reinit="finish_previous")
         except Exception as e:  # no API key, no network, bad entity: one clear line, not a traceback
             raise UserError(
                 f"W&B could not start a run ({type(e).__name__}: {e}); run `wandb login`, "
                 "or use logger.mode=offline (sync later) or logger=none"
             ) from e
-        log.info("W&B run %s (mode=%s, group=%s) in %s", self.run.name, cfg.mode, group, run_dir)
+        log.info(
+            "W&B run %s (mode=%s, group=%s) in %s", self.run.name, args["mode"], args["group"], args["dir"]
+        )
 
     def log_step(self, record: dict[str, Any]) -> None:
         if self.run is None:

@@ -1,0 +1,181 @@
+"""What a checkpoint must agree with before a run resumes from it: the config that produced it.
+
+A checkpoint's ``progress.json`` records ``config`` = the run's resolved config minus the keys
+that cannot change a result (:data:`IGNORED`), with the method's effective config (top-level
+``alpha`` applied), and ``config_hash`` = its sha256. ``resume=true`` compares the checkpoint's
+config with the run's, key by key, before any model or data is loaded (:func:`precheck`), and
+refuses the first difference with one line naming the key and both values. A ``progress.json``
+without the expected structure is refused like a corrupted file. :func:`start` then loads the
+state (after the run's setup) or says that the run starts fresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from otmf_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: top-level keys (or dotted paths) that change how a run is shown or stored, never its numbers
+IGNORED = (
+    "progress",
+    "logger",
+    "out_dir",
+    "resume",
+    "keep_checkpoints",
+    "save_merged",
+    "backbone.num_workers",
+)
+
+#: the runner's ``progress`` part of ``progress.json``: key -> type
+_PROGRESS = {"order": list, "method": str, "rows": list, "records": list, "individual": dict, "config": dict}
+
+
+def result_config(cfg: dict[str, Any], method_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The result-relevant config: ``cfg`` (a plain resolved dict) with ``method`` replaced by the
+    effective ``method_cfg`` and the :data:`IGNORED` keys dropped; JSON-normalised."""
+    out = json.loads(json.dumps({**cfg, "method": method_cfg}, default=str))
+    for key in IGNORED:
+        node, _, leaf = key.rpartition(".")
+        parent = _get(out, node) if node else out
+        if isinstance(parent, dict):
+            parent.pop(leaf, None)
+    return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaves; top-level scalars first (so ``alpha`` is named before ``method.alpha``)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    items = sorted(d.items(), key=lambda kv: isinstance(kv[1], dict))
+    out: dict[str, Any] = {}
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """``(dotted key, saved value, current value)`` of the first difference, or None."""
+    a, b = _flat(saved), _flat(now)
+    for key in list(b) + [k for k in a if k not in b]:
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            return key, va, vb
+    return None
+
+
+def progress_problem(doc: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a checkpoint doc's ``progress`` part (None = fine)."""
+    prog = doc.get("progress")
+    if not isinstance(prog, dict):
+        return "'progress' missing or not an object"
+    for key, typ in _PROGRESS.items():
+        if not isinstance(prog.get(key), typ):
+            return f"'progress.{key}' missing or not a {typ.__name__} (written by an older version?)"
+    if len(prog["rows"]) != doc["step"]:
+        return f"{len(prog['rows'])} accuracy rows for step {doc['step']}"
+    return None
+
+
+def check_same_config(saved: dict[str, Any], now: dict[str, Any], ckpt_dir: Path) -> None:
+    """Refuse to resume when a result-relevant value differs from the checkpoint's."""
+    if config_hash(saved) == config_hash(now):
+        return
+    diff = first_difference(saved, now)
+    if diff is None:
+        return
+    key, was, is_ = diff
+    raise UserError(
+        f"cannot resume from {ckpt_dir}: it was run with {key}={json.dumps(was)}, this run has "
+        f"{key}={json.dumps(is_)}; use the checkpoint's value or a new out_dir (or drop resume=true "
+        "to start over there)"
+    )
+
+
+def resume_from(
+    out_dir: Path,
+    device: Any,
+    method: Any,
+    pretrained: dict[str, Any],
+    config: dict[str, Any],
+) -> tuple[Any, dict[str, Any]] | None:
+    """The state and ``progress`` of the last checkpoint in ``out_dir`` if it was produced by
+    ``config`` (else one-line :class:`UserError`); None when there is no checkpoint."""
+    from otmf_exp.merging.task_vectors import check_compatible
+    from otmf_exp.runtime import checkpoint
+
+    found = checkpoint.load_latest(out_dir, device, progress_problem)
+    if found is None:
+        return None
+    step, tensors, doc = found
+    d = checkpoint.steps(out_dir)[-1]
+    check_same_config(doc["progress"]["config"], config, d)
+    try:
+        state = method.load_state(step, tensors, doc["scalars"])
+        check_compatible(state.merged, pretrained, "checkpoint and model")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(checkpoint.broken_message(d / checkpoint.STATE, str(e))) from None
+    return state, doc["progress"]
+
+
+def precheck(cfg: Any, out_dir: Path, config: dict[str, Any]) -> None:
+    """With ``resume=true`` (continual): refuse a checkpoint whose ``progress.json`` is broken or
+    was produced by another config, before any model or data is loaded (tensors are read later,
+    by :func:`start`)."""
+    from otmf_exp.runtime import checkpoint
+
+    if not (cfg.resume and cfg.protocol == "continual"):
+        return
+    found = checkpoint.latest_doc(out_dir, progress_problem)
+    if found is not None:
+        check_same_config(found[1]["progress"]["config"], config, found[0])
+
+
+def start(
+    cfg: Any,
+    out_dir: Path,
+    device: Any,
+    method: Any,
+    pretrained: dict[str, Any],
+    config: dict[str, Any],
+    order: list[str],
+) -> tuple[Any, dict[str, Any]] | None:
+    """Where a run starts. With ``resume=true``: the checkpointed state and progress when they
+    match this run (else one-line :class:`UserError`), or None with a warning that it starts fresh.
+    A fresh continual run clears ``out_dir``'s checkpoints, so it never mixes with another run's."""
+    from otmf_exp.runtime import checkpoint
+
+    found = None
+    if cfg.resume and cfg.protocol == "joint":
+        log.warning("resume=true: the joint protocol keeps no checkpoints; running from the start")
+    elif cfg.resume:
+        found = resume_from(out_dir, device, method, pretrained, config)
+        if found is None:
+            log.warning("resume=true but %s has no checkpoint: starting fresh", out_dir)
+        elif found[1]["order"] != order or found[1]["method"] != cfg.method.name:
+            raise UserError(f"checkpoint in {out_dir} is for another order or method; use a new out_dir")
+    if found is None and cfg.protocol == "continual":
+        shutil.rmtree(checkpoint.ckpt_root(out_dir), ignore_errors=True)
+    return found

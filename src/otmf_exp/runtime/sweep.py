@@ -1,0 +1,60 @@
+"""A sweep's record of failed jobs (``<sweep dir>/failed_jobs.jsonl``) and the lines that report it.
+
+Jobs may run in other processes (joblib, SLURM), so a failed job appends one JSON line to a file
+in the sweep directory (``O_APPEND``: concurrent jobs never interleave within a line) and the
+sweep's own process reads it at the end. The file is removed when a sweep starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+LEDGER = "failed_jobs.jsonl"
+
+
+def ledger(sweep_dir: str | Path) -> Path:
+    return Path(sweep_dir) / LEDGER
+
+
+def reset(sweep_dir: str | Path) -> None:
+    """Forget the failures of an earlier sweep into the same directory."""
+    ledger(sweep_dir).unlink(missing_ok=True)
+
+
+def record_failure(sweep_dir: str | Path, job: int, overrides: list[str], error: str, kind: str) -> None:
+    """Append one failed job: its number, overrides, one-line error and kind (``UserError`` or the
+    exception type of a crash)."""
+    path = ledger(sweep_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"job": job, "overrides": overrides, "error": error, "kind": kind}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def failures(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The failed jobs recorded so far, by job number."""
+    path = ledger(sweep_dir)
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def report(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The lines printed at the end of a sweep with failed jobs."""
+    out = [f"sweep finished with {len(rows)} failed job(s) (listed in {ledger(sweep_dir)}):"]
+    for r in rows:
+        out.append(f"  job #{r['job']} [{' '.join(map(shlex.quote, r['overrides']))}]: {r['error']}")
+    return out
+
+
+def exit_code(rows: list[dict[str, Any]]) -> int:
+    """2 when every failure was bad input (``UserError``), 1 when a job crashed."""
+    return 2 if all(r["kind"] == "UserError" for r in rows) else 1
