@@ -292,7 +292,10 @@ def _digits_steps(bb, pre, svd_dtype, perturb=None):
     from otmf_exp.merging.opcm import OPCM, OPCMConfig
 
     def method(dt):
-        return OPCM(OPCMConfig(svd_dtype=dt), MethodContext(bb, torch.device("cpu"), torch.Generator(), progress=False))
+        return OPCM(
+            OPCMConfig(svd_dtype=dt),
+            MethodContext(bb, torch.device("cpu"), torch.Generator(), progress=False),
+        )
 
     tasks = ["rot90", "rot180", "flip", "invert", "shift", "noise", "occlude", "parity"]
     ref, fast = method(svd_dtype), method("auto")
@@ -302,7 +305,9 @@ def _digits_steps(bb, pre, svd_dtype, perturb=None):
         if perturb is not None and i == 0:
             w = perturb(w)
         if i > 0:  # one auto step from the very same input state
-            local.append(fast.step(state, TaskInput(t, i, {k: v.clone() for k, v in w.items()}, None, None), pre))
+            local.append(
+                fast.step(state, TaskInput(t, i, {k: v.clone() for k, v in w.items()}, None, None), pre)
+            )
         state = ref.step(state, TaskInput(t, i, w, None, None), pre)
         states.append(state)
     return states, local
