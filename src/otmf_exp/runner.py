@@ -288,6 +288,7 @@ class Experiment:
             "model_mb": num_bytes(self.pretrained) / 2**20,
             "state_mb": state.nbytes() / 2**20,
             "state_growth": self.method.state_growth,
+            "state_growth_mb_per_task": self.method.state_growth_bytes(self.pretrained) / 2**20,
             "memory_kind": self.records[-1]["memory_kind"],
             "device": str(self.device),
         }
