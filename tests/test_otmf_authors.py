@@ -249,3 +249,37 @@ def test_killed_after_a_tuned_head_then_resumed_equals_uninterrupted(run_cfg, mo
     resumed, out = run_cfg(*args, "resume=true")
     assert _untimed(resumed) == _untimed(full)
     assert _steps(out) == full_steps
+
+
+def test_two_task_preset_lands_beside_the_published_numbers(make_cfg, tmp_path):
+    """paper/two_task with the authors' head settings; a run of it is matched with 68.8 / 66.5."""
+    from omegaconf import OmegaConf
+
+    from otmf_exp.config import method_config
+    from otmf_exp.reporting import tables
+    from otmf_exp.reporting.runs import load_runs
+
+    cfg = make_cfg("experiment=paper/two_task")
+    assert list(cfg.task_seq.tasks) == ["sun397", "stanford-cars"] and cfg.alpha == 0.8
+    mcfg = method_config(cfg)
+    assert (mcfg.head_tuning.split, mcfg.head_tuning.fraction) == ("test", 1.0)
+    assert (mcfg.select, mcfg.head_tuning.which, mcfg.head_tuning.steps) == ("authors", "authors", 100)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    per_task = {"sun397": 70.0, "stanford-cars": 60.0}
+    metrics = {
+        "method": "otmf",
+        "task_seq": cfg.task_seq.name,
+        "backbone": cfg.backbone.name,
+        "protocol": "continual",
+        "seed": 0,
+        "order": list(per_task),
+        "method_config": OmegaConf.to_container(mcfg),
+        "acc": 65.0,
+        "bwt": 0.0,
+        "per_task": per_task,
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    row = tables.aggregate(load_runs([str(tmp_path)]), tables.load_reference()).iloc[0]
+    assert row["per_task.sun397_ref"] == 68.8 and row["per_task.stanford-cars_ref"] == 66.5

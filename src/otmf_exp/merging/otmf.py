@@ -86,7 +86,7 @@ class OTMFConfig:
     select: str = "authors"
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
     l1: float = 0.0
-    #: batches per side used to report the OT loss before/after training (0 disables)
+    #: batches per side for the OT loss and plan matching reported before/after training (0: off)
     eval_batches: int = 4
     head_tuning: HeadTuningConfig = field(default_factory=HeadTuningConfig)
 
