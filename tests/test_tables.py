@@ -371,3 +371,26 @@ def test_reference_method_names():
 def test_no_runs_is_an_error(tmp_path, capsys):
     assert _cli([str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     assert "no completed runs" in capsys.readouterr().err
+
+
+def test_otmf_matches_published_numbers_only_with_the_authors_head_tuning():
+    """A default OTMF run tunes heads on 25 % of train: it is not the setting behind 79.7 (test split)."""
+    authors = {
+        "alpha": 0.8,
+        "select": "authors",
+        "head_tuning.enabled": True,
+        "head_tuning.which": "authors",
+        "head_tuning.split": "test",
+        "head_tuning.fraction": 1.0,
+        "head_tuning.steps": 100,
+    }
+    assert tables.reference_method("otmf", authors) == "otmf"
+    assert (
+        tables.reference_method(
+            "otmf", authors | {"head_tuning.split": "train", "head_tuning.fraction": 0.25}
+        )
+        is None
+    )
+    assert tables.reference_method("otmf", authors | {"select": "last"}) is None
+    no_heads = authors | {"head_tuning.enabled": False, "head_tuning.split": "train"}
+    assert tables.reference_method("otmf", no_heads) == "otmf_no_head_tuning"
