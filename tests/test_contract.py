@@ -138,3 +138,16 @@ def test_toy_method_through_the_extending_steps(tmp_path, monkeypatch, zoo):
         cfg_alpha = compose("run", overrides=[search, "method=toy", "alpha=0.5", "progress=false"])
     assert m["method"] == "toy" and len(m["acc_matrix"]) == 2 and 0 <= m["acc"] <= 100
     assert config.method_config(cfg_alpha).scale == 0.5  # main_coef: the top-level alpha sets it
+
+
+def test_check_state_default_accepts_theta0_plus_modules_and_names_a_mismatch():
+    import torch
+
+    from otmf_exp.merging.averaging import Averaging
+
+    m = Averaging(Averaging.Config(), None)
+    pre = {"w": torch.zeros(2, 3)}
+    m.check_state(ContinualState(1, {}), pre)  # merged model = θ₀ + the method's modules
+    m.check_state(ContinualState(1, {"w": torch.ones(2, 3)}), pre)
+    with pytest.raises(ValueError, match="shape at 'w'"):
+        m.check_state(ContinualState(1, {"w": torch.ones(3, 2)}), pre)

@@ -240,6 +240,13 @@ class MergeMethod(ABC):
         out.update({f"extra/{k}": v for k, v in state.extra.items()})
         return out
 
+    def check_state(self, state: ContinualState, pretrained: StateDict) -> None:
+        """Raise ``ValueError`` naming the first mismatch when a (loaded) ``state`` does not fit the
+        model: by default ``merged`` holds a tensor of the right shape for every mergeable
+        parameter, or nothing (the merged model is θ₀ plus the method's own modules)."""
+        if state.merged:
+            check_compatible(state.merged, pretrained, "checkpoint and model")
+
     def load_state(self, step: int, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> ContinualState:
         """Inverse of :meth:`state_tensors`. Each tensor is copied into fresh memory: safetensors'
         buffers are only 8-byte aligned, and CPU kernels may round differently on unaligned inputs

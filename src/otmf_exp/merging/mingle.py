@@ -88,6 +88,22 @@ class MINGLE(MergeMethod):
     def init(self, pretrained: StateDict) -> ContinualState:
         return ContinualState(step=0, merged={})
 
+    def check_state(self, state: ContinualState, pretrained: StateDict) -> None:
+        """A loaded state fits this backbone: one gate row per task and experts sized for every site."""
+        if state.step == 0:
+            return
+        for s in self.sites():
+            keys = [f"{s.name}/{k}" for k in ("A", "B", "gate_w", "gate_b")]
+            missing = [k for k in keys if k not in state.extra]
+            if missing:
+                raise ValueError(f"checkpoint and model differ: no expert tensor {missing[0]!r}")
+            gate_w = state.extra[keys[2]]
+            if gate_w.shape != (state.step, s.in_features):
+                raise ValueError(
+                    f"checkpoint and model differ: {keys[2]!r} has shape {tuple(gate_w.shape)}, "
+                    f"expected {(state.step, s.in_features)}"
+                )
+
     def merged(self, state: ContinualState, pretrained: StateDict) -> StateDict:
         """θ₀: MINGLE drops every task delta outside its experts (attached by :meth:`forward_context`)."""
         return dict(pretrained)

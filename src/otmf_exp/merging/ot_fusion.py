@@ -86,6 +86,12 @@ class Masks:
         vals = self.values()
         return sum(v.abs().sum() for v in vals.values()) / sum(v.numel() for v in vals.values())
 
+    def reset(self) -> None:
+        """Back to the initial masks (1, or logits 0 for sigmoid), in place."""
+        with torch.no_grad():
+            for r in self.raw.values():
+                r.fill_(0.0 if self.sigmoid else 1.0)
+
     def free_grads(self) -> None:
         for r in self.raw.values():
             r.grad = None
@@ -190,46 +196,46 @@ class FusionStep:
 
     # ---- training ---------------------------------------------------------------------------------
     def _iteration_loss(
-        self, i: int, pre_it: Iterator[Tensor], post_it: Iterator[Tensor]
+        self, i: int, pre_it: Iterator[Tensor], post_it: Iterator[Tensor], record: bool = True
     ) -> tuple[str, Tensor]:
-        """The side trained at iteration ``i`` and its loss (alternate: even = pre, odd = post)."""
+        """The side trained at iteration ``i`` and its loss (alternate: even = pre, odd = post);
+        ``record`` appends the loss to the curves."""
         if self.joint:
             lp = self.ot(next(pre_it), self.f_pre[i], (True, True))
             lq = self.ot(next(post_it), self.f_post[i], (True, True))
-            self.curves["pre"].append(float(lp.detach()))
-            self.curves["post"].append(float(lq.detach()))
+            if record:
+                self.curves["pre"].append(float(lp.detach()))
+                self.curves["post"].append(float(lq.detach()))
             return "joint", lp + lq
         side = "pre" if i % 2 == 0 else "post"
         if side == "pre":
             loss = self.ot(next(pre_it), self.f_pre[i // 2], (True, False))
         else:
             loss = self.ot(next(post_it), self.f_post[i // 2], (False, True))
-        self.curves[side].append(float(loss.detach()))
+        if record:
+            self.curves[side].append(float(loss.detach()))
         return side, loss
 
-    def train(self) -> None:
-        """Adam on the masks for ``iterations``. ``select=authors``: after each iteration's step, if
-        its loss (the side trained; the sum for ``joint``) is the lowest so far, both masks are saved
-        as they are after the step, and the saved ones are used. ``select=last``: the final masks."""
+    def _optimise(self, n: int, track: bool) -> tuple[int, float] | None:
+        """Iterations ``0..n-1`` from the current masks with fresh Adam states and streams (the same
+        seeded batches every time). With ``track``: curves, the non-finite check, and — for
+        ``select=authors, best_masks=copy`` — the best masks copied after each improving step.
+        Returns the selected (iteration, loss)."""
         cfg = self.cfg
         opts = {
             "pre": adam(list(self.m_pre.raw.values()), cfg.lr),
             "post": adam(list(self.m_post.raw.values()), cfg.lr),
         }
         masks = {"pre": (self.m_pre,), "post": (self.m_post,), "joint": (self.m_pre, self.m_post)}
-        best = float("inf")
+        best, selected = float("inf"), None
+        copy = cfg.select == "authors" and cfg.best_masks == "copy"
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
         post_it = self.stream(self.task.data, self.n_post, self.seed_post)
-        bar = tqdm(
-            range(cfg.iterations),
-            desc=f"OTMF step {self.t} ({self.task.name})",
-            disable=not self.ctx.progress,
-            leave=False,
-        )
-        for i in bar:
-            side, loss = self._iteration_loss(i, pre_it, post_it)
+        what = f"OTMF step {self.t} ({self.task.name})" + ("" if track else ", replay to the best iteration")
+        for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
+            side, loss = self._iteration_loss(i, pre_it, post_it, record=track)
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if track and not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"OTMF step {self.t} ({self.task.name}), iteration {i}: non-finite OT loss; the last "
                     f"completed step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
@@ -241,16 +247,36 @@ class FusionStep:
                 opts[s].step()
                 opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
             if cfg.select == "last":
-                self.selected = (i, value)
+                selected = (i, value)
             elif value < best:  # authors: both masks, as they are after this step
-                best, self.selected = value, (i, value)
-                self.m_pre.save_best()
-                self.m_post.save_best()
+                best, selected = value, (i, value)
+                if copy and track:
+                    self.m_pre.save_best()
+                    self.m_post.save_best()
         del opts  # free the optimiser state before the result is built (lower peak memory)
         for m in (self.m_pre, self.m_post):
             m.free_grads()
-            if cfg.select == "authors":
+        return selected
+
+    def train(self) -> None:
+        """Adam on the masks for ``iterations``. ``select=authors``: after each iteration's step, if
+        its loss (the side trained; the sum for ``joint``) is the lowest so far, both masks as they
+        are after the step are the result (kept by copies, or re-derived by replay: ``best_masks``).
+        ``select=last``: the final masks."""
+        cfg = self.cfg
+        self.selected = self._optimise(cfg.iterations, track=True)
+        if cfg.select != "authors" or self.selected is None:
+            return
+        replayed = 0
+        if cfg.best_masks == "copy":
+            for m in (self.m_pre, self.m_post):
                 m.load_best()
+        elif self.selected[0] < cfg.iterations - 1:  # replay: the last iteration needs no replay
+            for m in (self.m_pre, self.m_post):
+                m.reset()
+            replayed = self.selected[0] + 1
+            self._optimise(replayed, track=False)
+        self.ctx.record("select_replayed_iterations", replayed)
 
     # ---- the whole step ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -84,6 +84,10 @@ class OTMFConfig:
     #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
     select: str = "authors"
+    #: how select=authors gets the best masks back: copy (two mask-sized buffers, refreshed on every
+    #: improvement) | replay (no buffers: the seeded, deterministic optimisation is re-run from the
+    #: initial masks up to the best iteration — the same masks, two weight copies less, more time)
+    best_masks: str = "copy"
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
     l1: float = 0.0
     #: batches per side for the OT loss and plan matching reported before/after training (0: off)
@@ -97,6 +101,7 @@ _CHOICES = {
     "schedule": ("alternate", "joint"),
     "pre_data": ("previous_task", "current_task"),
     "select": ("authors", "last"),
+    "best_masks": ("copy", "replay"),
     "head_tuning.which": ("authors", "current", "previous", "all_seen"),
     "head_tuning.split": ("train", "validation", "test"),
     "adapt_split": ("train", "validation", "test"),

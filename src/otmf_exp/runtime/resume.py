@@ -123,7 +123,6 @@ def resume_from(
 ) -> tuple[Any, dict[str, Any]] | None:
     """The state and ``progress`` of the last checkpoint in ``out_dir`` if it was produced by
     ``config`` (else one-line :class:`UserError`); None when there is no checkpoint."""
-    from otmf_exp.merging.task_vectors import check_compatible
     from otmf_exp.runtime import checkpoint
 
     found = checkpoint.load_latest(out_dir, device, progress_problem)
@@ -134,7 +133,7 @@ def resume_from(
     check_same_config(doc["progress"]["config"], config, d)
     try:
         state = method.load_state(step, tensors, doc["scalars"])
-        check_compatible(state.merged, pretrained, "checkpoint and model")
+        method.check_state(state, pretrained)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(checkpoint.broken_message(d / checkpoint.STATE, str(e))) from None
     return state, doc["progress"]
