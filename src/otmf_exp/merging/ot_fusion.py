@@ -104,6 +104,15 @@ def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+def _batch_len(x: Any) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _batch_slice(x: Any, sl: slice) -> Any:
+    """Rows ``sl`` of a batch of inputs (a tensor, or a dict of tensors for text backbones)."""
+    return {k: v[sl] for k, v in x.items()} if isinstance(x, dict) else x[sl]
+
+
 class FusionStep:
     """Step t of OTMF: ``run()`` returns τᵐ_t and records curves, diagnostics and phase times.
 
@@ -195,26 +204,70 @@ class FusionStep:
         return losses, matches
 
     # ---- training ---------------------------------------------------------------------------------
-    def _iteration_loss(
-        self, i: int, pre_it: Iterator[Tensor], post_it: Iterator[Tensor], record: bool = True
-    ) -> tuple[str, Tensor]:
-        """The side trained at iteration ``i`` and its loss (alternate: even = pre, odd = post);
-        ``record`` appends the loss to the curves."""
+    def _iteration(
+        self, i: int, pre_it: Iterator[Tensor], post_it: Iterator[Tensor], track: bool
+    ) -> tuple[str, float]:
+        """Iteration ``i``: the side trained (alternate: even = pre, odd = post; joint: both), its loss
+        (the sum for joint), and the loss's gradient accumulated into that side's masks (l1 included)."""
+        cfg = self.cfg
         if self.joint:
-            lp = self.ot(next(pre_it), self.f_pre[i], (True, True))
-            lq = self.ot(next(post_it), self.f_post[i], (True, True))
-            if record:
-                self.curves["pre"].append(float(lp.detach()))
-                self.curves["post"].append(float(lq.detach()))
-            return "joint", lp + lq
-        side = "pre" if i % 2 == 0 else "post"
-        if side == "pre":
-            loss = self.ot(next(pre_it), self.f_pre[i // 2], (True, False))
+            parts = [
+                ("pre", next(pre_it), self.f_pre[i], (True, True)),
+                ("post", next(post_it), self.f_post[i], (True, True)),
+            ]
+            side, masks = "joint", (self.m_pre, self.m_post)
+        elif i % 2 == 0:
+            parts, side, masks = (
+                [("pre", next(pre_it), self.f_pre[i // 2], (True, False))],
+                "pre",
+                (self.m_pre,),
+            )
         else:
-            loss = self.ot(next(post_it), self.f_post[i // 2], (False, True))
-        if record:
-            self.curves[side].append(float(loss.detach()))
-        return side, loss
+            parts, side, masks = (
+                [("post", next(post_it), self.f_post[i // 2], (False, True))],
+                "post",
+                (self.m_post,),
+            )
+        total = None
+        for curve, x, target, train in parts:
+            loss = self._loss_and_grad(x, target, train, i)
+            if track:
+                self.curves[curve].append(float(loss))
+            total = loss if total is None else total + loss  # float32, as the summed joint loss
+        if cfg.l1 > 0:
+            (cfg.l1 * sum(m.mean_abs() for m in masks)).backward()
+        return side, float(total)
+
+    def _loss_and_grad(self, x: Tensor, target: Tensor, train: tuple[bool, bool], i: int) -> Tensor:
+        """OT loss of one batch and its gradient into the trained masks. ``backward_chunk`` = c: the
+        features of the whole batch without a graph, the loss's gradient w.r.t. them, then c inputs
+        at a time re-run with a graph and backpropagated with their slice of that gradient — the
+        activations of c inputs alive instead of the batch's (the same gradient up to float
+        summation order; one more forward per iteration)."""
+        n = _batch_len(x)
+        chunk = self.cfg.backward_chunk
+        if not chunk or chunk >= n:
+            loss = self.ot(x, target, train)
+            self._checked(loss, i)
+            loss.backward()
+            return loss.detach()
+        with torch.no_grad():
+            feats = self.student(x, (False, False))
+        feats.requires_grad_(True)
+        loss = self._loss(feats, target)
+        self._checked(loss, i)
+        loss.backward()
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            self.student(_batch_slice(x, sl), train).backward(feats.grad[sl])
+        return loss.detach()
+
+    def _checked(self, loss: Tensor, i: int) -> None:
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteLossError(
+                f"OTMF step {self.t} ({self.task.name}), iteration {i}: non-finite OT loss; the last "
+                f"completed step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
+            )
 
     def _optimise(self, n: int, track: bool) -> tuple[int, float] | None:
         """Iterations ``0..n-1`` from the current masks with fresh Adam states and streams (the same
@@ -226,23 +279,13 @@ class FusionStep:
             "pre": adam(list(self.m_pre.raw.values()), cfg.lr),
             "post": adam(list(self.m_post.raw.values()), cfg.lr),
         }
-        masks = {"pre": (self.m_pre,), "post": (self.m_post,), "joint": (self.m_pre, self.m_post)}
         best, selected = float("inf"), None
         copy = cfg.select == "authors" and cfg.best_masks == "copy"
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
         post_it = self.stream(self.task.data, self.n_post, self.seed_post)
         what = f"OTMF step {self.t} ({self.task.name})" + ("" if track else ", replay to the best iteration")
         for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
-            side, loss = self._iteration_loss(i, pre_it, post_it, record=track)
-            value = float(loss.detach())
-            if track and not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"OTMF step {self.t} ({self.task.name}), iteration {i}: non-finite OT loss; the last "
-                    f"completed step's checkpoint is kept. Lower method.lr or raise method.sinkhorn.blur"
-                )
-            if cfg.l1 > 0:
-                loss = loss + cfg.l1 * sum(m.mean_abs() for m in masks[side])
-            loss.backward()
+            side, value = self._iteration(i, pre_it, post_it, track)
             for s in ("pre", "post") if side == "joint" else (side,):
                 opts[s].step()
                 opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together

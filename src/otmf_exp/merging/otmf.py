@@ -88,6 +88,9 @@ class OTMFConfig:
     #: improvement) | replay (no buffers: the seeded, deterministic optimisation is re-run from the
     #: initial masks up to the best iteration — the same masks, two weight copies less, more time)
     best_masks: str = "copy"
+    #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
+    #: smaller chunk keeps fewer activations alive for one more forward per iteration
+    backward_chunk: int | None = None
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
     l1: float = 0.0
     #: batches per side for the OT loss and plan matching reported before/after training (0: off)
