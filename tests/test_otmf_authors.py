@@ -292,7 +292,7 @@ def test_best_masks_replay_equals_copy_bitwise(run_cfg):
     """best_masks=replay re-derives the authors' best masks by re-running the seeded optimisation:
     the merged weights and every metric equal those of best_masks=copy, bit for bit."""
     args = ("task_order=[rot90,flip,invert]", "method.iterations=12", "save_merged=true")
-    a, out = run_cfg(*args)
+    a, out = run_cfg(*args, "method.best_masks=copy")
     wa = load_file(str(out / "merged.safetensors"))
     steps_a = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     b, out = run_cfg(*args, "method.best_masks=replay")

@@ -84,10 +84,11 @@ class OTMFConfig:
     #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
     select: str = "authors"
-    #: how select=authors gets the best masks back: copy (two mask-sized buffers, refreshed on every
-    #: improvement) | replay (no buffers: the seeded, deterministic optimisation is re-run from the
-    #: initial masks up to the best iteration — the same masks, two weight copies less, more time)
-    best_masks: str = "copy"
+    #: how select=authors gets the best masks back: replay (no buffers: the seeded, deterministic
+    #: optimisation is re-run from the initial masks up to the best iteration — bit-identical masks,
+    #: two weight copies less at the step's peak, up to one more training loop of time) | copy (two
+    #: mask-sized buffers refreshed on every improvement: faster, 2 W more memory)
+    best_masks: str = "replay"
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration
     backward_chunk: int | None = None
