@@ -31,8 +31,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from otmf_exp.benchmark.markdown import render
 from otmf_exp.benchmark.plan import LIVE_RSS_ENV, PARTS, method_runs, plan
-from otmf_exp.benchmark.report import merge_into, render, summarise
+from otmf_exp.benchmark.report import merge_into, summarise
 from otmf_exp.benchmark.runs import machine
 from otmf_exp.benchmark.suite import measure, model_mb
 

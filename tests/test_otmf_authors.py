@@ -16,7 +16,8 @@ from otmf_exp.data.base import TensorTaskData
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.head_tuning import FeatureStream, train_head
 from otmf_exp.merging.ot_diagnostics import exact_quantiles, own_match, transport_plan
-from otmf_exp.merging.ot_fusion import FusionStep, Masks
+from otmf_exp.merging.ot_fusion import FusionStep
+from otmf_exp.merging.ot_masks import Masks
 from otmf_exp.merging.otmf import OTMF, OTMFConfig
 from otmf_exp.models.base import head_logits
 from otmf_exp.runtime import checkpoint

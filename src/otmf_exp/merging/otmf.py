@@ -25,7 +25,8 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.head_tuning import FeatureStream, train_head
-from otmf_exp.merging.ot_fusion import FusionStep, masked_merge
+from otmf_exp.merging.ot_fusion import FusionStep
+from otmf_exp.merging.ot_masks import masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 
 log = logging.getLogger(__name__)

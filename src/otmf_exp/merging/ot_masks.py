@@ -1,0 +1,82 @@
+"""OTMF's masks: the masked merge τᵐ = α·(M_pre ⊙ τᵐ_prev) + (1−α)·(M_post ⊙ τ_new), the mask
+parameters (identity or 2·sigmoid, element or tensor granularity) and their fused Adam."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from otmf_exp.merging.task_vectors import StateDict
+
+
+def masked_merge(
+    tv_prev: StateDict, tv_new: StateDict, m_pre: StateDict | None, m_post: StateDict | None, alpha: float
+) -> StateDict:
+    """τᵐ = α·(M_pre ⊙ τᵐ_prev) + (1−α)·(M_post ⊙ τ_new); ``None`` masks mean all-ones."""
+    out = {}
+    for k in tv_prev:
+        a = tv_prev[k] if m_pre is None else m_pre[k] * tv_prev[k]
+        b = tv_new[k] if m_post is None else m_post[k] * tv_new[k]
+        out[k] = alpha * a + (1.0 - alpha) * b
+    return out
+
+
+class Masks:
+    """Raw mask parameters and their map to M (identity or 2·sigmoid); ``best`` is a preallocated copy."""
+
+    def __init__(self, like: StateDict, param: str, granularity: str) -> None:
+        self.sigmoid = param == "sigmoid"
+        init = 0.0 if self.sigmoid else 1.0
+        self.raw = {
+            k: torch.full(
+                v.shape if granularity == "element" else (),
+                init,
+                dtype=torch.float32,
+                device=v.device,
+                requires_grad=True,
+            )
+            for k, v in like.items()
+        }
+        self._best: StateDict | None = None
+
+    def values(self, grad: bool = True) -> StateDict:
+        """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
+        raw = self.raw if grad else {k: r.detach() for k, r in self.raw.items()}
+        return {k: 2.0 * torch.sigmoid(r) if self.sigmoid else r for k, r in raw.items()}
+
+    def save_best(self) -> None:
+        """Copy the current masks into one preallocated buffer (no new allocation per improvement)."""
+        with torch.no_grad():
+            if self._best is None:
+                self._best = {k: r.detach().clone() for k, r in self.raw.items()}
+            else:
+                for k, r in self.raw.items():
+                    self._best[k].copy_(r)
+
+    def load_best(self) -> None:
+        if self._best is not None:
+            with torch.no_grad():
+                for k, r in self.raw.items():
+                    r.copy_(self._best[k])
+        self._best = None
+
+    def mean_abs(self) -> Tensor:
+        vals = self.values()
+        return sum(v.abs().sum() for v in vals.values()) / sum(v.numel() for v in vals.values())
+
+    def reset(self) -> None:
+        """Back to the initial masks (1, or logits 0 for sigmoid), in place."""
+        with torch.no_grad():
+            for r in self.raw.values():
+                r.fill_(0.0 if self.sigmoid else 1.0)
+
+    def free_grads(self) -> None:
+        for r in self.raw.values():
+            r.grad = None
+
+
+def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam; the fused kernel where torch has one (float32 on CPU/CUDA): no list-of-temporaries
+    copies of the masks (torch's foreach path) and ~10x faster on CPU than the for-loop path."""
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
