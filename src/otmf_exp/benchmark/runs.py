@@ -95,7 +95,7 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
         "baseline_mb": m["baseline_memory_mb"],
         "memory_kind": m["memory_kind"],
         "state_growth": m["state_growth"],
-        "declared_growth_mb_per_task": m["state_growth_mb_per_task"],
+        "declared_growth_mb_per_task": m.get("state_growth_mb_per_task"),
         "steps": steps,
     }
 
