@@ -30,6 +30,7 @@ from otmf_exp.merging.base import TaskInput
 from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, own_match, transport_plan
 from otmf_exp.merging.ot_masks import Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
+from otmf_exp.models.functional import ComputedParams
 
 
 def _batch_len(x: Any) -> int:
@@ -91,15 +92,27 @@ class FusionStep:
         self.tv_new = self.task.task_vector(self.pretrained)  # runner-owned θ_t becomes τ_t in place
 
     # ---- student and loss -------------------------------------------------------------------------
+    def weight(self, k: str, train: tuple[bool, bool]) -> Tensor:
+        """The student's weight ``k``, θ₀ + α·M_pre⊙τᵐ + (1−α)·M_post⊙τ: two fused ops (no
+        weight-sized temporaries); a mask not being trained enters as a constant."""
+        p = self.pretrained[k]
+        w = torch.addcmul(
+            p.float(), self.m_pre.value(k, train[0]), self.tv_prev[k].float(), value=self.cfg.alpha
+        )
+        return torch.addcmul(
+            w, self.m_post.value(k, train[1]), self.tv_new[k].float(), value=1.0 - self.cfg.alpha
+        ).to(p.dtype)
+
     def student(self, x: Tensor, train: tuple[bool, bool]) -> Tensor:
-        """Features of θ₀ + α·M_pre⊙τᵐ + (1−α)·M_post⊙τ: two fused ops per key (no weight-sized
-        temporaries beyond the student's weights); the mask not being trained is a constant."""
-        alpha = self.cfg.alpha
-        mp, mq = self.m_pre.values(train[0]), self.m_post.values(train[1])
-        params = {}
-        for k, p in self.pretrained.items():
-            w = torch.addcmul(p.float(), mp[k], self.tv_prev[k].float(), value=alpha)
-            params[k] = torch.addcmul(w, mq[k], self.tv_new[k].float(), value=1.0 - alpha).to(p.dtype)
+        """Features of the student. ``student_weights=layerwise``: each weight is made when its module
+        runs and re-made in the backward (one module's weights alive, bit-identical results) |
+        ``all``: every weight made before the forward and kept by autograd until the backward."""
+        if self.cfg.student_weights == "layerwise":
+            params = ComputedParams(
+                lambda k, grad: self.weight(k, train if grad else (False, False)), self.pretrained
+            )
+        else:
+            params = {k: self.weight(k, train) for k in self.pretrained}
         return self.ctx.backbone.features(params, x).float()
 
     def _loss(self, feats: Tensor, target: Tensor) -> Tensor:

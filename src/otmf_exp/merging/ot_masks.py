@@ -44,6 +44,11 @@ class Masks:
         raw = self.raw if grad else {k: r.detach() for k, r in self.raw.items()}
         return {k: 2.0 * torch.sigmoid(r) if self.sigmoid else r for k, r in raw.items()}
 
+    def value(self, k: str, grad: bool = True) -> Tensor:
+        """M for key ``k`` alone (see :meth:`values`)."""
+        r = self.raw[k] if grad else self.raw[k].detach()
+        return 2.0 * torch.sigmoid(r) if self.sigmoid else r
+
     def save_best(self) -> None:
         """Copy the current masks into one preallocated buffer (no new allocation per improvement)."""
         with torch.no_grad():

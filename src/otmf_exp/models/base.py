@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.models.functional import ComputedParams, computed_parameters
 
 
 def head_logits(feats: Tensor, head: Tensor) -> Tensor:
@@ -105,7 +106,11 @@ class Backbone(ABC):
         return None
 
     def call(self, params: StateDict, *args: Any, **kwargs: Any) -> Any:
-        """Run the pre-trained module with ``params`` replacing its mergeable parameters."""
+        """Run the pre-trained module with ``params`` replacing its mergeable parameters (a dict, or
+        :class:`~otmf_exp.models.functional.ComputedParams`: weights made per module as it runs)."""
+        if isinstance(params, ComputedParams):
+            with computed_parameters(self.module, params):
+                return self.module(*args, **kwargs)
         return functional_call(self.module, params, args, kwargs, strict=False)
 
     @abstractmethod

@@ -31,7 +31,12 @@ from otmf_exp.errors import UserError
 from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
-from otmf_exp.models.functional import submodule_params, swapped_parameters
+from otmf_exp.models.functional import (
+    ComputedParams,
+    computed_parameters,
+    submodule_params,
+    swapped_parameters,
+)
 from otmf_exp.models.hf_clip import autocast_context, require
 
 log = logging.getLogger(__name__)
@@ -75,16 +80,17 @@ class T5Backbone(Backbone):
 
     # ---- forward -----------------------------------------------------------------------------
     def features(self, params: StateDict, inputs: dict[str, Tensor]) -> Tensor:
-        enc = submodule_params(self.module, params, "encoder")
         mask = inputs["attention_mask"]
+        kwargs = {"input_ids": inputs["input_ids"], "attention_mask": mask}
         with autocast_context(self.device, self.autocast):
-            h = functional_call(
-                self.module.encoder,
-                enc,
-                (),
-                {"input_ids": inputs["input_ids"], "attention_mask": mask},
-                strict=False,
-            ).last_hidden_state.float()
+            if isinstance(params, ComputedParams):  # weights made per module as it runs
+                with computed_parameters(self.module, params):
+                    h = self.module.encoder(**kwargs).last_hidden_state.float()
+            else:
+                enc = submodule_params(self.module, params, "encoder")
+                h = functional_call(
+                    self.module.encoder, enc, (), kwargs, strict=False
+                ).last_hidden_state.float()
         if self.pooling == "first_token":
             return h[:, 0]
         m = mask.unsqueeze(-1).to(h.dtype)

@@ -1,0 +1,106 @@
+"""Weights computed per module as it runs (ComputedParams): the same features and gradients, bit
+for bit, as a whole weight dict, on every backbone kind; the computed weights are not kept alive."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import _hub_fixtures as fx
+import pytest
+import torch
+from _hub_fixtures import clip_cfg, openclip_cfg, t5_cfg
+from safetensors.torch import load_file
+
+from otmf_exp.models import build_backbone
+from otmf_exp.models.functional import ComputedParams, computed_parameters
+from otmf_exp.offline import tiny_hub
+from otmf_exp.offline.synthetic import SyntheticBackbone
+
+# shared fixtures (tests/_hub_fixtures.py)
+_one_thread = fx._one_thread
+_private_cache = fx._private_cache
+hub_root = fx.hub_root
+
+
+def _backbone_and_inputs(kind, hub_root):
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    if kind == "synthetic":
+        bb = SyntheticBackbone("tiny", "cpu", noise=0.01, autocast="float32")
+        size = bb.module.config.image_size
+        return bb, torch.randn(3, 3, size, size, generator=g)
+    if kind == "t5":
+        bb = build_backbone(t5_cfg(hub_root), cpu, progress=False)
+        enc = bb.tokenizer(["cola sentence: a b c", "cola sentence: d"], padding=True, return_tensors="pt")
+        return bb, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    cfg = clip_cfg(hub_root) if kind == "hf_clip" else openclip_cfg(hub_root)
+    bb = build_backbone(cfg, cpu, progress=False)
+    return bb, torch.randn(3, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "hf_clip", "open_clip", "t5"])
+def test_computed_weights_give_the_same_features_and_gradients_bitwise(kind, hub_root):
+    bb, x = _backbone_and_inputs(kind, hub_root)
+    pre = bb.pretrained_state()
+    g = torch.Generator().manual_seed(1)
+    tv = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+    masks = {k: (1.0 + 0.1 * torch.randn(v.shape, generator=g)).requires_grad_(True) for k, v in pre.items()}
+    made: list[weakref.ref] = []
+
+    def make(k, grad):
+        m = masks[k] if grad else masks[k].detach()
+        w = torch.addcmul(pre[k], m, tv[k], value=0.7)
+        made.append(weakref.ref(w))
+        return w
+
+    results = []
+    for computed in (False, True):
+        for m in masks.values():
+            m.grad = None
+        params = ComputedParams(make, pre) if computed else {k: make(k, True) for k in pre}
+        feats = bb.features(params, x)
+        if computed:  # autograd holds recipes, not the weights: none of them is alive any more
+            del params
+            gc.collect()
+            assert made and all(r() is None for r in made)
+        feats.square().sum().backward()
+        results.append((feats.detach(), {k: m.grad for k, m in masks.items()}))
+        made.clear()
+    (f_all, g_all), (f_comp, g_comp) = results
+    assert torch.equal(f_all, f_comp)
+    used = [k for k in masks if g_all[k] is not None]  # T5's features run the encoder only
+    assert len(used) > len(masks) // 3 and all(g_comp[k] is None for k in masks if k not in used)
+    assert all(torch.equal(g_all[k], g_comp[k]) for k in used)
+    assert all(p is bb.module.get_parameter(n) for n, p in bb.module.named_parameters())  # originals back
+
+
+def test_originals_are_restored_when_the_forward_raises(hub_root):
+    bb, x = _backbone_and_inputs("hf_clip", hub_root)
+    before = dict(bb.module.named_parameters())
+    pre = bb.pretrained_state()
+    with pytest.raises(RuntimeError, match="boom"):
+        with computed_parameters(bb.module, ComputedParams(lambda k, grad: pre[k].clone(), pre)):
+            bb.module.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+            bb.module(pixel_values=x)
+    assert dict(bb.module.named_parameters()) == before
+    with pytest.raises(KeyError, match="not a parameter"):
+        with computed_parameters(bb.module, ComputedParams(lambda k, grad: None, ["nope.weight"])):
+            pass
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "joint"])
+def test_otmf_layerwise_student_weights_equal_all_bitwise(run_cfg, schedule):
+    """method.student_weights=layerwise (default) re-makes each weight in the backward instead of
+    keeping a whole copy: the merged weights, curves and accuracies equal those of ``all``."""
+    args = ("task_order=[rot90,flip,invert]", "method.iterations=6", "save_merged=true", f"method.schedule={schedule}")
+    runs = []
+    for mode in ("all", "layerwise"):
+        metrics, out = run_cfg(*args, f"method.student_weights={mode}")
+        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        runs.append((metrics, load_file(str(out / "merged.safetensors")), steps))
+    (ma, wa, sa), (mb, wb, sb) = runs
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ma["acc_matrix"] == mb["acc_matrix"]
+    assert [s.get("ot_loss_pre") for s in sa] == [s.get("ot_loss_pre") for s in sb]
