@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from otmf_exp.benchmark.markdown import render
-from otmf_exp.benchmark.plan import LIVE_RSS_ENV, PARTS, method_runs, plan
+from otmf_exp.benchmark.plan import LEVER_ROWS, LIVE_RSS_ENV, PARTS, method_runs, plan
 from otmf_exp.benchmark.report import merge_into, summarise
 from otmf_exp.benchmark.runs import machine
 from otmf_exp.benchmark.suite import measure, model_mb
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs_step = {k: v for k, v in runs_step.items() if k in keep}
         runs_flat = {k: v for k, v in runs_flat.items() if k in keep}
+    else:
+        runs_flat = {k: v for k, v in runs_flat.items() if k not in LEVER_ROWS}
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:

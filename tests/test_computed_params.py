@@ -94,7 +94,12 @@ def test_originals_are_restored_when_the_forward_raises(hub_root):
 def test_otmf_layerwise_student_weights_equal_all_bitwise(run_cfg, schedule):
     """method.student_weights=layerwise (default) re-makes each weight in the backward instead of
     keeping a whole copy: the merged weights, curves and accuracies equal those of ``all``."""
-    args = ("task_order=[rot90,flip,invert]", "method.iterations=6", "save_merged=true", f"method.schedule={schedule}")
+    args = (
+        "task_order=[rot90,flip,invert]",
+        "method.iterations=6",
+        "save_merged=true",
+        f"method.schedule={schedule}",
+    )
     runs = []
     for mode in ("all", "layerwise"):
         metrics, out = run_cfg(*args, f"method.student_weights={mode}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from otmf_exp.benchmark.plan import LEVER_RATIOS
 from otmf_exp.benchmark.report import merge_time
 
 
@@ -29,6 +30,8 @@ TARGET_NAMES = {
 INFO_RATIOS = {
     "otmf_vs_joint_adamerging_memory_above_baseline": "same, memory above the process baseline",
     "otmf_tensor_vs_joint_adamerging_memory": "OTMF with tensor-granularity masks / joint AdaMerging",
+    "otmf_copy_vs_joint_adamerging_memory": "OTMF with best_masks=copy / joint AdaMerging",
+    "otmf_all_weights_vs_joint_adamerging_memory": "OTMF with student_weights=all / joint AdaMerging",
     "otmf_vs_joint_adamerging_per_task_memory": "OTMF / joint AdaMerging with per-task backward (ours)",
     "otmf_step_vs_joint_adamerging_time_per_iteration": "OTMF / joint AdaMerging time per iteration",
 }
@@ -140,7 +143,7 @@ def _ratio_section(res: dict) -> list[str]:
         }
         for label, j in res["ratio"].items()
     ]
-    for name in ("otmf", "otmf (tensor masks)", "adamerging (task)"):
+    for name in ("otmf", *LEVER_RATIOS, "adamerging (task)"):
         if name in res.get("step", {}):
             r = res["step"][name]
             rows.append(

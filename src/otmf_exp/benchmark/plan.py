@@ -12,6 +12,14 @@ JOINT = {
     "joint adamerging (task), 8 tasks, per-task backward (default)": "per_task",
 }
 REF_JOINT = next(iter(JOINT))
+#: step-part rows that switch one OTMF memory lever back; the 20-step series skips them unless named
+LEVER_ROWS = ("otmf (best_masks=copy)", "otmf (student_weights=all)")
+#: step-part row -> its (info) ratio to joint AdaMerging's peak memory
+LEVER_RATIOS = {
+    "otmf (tensor masks)": "otmf_tensor_vs_joint_adamerging_memory",
+    "otmf (best_masks=copy)": "otmf_copy_vs_joint_adamerging_memory",
+    "otmf (student_weights=all)": "otmf_all_weights_vs_joint_adamerging_memory",
+}
 LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
     "otmf_vs_joint_adamerging_memory": 0.5,
@@ -55,6 +63,15 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
         "otmf (tensor masks)": (
             "otmf",
             {"iterations": iterations, "eval_batches": eval_batches, "mask.granularity": "tensor"},
+        ),
+        # OTMF's memory levers, one row each with the previous setting (LEVER_ROWS)
+        "otmf (best_masks=copy)": (
+            "otmf",
+            {"iterations": iterations, "eval_batches": eval_batches, "best_masks": "copy"},
+        ),
+        "otmf (student_weights=all)": (
+            "otmf",
+            {"iterations": iterations, "eval_batches": eval_batches, "student_weights": "all"},
         ),
         # the authors' 50 adaptation steps at most (memory does not depend on the count)
         "mingle": ("mingle", {"max_steps": min(iterations, 50)}),

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from otmf_exp.benchmark.plan import JOINT, REF_JOINT, TARGETS
+from otmf_exp.benchmark.plan import JOINT, LEVER_RATIOS, REF_JOINT, TARGETS
 
 
 def summarise(res: dict) -> dict:
@@ -38,8 +38,9 @@ def summarise(res: dict) -> dict:
         r["otmf_vs_joint_adamerging_memory_above_baseline"] = steps["otmf"]["peak_over_baseline_mb"] / (
             jpeak - joint["baseline_mb"]
         )
-        if "otmf (tensor masks)" in steps:
-            r["otmf_tensor_vs_joint_adamerging_memory"] = steps["otmf (tensor masks)"]["max_peak_mb"] / jpeak
+        for row, key in LEVER_RATIOS.items():
+            if row in steps:
+                r[key] = steps[row]["max_peak_mb"] / jpeak
         # time: joint AdaMerging runs `iterations_flat` steps; compare per iteration
         its_j, its_s = res["plan"]["iterations_flat"], res["plan"]["iterations_step"]
         r["otmf_step_vs_joint_adamerging_time_per_iteration"] = (steps["otmf"]["median_step_s"] / its_s) / (
