@@ -46,8 +46,8 @@ plots: setup ## PNG figures from run dirs into reports/plots (RUNS="dir ..." to 
 bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if present) -> BENCHMARKS.md, benchmarks.json
 	$(BIN)/python scripts/bench.py
 
-bench-quick: setup ## same measurements with fewer iterations (CPU-sized, ~55 min on 2 cores)
-	$(BIN)/python scripts/bench.py --quick
+bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 1.5 h on 2 cores)
+	$(BIN)/python scripts/bench.py --quick --live-rss
 
 clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
 	rm -rf outputs multirun
