@@ -64,7 +64,7 @@ def _targets(res: dict) -> list[str]:
     rows = [
         {
             "target": TARGET_NAMES[key],
-            "value": _fmt(c["value"]) if abs(c["value"]) >= 1e-2 else f"{c['value']:.2e}",
+            "value": _fmt(c["value"], 3) if abs(c["value"]) >= 1e-2 else f"{c['value']:.2e}",
             "limit": f"{'≥' if key == 'eval_vs_raw_forward' else '≤'} {c['target']}",
             "met": "yes" if c["met"] else "**no**",
         }
