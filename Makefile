@@ -46,7 +46,7 @@ plots: setup ## PNG figures from run dirs into reports/plots (RUNS="dir ..." to 
 bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if present) -> BENCHMARKS.md, benchmarks.json
 	$(BIN)/python scripts/bench.py
 
-bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 1.5 h on 2 cores)
+bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 3 h on 2 cores)
 	$(BIN)/python scripts/bench.py --quick --live-rss
 
 clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
