@@ -41,8 +41,7 @@ class Masks:
 
     def values(self, grad: bool = True) -> StateDict:
         """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
-        raw = self.raw if grad else {k: r.detach() for k, r in self.raw.items()}
-        return {k: 2.0 * torch.sigmoid(r) if self.sigmoid else r for k, r in raw.items()}
+        return {k: self.value(k, grad) for k in self.raw}
 
     def value(self, k: str, grad: bool = True) -> Tensor:
         """M for key ``k`` alone (see :meth:`values`)."""
