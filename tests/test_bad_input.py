@@ -132,6 +132,10 @@ def test_mismatched_checkpoint_names_first_key(zoo):
         (["backbone.autocast=fp8"], "backbone.autocast must be one of"),
         (["logger.mode=sometimes"], "logger.mode must be one of"),
         (["keep_checkpoints=some"], "keep_checkpoints must be last, all or none"),
+        (
+            ["method.student_weights=all"],
+            "method.checkpoint_blocks=true needs method.student_weights=layerwise",
+        ),
     ],
 )
 def test_every_value_is_checked_before_heavy_work(make_cfg, tmp_path, monkeypatch, args, needle):

@@ -14,7 +14,7 @@ from _hub_fixtures import clip_cfg, openclip_cfg, t5_cfg
 from safetensors.torch import load_file
 
 from otmf_exp.models import build_backbone
-from otmf_exp.models.functional import ComputedParams, computed_parameters
+from otmf_exp.models.functional import ComputedParams, computed_parameters, layer_blocks
 from otmf_exp.offline import tiny_hub
 from otmf_exp.offline.synthetic import SyntheticBackbone
 
@@ -40,9 +40,12 @@ def _backbone_and_inputs(kind, hub_root):
     return bb, torch.randn(3, 3, tiny_hub.IMAGE_SIZE, tiny_hub.IMAGE_SIZE, generator=g)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["layerwise", "checkpointed"])
 @pytest.mark.parametrize("kind", ["synthetic", "hf_clip", "open_clip", "t5"])
-def test_computed_weights_give_the_same_features_and_gradients_bitwise(kind, hub_root):
+def test_computed_weights_give_the_same_features_and_gradients_bitwise(kind, checkpoint, hub_root):
     bb, x = _backbone_and_inputs(kind, hub_root)
+    blocks = layer_blocks(bb.module, bb.module.modules())
+    assert len(blocks) >= 2  # every kind's transformer layers are found
     pre = bb.pretrained_state()
     g = torch.Generator().manual_seed(1)
     tv = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
@@ -59,12 +62,21 @@ def test_computed_weights_give_the_same_features_and_gradients_bitwise(kind, hub
     for computed in (False, True):
         for m in masks.values():
             m.grad = None
-        params = ComputedParams(make, pre) if computed else {k: make(k, True) for k in pre}
+        params = ComputedParams(make, pre, checkpoint) if computed else {k: make(k, True) for k in pre}
+        outputs: list[weakref.ref] = []  # the output of every linear layer inside the blocks
+        linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        hooks = [m.register_forward_hook(_keep_ref(outputs)) for m in linears]
         feats = bb.features(params, x)
+        for h in hooks:
+            h.remove()
         if computed:  # autograd holds recipes, not the weights: none of them is alive any more
             del params
             gc.collect()
             assert made and all(r() is None for r in made)
+            # checkpointed: no activation inside a layer is kept for the backward (else some are)
+            assert len(outputs) >= len(blocks)
+            alive = [r() is not None for r in outputs]
+            assert not any(alive) if checkpoint else any(alive)
         feats.square().sum().backward()
         results.append((feats.detach(), {k: m.grad for k, m in masks.items()}))
         made.clear()
@@ -74,6 +86,14 @@ def test_computed_weights_give_the_same_features_and_gradients_bitwise(kind, hub
     assert len(used) > len(masks) // 3 and all(g_comp[k] is None for k in masks if k not in used)
     assert all(torch.equal(g_all[k], g_comp[k]) for k in used)
     assert all(p is bb.module.get_parameter(n) for n, p in bb.module.named_parameters())  # originals back
+    assert not any("forward" in b.__dict__ for b in blocks)  # the checkpointed forwards are gone
+
+
+def _keep_ref(out):
+    def hook(mod, args, output):
+        out.append(weakref.ref(output[0] if isinstance(output, tuple) else output))
+
+    return hook
 
 
 def test_originals_are_restored_when_the_forward_raises(hub_root):
@@ -92,8 +112,9 @@ def test_originals_are_restored_when_the_forward_raises(hub_root):
 
 @pytest.mark.parametrize("schedule", ["alternate", "joint"])
 def test_otmf_layerwise_student_weights_equal_all_bitwise(run_cfg, schedule):
-    """method.student_weights=layerwise (default) re-makes each weight in the backward instead of
-    keeping a whole copy: the merged weights, curves and accuracies equal those of ``all``."""
+    """method.student_weights=layerwise with checkpoint_blocks (the defaults) re-makes each weight
+    and each layer's activations in the backward instead of keeping them: the merged weights,
+    curves and accuracies equal those of ``all`` without checkpointing, bit for bit."""
     args = (
         "task_order=[rot90,flip,invert]",
         "method.iterations=6",
@@ -101,8 +122,8 @@ def test_otmf_layerwise_student_weights_equal_all_bitwise(run_cfg, schedule):
         f"method.schedule={schedule}",
     )
     runs = []
-    for mode in ("all", "layerwise"):
-        metrics, out = run_cfg(*args, f"method.student_weights={mode}")
+    for mode, ckpt in (("all", "false"), ("layerwise", "true")):
+        metrics, out = run_cfg(*args, f"method.student_weights={mode}", f"method.checkpoint_blocks={ckpt}")
         steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
         runs.append((metrics, load_file(str(out / "merged.safetensors")), steps))
     (ma, wa, sa), (mb, wb, sb) = runs

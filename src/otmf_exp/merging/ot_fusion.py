@@ -105,11 +105,14 @@ class FusionStep:
 
     def student(self, x: Tensor, train: tuple[bool, bool]) -> Tensor:
         """Features of the student. ``student_weights=layerwise``: each weight is made when its module
-        runs and re-made in the backward (one module's weights alive, bit-identical results) |
+        runs and re-made in the backward (one module's weights alive, bit-identical results; with
+        ``checkpoint_blocks`` each layer's activations are re-made in the backward as well) |
         ``all``: every weight made before the forward and kept by autograd until the backward."""
         if self.cfg.student_weights == "layerwise":
             params = ComputedParams(
-                lambda k, grad: self.weight(k, train if grad else (False, False)), self.pretrained
+                lambda k, grad: self.weight(k, train if grad else (False, False)),
+                self.pretrained,
+                checkpoint_blocks=self.cfg.checkpoint_blocks,
             )
         else:
             params = {k: self.weight(k, train) for k in self.pretrained}

@@ -10,7 +10,8 @@
   ``finally``, also when the body raises. Not re-entrant and not thread-safe for the same
   module: one swap at a time.
 * :class:`ComputedParams` + :func:`computed_parameters`: weights computed per module as it runs
-  (and recomputed in the backward) instead of a whole dict alive for the forward and backward.
+  (and recomputed in the backward) instead of a whole dict alive for the forward and backward;
+  optionally each transformer layer checkpointed (its activations re-made in the backward too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -80,14 +82,25 @@ class ComputedParams:
     alive at a time beyond what the recipes hold (masks, task vectors), for the price of one more
     ``make`` per weight in the backward. ``make`` must be deterministic: the backward sees bit for
     bit the weight the forward used.
+
+    ``checkpoint_blocks``: each layer of the module's layer lists (the children of the outermost
+    ``nn.ModuleList`` s that hold computed weights: transformer blocks) runs under non-reentrant
+    activation checkpointing (``torch.utils.checkpoint``) with its weights made inside, so autograd
+    keeps only each layer's inputs, and the backward re-runs one layer at a time (weights re-made)
+    — the same values bit for bit, one more forward per backward. Only where grad is enabled.
     """
 
-    def __init__(self, make: Callable[[str, bool], Tensor], names: Iterable[str]) -> None:
-        self.make, self.names = make, set(names)
+    def __init__(
+        self, make: Callable[[str, bool], Tensor], names: Iterable[str], checkpoint_blocks: bool = False
+    ) -> None:
+        self.make, self.names, self.checkpoint_blocks = make, set(names), checkpoint_blocks
 
 
 #: modules whose forward reads a child's parameters without calling the child
 _READS_CHILDREN: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+
+#: (module whose parameter it is, attribute, canonical name) of each computed parameter a module fills
+_Slots = dict[nn.Module, list[tuple[nn.Module, str, str]]]
 
 
 class _Recipe:
@@ -99,6 +112,104 @@ class _Recipe:
         self.name, self.size, self.stride, self.offset = name, x.size(), x.stride(), x.storage_offset()
 
 
+def _owned(module: nn.Module, names: set[str]) -> _Slots:
+    """Module -> the computed parameters it fills when it runs (its own; ``out_proj``'s for MHA)."""
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    unknown = names - set(canonical.values())
+    if unknown:
+        raise KeyError(f"{sorted(unknown)[0]!r} is not a parameter of {type(module).__name__}")
+    owned: _Slots = {}
+    for mod in module.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None and canonical.get(id(p)) in names:
+                owned.setdefault(mod, []).append((mod, attr, canonical[id(p)]))
+        for child in _READS_CHILDREN.get(type(mod), ()):  # a parent's forward reads them directly
+            sub = getattr(mod, child)
+            for attr, p in sub._parameters.items():
+                if p is not None and canonical.get(id(p)) in names:
+                    owned.setdefault(mod, []).append((sub, attr, canonical[id(p)]))
+    return owned
+
+
+def layer_blocks(module: nn.Module, owned: Iterable[nn.Module]) -> list[nn.Module]:
+    """The children of the outermost ``nn.ModuleList`` s below ``module`` that contain a module of
+    ``owned`` (the transformer layers of every supported architecture)."""
+    owners = set(owned)
+    out: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                layers = [c for c in child if any(x in owners for x in c.modules())]
+                if layers:
+                    out.extend(layers)
+                    continue
+            visit(child)
+
+    visit(module)
+    return out
+
+
+class _Windows:
+    """Forward pre-/post-hooks that put each owner's computed weights in place while it runs."""
+
+    def __init__(self, params: ComputedParams, owned: _Slots, live: dict[int, str] | None) -> None:
+        self.params, self.owned, self.live = params, owned, live
+        self.stack: list[list[tuple[nn.Module, str, Tensor | None, int]]] = []
+
+    def pre(self, mod: nn.Module, args: Any = ()) -> None:
+        frame = []
+        for m, attr, name in self.owned[mod]:
+            w = self.params.make(name, torch.is_grad_enabled())
+            frame.append((m, attr, m._parameters[attr], w.untyped_storage().data_ptr()))
+            m._parameters[attr] = w  # a plain tensor is fine inside _parameters
+            if self.live is not None and w.numel():
+                self.live[frame[-1][3]] = name
+        self.stack.append(frame)
+
+    def post(self, mod: nn.Module, args: Any = (), out: Any = None) -> None:
+        for m, attr, orig, ptr in reversed(self.stack.pop()):
+            m._parameters[attr] = orig
+            if self.live is not None:
+                self.live.pop(ptr, None)
+
+    def hook(self, mods: Iterable[nn.Module]) -> list[Any]:
+        handles = []
+        for mod in mods:
+            handles.append(mod.register_forward_pre_hook(self.pre))
+            handles.append(mod.register_forward_hook(self.post, always_call=True))
+        return handles
+
+
+def _checkpointed(block: nn.Module, params: ComputedParams, owned: _Slots) -> Callable[..., Any]:
+    """``block.forward`` under activation checkpointing, its computed weights made inside the
+    checkpointed function (by hooks it installs itself, so the backward's re-run finds them too)."""
+    forward = block.forward
+    inside = [m for m in block.modules() if m in owned]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        windows = _Windows(params, owned, None)
+        handles = windows.hook(m for m in inside if m is not block)
+        try:
+            if block in owned:  # its own parameters: forward is called directly, not through hooks
+                windows.pre(block)
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    windows.post(block)
+            return forward(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return run(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed
+
+
 @contextmanager
 def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[nn.Module]:
     """Within the block, every forward of ``module`` (or of any submodule) computes with
@@ -108,38 +219,13 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
     every computed parameter reads as NaN (a read that bypasses its module shows up as a non-finite
     result, never as silently pre-trained weights); saved-tensor hooks store a
     :class:`_Recipe` for any tensor that autograd would save and that lives in a computed weight's
-    memory (the weight or a view such as ``weight.t()``)."""
-    canonical = {id(p): n for n, p in module.named_parameters()}
-    unknown = params.names - set(canonical.values())
-    if unknown:
-        raise KeyError(f"{sorted(unknown)[0]!r} is not a parameter of {type(module).__name__}")
-    owned: dict[nn.Module, list[tuple[nn.Module, str, str]]] = {}
-    for mod in module.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None and canonical.get(id(p)) in params.names:
-                owned.setdefault(mod, []).append((mod, attr, canonical[id(p)]))
-        for child in _READS_CHILDREN.get(type(mod), ()):  # a parent's forward reads them directly
-            sub = getattr(mod, child)
-            for attr, p in sub._parameters.items():
-                if p is not None and canonical.get(id(p)) in params.names:
-                    owned.setdefault(mod, []).append((sub, attr, canonical[id(p)]))
+    memory (the weight or a view such as ``weight.t()``). With ``params.checkpoint_blocks`` the
+    layers of :func:`layer_blocks` run checkpointed (their own hooks, inside the checkpoint)."""
+    owned = _owned(module, params.names)
+    blocks = layer_blocks(module, owned) if params.checkpoint_blocks else []
+    in_blocks = {m for b in blocks for m in b.modules() if m in owned}
     live: dict[int, str] = {}  # storage address of a computed weight -> its name, while it is in place
-    stack: list[list[tuple[nn.Module, str, Tensor | None, int]]] = []
-
-    def pre(mod: nn.Module, args: Any) -> None:
-        frame = []
-        for m, attr, name in owned[mod]:
-            w = params.make(name, torch.is_grad_enabled())
-            frame.append((m, attr, m._parameters[attr], w.untyped_storage().data_ptr()))
-            m._parameters[attr] = w  # a plain tensor is fine inside _parameters
-            if w.numel():
-                live[frame[-1][3]] = name
-        stack.append(frame)
-
-    def post(mod: nn.Module, args: Any, out: Any) -> None:
-        for m, attr, orig, ptr in reversed(stack.pop()):
-            m._parameters[attr] = orig
-            live.pop(ptr, None)
+    windows = _Windows(params, owned, live)
 
     def pack(x: Tensor) -> Any:
         if live and x.layout == torch.strided and x.device.type != "meta":
@@ -161,12 +247,14 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
             m._parameters[attr] = torch.full((), float("nan"), dtype=orig.dtype, device=orig.device).expand(
                 orig.shape
             )
-        for mod in owned:
-            handles.append(mod.register_forward_pre_hook(pre))
-            handles.append(mod.register_forward_hook(post, always_call=True))
+        handles = windows.hook(m for m in owned if m not in in_blocks)
+        for b in blocks:
+            b.forward = _checkpointed(b, params, owned)  # an instance attribute shadows the method
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield module
     finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
         for h in handles:
             h.remove()
         for m, attr, orig in originals:
