@@ -136,6 +136,11 @@ def test_mismatched_checkpoint_names_first_key(zoo):
             ["method.student_weights=all"],
             "method.checkpoint_blocks=true needs method.student_weights=layerwise",
         ),
+        (
+            ["method.schedule=joint", "method.adam_in_backward=true"],
+            "adam_in_backward=true needs one backward",
+        ),
+        (["method.l1=0.1", "method.adam_in_backward=true"], "adam_in_backward=true needs one backward"),
     ],
 )
 def test_every_value_is_checked_before_heavy_work(make_cfg, tmp_path, monkeypatch, args, needle):

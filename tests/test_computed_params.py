@@ -111,22 +111,35 @@ def test_originals_are_restored_when_the_forward_raises(hub_root):
 
 
 @pytest.mark.parametrize("schedule", ["alternate", "joint"])
-def test_otmf_layerwise_student_weights_equal_all_bitwise(run_cfg, schedule):
-    """method.student_weights=layerwise with checkpoint_blocks (the defaults) re-makes each weight
-    and each layer's activations in the backward instead of keeping them: the merged weights,
-    curves and accuracies equal those of ``all`` without checkpointing, bit for bit."""
+def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, schedule):
+    """OTMF's defaults — student_weights=layerwise, checkpoint_blocks, adam_in_backward (null: on for
+    the alternate schedule, off for joint, whose two backwards feed one step) — re-make each weight
+    and each layer's activations in the backward and step each mask inside it, instead of keeping
+    them: the merged weights, curves and accuracies equal those of the plain step, bit for bit."""
+    import otmf_exp.merging.ot_fusion as ot_fusion
+
+    sizes: list[int] = []  # how many mask tensors each Adam optimiser was given
+    real_adam = ot_fusion.adam
+    monkeypatch.setattr(
+        ot_fusion, "adam", lambda params, lr: sizes.append(len(params)) or real_adam(params, lr)
+    )
     args = (
         "task_order=[rot90,flip,invert]",
         "method.iterations=6",
         "save_merged=true",
         f"method.schedule={schedule}",
     )
+    plain = ("method.student_weights=all", "method.checkpoint_blocks=false", "method.adam_in_backward=false")
     runs = []
-    for mode, ckpt in (("all", "false"), ("layerwise", "true")):
-        metrics, out = run_cfg(*args, f"method.student_weights={mode}", f"method.checkpoint_blocks={ckpt}")
+    for overrides in (plain, ()):
+        sizes.clear()
+        metrics, out = run_cfg(*args, *overrides)
         steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-        runs.append((metrics, load_file(str(out / "merged.safetensors")), steps))
-    (ma, wa, sa), (mb, wb, sb) = runs
+        runs.append((metrics, load_file(str(out / "merged.safetensors")), steps, list(sizes)))
+    (ma, wa, sa, size_a), (mb, wb, sb, size_b) = runs
+    assert size_a and min(size_a) > 1  # plain: one Adam per side over all its masks
+    assert (max(size_b) == 1) == (schedule == "alternate")  # in the backward: one Adam per mask
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ma["acc_matrix"] == mb["acc_matrix"]
-    assert [s.get("ot_loss_pre") for s in sa] == [s.get("ot_loss_pre") for s in sb]
+    for key in ("ot_loss_pre", "ot_loss_post", "select_iteration", "mask_quantiles"):
+        assert [s.get(key) for s in sa] == [s.get(key) for s in sb], key

@@ -33,6 +33,7 @@ INFO_RATIOS = {
     "otmf_copy_vs_joint_adamerging_memory": "OTMF with best_masks=copy / joint AdaMerging",
     "otmf_all_weights_vs_joint_adamerging_memory": "OTMF with student_weights=all / joint AdaMerging",
     "otmf_no_checkpoint_vs_joint_adamerging_memory": "OTMF with checkpoint_blocks=false / joint AdaMerging",
+    "otmf_adam_after_backward_vs_joint_adamerging_memory": "OTMF with adam_in_backward=false / joint AdaMerging",
     "otmf_vs_joint_adamerging_per_task_memory": "OTMF / joint AdaMerging with per-task backward (ours)",
     "otmf_step_vs_joint_adamerging_time_per_iteration": "OTMF / joint AdaMerging time per iteration",
 }

@@ -13,13 +13,19 @@ JOINT = {
 }
 REF_JOINT = next(iter(JOINT))
 #: step-part rows that switch one OTMF memory lever back; the 20-step series skips them unless named
-LEVER_ROWS = ("otmf (best_masks=copy)", "otmf (student_weights=all)", "otmf (checkpoint_blocks=false)")
+LEVER_ROWS = (
+    "otmf (best_masks=copy)",
+    "otmf (student_weights=all)",
+    "otmf (checkpoint_blocks=false)",
+    "otmf (adam_in_backward=false)",
+)
 #: step-part row -> its (info) ratio to joint AdaMerging's peak memory
 LEVER_RATIOS = {
     "otmf (tensor masks)": "otmf_tensor_vs_joint_adamerging_memory",
     "otmf (best_masks=copy)": "otmf_copy_vs_joint_adamerging_memory",
     "otmf (student_weights=all)": "otmf_all_weights_vs_joint_adamerging_memory",
     "otmf (checkpoint_blocks=false)": "otmf_no_checkpoint_vs_joint_adamerging_memory",
+    "otmf (adam_in_backward=false)": "otmf_adam_after_backward_vs_joint_adamerging_memory",
 }
 LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
@@ -82,6 +88,10 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
         "otmf (checkpoint_blocks=false)": (
             "otmf",
             {"iterations": iterations, "eval_batches": eval_batches, "checkpoint_blocks": False},
+        ),
+        "otmf (adam_in_backward=false)": (
+            "otmf",
+            {"iterations": iterations, "eval_batches": eval_batches, "adam_in_backward": False},
         ),
         # the authors' 50 adaptation steps at most (memory does not depend on the count)
         "mingle": ("mingle", {"max_steps": min(iterations, 50)}),

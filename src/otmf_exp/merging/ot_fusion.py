@@ -42,6 +42,12 @@ def _batch_slice(x: Any, sl: slice) -> Any:
     return {k: v[sl] for k, v in x.items()} if isinstance(x, dict) else x[sl]
 
 
+def adam_in_backward_exact(cfg: Any) -> bool:
+    """Whether each mask's Adam step may run inside the backward without changing a bit: one
+    backward per optimiser step (alternate schedule, no l1 term, no backward chunks)."""
+    return cfg.schedule == "alternate" and cfg.l1 == 0 and not cfg.backward_chunk
+
+
 class FusionStep:
     """Step t of OTMF: ``run()`` returns τᵐ_t and records curves, diagnostics and phase times.
 
@@ -67,6 +73,8 @@ class FusionStep:
         self.n_pre = cfg.iterations if self.joint else (cfg.iterations + 1) // 2
         self.n_post = cfg.iterations if self.joint else cfg.iterations // 2
         self.seed_pre, self.seed_post = ctx.seed_for("otmf", t, "pre"), ctx.seed_for("otmf", t, "post")
+        aib = cfg.adam_in_backward
+        self.adam_in_backward = adam_in_backward_exact(cfg) if aib is None else bool(aib)
         self.curves: dict[str, list[float]] = {"pre": [], "post": []}
         #: (iteration, its loss) whose masks the step returns; None without iterations
         self.selected: tuple[int, float] | None = None
@@ -219,10 +227,29 @@ class FusionStep:
         ``select=authors, best_masks=copy`` — the best masks copied after each improving step.
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
-        opts = {
-            "pre": adam(list(self.m_pre.raw.values()), cfg.lr),
-            "post": adam(list(self.m_post.raw.values()), cfg.lr),
-        }
+        sides = {"pre": self.m_pre, "post": self.m_post}
+        handles = []
+        if self.adam_in_backward:  # one Adam per mask tensor, stepped by its post-accumulate-grad hook
+            opts: dict[str, torch.optim.Adam] = {}
+            per = {p: adam([p], cfg.lr) for m in sides.values() for p in m.raw.values()}
+
+            def step(p: Tensor) -> None:
+                per[p].step()
+                p.grad = None  # freed at once: no whole mask gradient alive at the backward's end
+
+            handles = [p.register_post_accumulate_grad_hook(step) for p in per]
+        else:
+            opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
+        try:  # the optimiser states are freed on return, before the result is built
+            return self._loop(n, track, opts)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _loop(self, n: int, track: bool, opts: dict[str, torch.optim.Adam]) -> tuple[int, float] | None:
+        """The iterations of :meth:`_optimise`; ``opts`` = per side the optimiser to step after the
+        backward (none where the steps ran inside it)."""
+        cfg = self.cfg
         best, selected = float("inf"), None
         copy = cfg.select == "authors" and cfg.best_masks == "copy"
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
@@ -231,8 +258,9 @@ class FusionStep:
         for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
             side, value = self._iteration(i, pre_it, post_it, track)
             for s in ("pre", "post") if side == "joint" else (side,):
-                opts[s].step()
-                opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
+                if s in opts:
+                    opts[s].step()
+                    opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
             if cfg.select == "last":
                 selected = (i, value)
             elif value < best:  # authors: both masks, as they are after this step
@@ -240,7 +268,6 @@ class FusionStep:
                 if copy and track:
                     self.m_pre.save_best()
                     self.m_post.save_best()
-        del opts  # free the optimiser state before the result is built (lower peak memory)
         for m in (self.m_pre, self.m_post):
             m.free_grads()
         return selected

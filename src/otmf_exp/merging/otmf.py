@@ -25,7 +25,7 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.head_tuning import FeatureStream, train_head
-from otmf_exp.merging.ot_fusion import FusionStep
+from otmf_exp.merging.ot_fusion import FusionStep, adam_in_backward_exact
 from otmf_exp.merging.ot_masks import masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 
@@ -100,6 +100,12 @@ class OTMFConfig:
     #: backward re-runs one layer at a time (bit-identical results, one more forward per iteration,
     #: the activations of one batch — ≈ 1.7 W on ViT-B/32, batch 16 — no longer alive at the peak)
     checkpoint_blocks: bool = True
+    #: each mask tensor's Adam step taken inside the backward as soon as its gradient is complete
+    #: (a post-accumulate-grad hook; the gradient freed at once), so no whole mask gradient (1 W) is
+    #: alive at the end of the backward. The same fused Adam arithmetic per tensor: bit-identical.
+    #: null: on where it is exact (schedule=alternate, l1=0, no backward_chunk: one backward per
+    #: step) | true: on (refused where not exact) | false: off
+    adam_in_backward: bool | None = None
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration
     backward_chunk: int | None = None
@@ -148,6 +154,11 @@ class OTMF(MergeMethod):
                 not cfg.checkpoint_blocks or cfg.student_weights == "layerwise",
                 "method.checkpoint_blocks=true needs method.student_weights=layerwise "
                 "(set method.checkpoint_blocks=false to use student_weights=all)",
+            ),
+            (
+                cfg.adam_in_backward is not True or adam_in_backward_exact(cfg),
+                "method.adam_in_backward=true needs one backward per optimiser step: schedule=alternate, "
+                "l1=0 and backward_chunk=null (or leave it null: on where it is exact)",
             ),
             (cfg.l1 >= 0, f"method.l1 must be >= 0, got {cfg.l1}"),
             (cfg.sinkhorn.blur > 0, f"method.sinkhorn.blur must be > 0, got {cfg.sinkhorn.blur}"),
