@@ -118,11 +118,19 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     them: the merged weights, curves and accuracies equal those of the plain step, bit for bit."""
     import otmf_exp.merging.ot_fusion as ot_fusion
 
-    sizes: list[int] = []  # how many mask tensors each Adam optimiser was given
-    real_adam = ot_fusion.adam
+    sizes: list[int] = []  # how many mask tensors each Adam stepped after the backward was given
+    in_backward: list[int] = []  # groups of each BackwardAdam (steps inside the backward)
+    real_adam, real_backward_adam = ot_fusion.adam, ot_fusion.BackwardAdam
+
+    class CountingBackwardAdam(real_backward_adam):
+        def __init__(self, sides, lr):
+            super().__init__(sides, lr)
+            in_backward.append(len(self.groups))
+
     monkeypatch.setattr(
         ot_fusion, "adam", lambda params, lr: sizes.append(len(params)) or real_adam(params, lr)
     )
+    monkeypatch.setattr(ot_fusion, "BackwardAdam", CountingBackwardAdam)
     args = (
         "task_order=[rot90,flip,invert]",
         "method.iterations=6",
@@ -133,12 +141,18 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     runs = []
     for overrides in (plain, ()):
         sizes.clear()
+        in_backward.clear()
         metrics, out = run_cfg(*args, *overrides)
         steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-        runs.append((metrics, load_file(str(out / "merged.safetensors")), steps, list(sizes)))
-    (ma, wa, sa, size_a), (mb, wb, sb, size_b) = runs
-    assert size_a and min(size_a) > 1  # plain: one Adam per side over all its masks
-    assert (max(size_b) == 1) == (schedule == "alternate")  # in the backward: one Adam per mask
+        runs.append(
+            (metrics, load_file(str(out / "merged.safetensors")), steps, list(sizes), list(in_backward))
+        )
+    (ma, wa, sa, size_a, aib_a), (mb, wb, sb, size_b, aib_b) = runs
+    assert size_a and not aib_a  # plain: one Adam per side over all its masks, after the backward
+    if schedule == "alternate":  # defaults: one Adam per (side, layer), inside the backward
+        assert aib_b and min(aib_b) > 2 and not size_b
+    else:  # joint: two backwards feed one step, so the step stays after them
+        assert size_b and not aib_b
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ma["acc_matrix"] == mb["acc_matrix"]
     for key in ("ot_loss_pre", "ot_loss_post", "select_iteration", "mask_quantiles"):

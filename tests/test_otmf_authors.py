@@ -17,7 +17,7 @@ from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.head_tuning import FeatureStream, train_head
 from otmf_exp.merging.ot_diagnostics import exact_quantiles, own_match, transport_plan
 from otmf_exp.merging.ot_fusion import FusionStep
-from otmf_exp.merging.ot_masks import Masks
+from otmf_exp.merging.ot_masks import BackwardAdam, Masks, adam, layer_key
 from otmf_exp.merging.otmf import OTMF, OTMFConfig
 from otmf_exp.models.base import head_logits
 from otmf_exp.runtime import checkpoint
@@ -324,3 +324,50 @@ def test_backward_chunk_gives_the_same_masks_up_to_float_noise(run_cfg, schedule
     wb = load_file(str(out / "merged.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert a["acc"] == pytest.approx(b["acc"], abs=0.5)
+
+
+def test_backward_adam_steps_each_layer_inside_the_backward_and_equals_adam_after_it():
+    """BackwardAdam: one Adam per (side, layer), stepped as soon as the layer's mask gradients are
+    complete (freed at once: no two layers' gradients alive together); a mask without a gradient
+    (an unused layer) is flushed after the backward. Masks equal Adam after the backward, bitwise."""
+    assert layer_key("vision_model.encoder.layers.3.mlp.fc1.weight") == "vision_model.encoder.layers.3"
+    assert layer_key("visual_projection.weight") == "visual_projection.weight"
+    g = torch.Generator().manual_seed(0)
+    names = [f"layers.{i}.{w}" for i in range(3) for w in ("weight", "bias")] + [
+        "proj.weight",
+        "unused.weight",
+    ]
+    ws = {n: torch.randn(4, 4, generator=g) for n in names}
+    x = torch.randn(5, 4, generator=g)
+
+    def loss_of(masks):
+        h = x
+        for i in range(3):
+            h = torch.tanh(
+                h @ (masks[f"layers.{i}.weight"] * ws[f"layers.{i}.weight"]) + masks[f"layers.{i}.bias"][0]
+            )
+        return (h @ (masks["proj.weight"] * ws["proj.weight"])).square().mean()
+
+    def fresh():
+        return {n: torch.ones(4, 4, requires_grad=True) for n in names}
+
+    plain, inside = fresh(), fresh()
+    opt = adam(list(plain.values()), 0.1)
+    alive: list[int] = []  # mask gradients alive whenever a layer's step runs
+    with BackwardAdam({"pre": inside}, 0.1) as ba:
+        for opt_i in ba.opts:
+            opt_i.register_step_pre_hook(
+                lambda *a: alive.append(sum(m.grad is not None for m in inside.values()))
+            )
+        for _ in range(4):
+            loss_of(plain).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_of(inside).backward()
+            assert all(m.grad is None for n, m in inside.items() if n != "unused.weight")
+            ba.flush()
+    assert len(ba.groups) == 5  # layers.0-2, proj, unused
+    assert alive and max(alive) <= 2  # a layer's weight and bias at most
+    assert all(torch.equal(plain[n], inside[n]) for n in names)
+    assert not torch.equal(inside["layers.0.weight"], torch.ones(4, 4))  # the masks did move
+    assert torch.equal(inside["unused.weight"], torch.ones(4, 4))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
 from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, own_match, transport_plan
-from otmf_exp.merging.ot_masks import Masks, adam, masked_merge
+from otmf_exp.merging.ot_masks import BackwardAdam, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
 
@@ -75,6 +75,7 @@ class FusionStep:
         self.seed_pre, self.seed_post = ctx.seed_for("otmf", t, "pre"), ctx.seed_for("otmf", t, "post")
         aib = cfg.adam_in_backward
         self.adam_in_backward = adam_in_backward_exact(cfg) if aib is None else bool(aib)
+        self.in_backward: BackwardAdam | None = None  # while a training loop steps inside the backward
         self.curves: dict[str, list[float]] = {"pre": [], "post": []}
         #: (iteration, its loss) whose masks the step returns; None without iterations
         self.selected: tuple[int, float] | None = None
@@ -202,6 +203,8 @@ class FusionStep:
             loss = self.ot(x, target, train)
             self._checked(loss, i)
             loss.backward()
+            if self.in_backward is not None:
+                self.in_backward.flush()
             return loss.detach()
         with torch.no_grad():
             feats = self.student(x, (False, False))
@@ -228,23 +231,14 @@ class FusionStep:
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
-        handles = []
-        if self.adam_in_backward:  # one Adam per mask tensor, stepped by its post-accumulate-grad hook
-            opts: dict[str, torch.optim.Adam] = {}
-            per = {p: adam([p], cfg.lr) for m in sides.values() for p in m.raw.values()}
-
-            def step(p: Tensor) -> None:
-                per[p].step()
-                p.grad = None  # freed at once: no whole mask gradient alive at the backward's end
-
-            handles = [p.register_post_accumulate_grad_hook(step) for p in per]
-        else:
-            opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
-        try:  # the optimiser states are freed on return, before the result is built
-            return self._loop(n, track, opts)
-        finally:
-            for h in handles:
-                h.remove()
+        if self.adam_in_backward:  # Adam per (side, layer) group, stepped inside the backward
+            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr) as self.in_backward:
+                try:
+                    return self._loop(n, track, {})
+                finally:
+                    self.in_backward = None
+        # the optimiser states are freed on return, before the result is built
+        return self._loop(n, track, {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()})
 
     def _loop(self, n: int, track: bool, opts: dict[str, torch.optim.Adam]) -> tuple[int, float] | None:
         """The iterations of :meth:`_optimise`; ``opts`` = per side the optimiser to step after the
