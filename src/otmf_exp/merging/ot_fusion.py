@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -75,7 +75,6 @@ class FusionStep:
         self.seed_pre, self.seed_post = ctx.seed_for("otmf", t, "pre"), ctx.seed_for("otmf", t, "post")
         aib = cfg.adam_in_backward
         self.adam_in_backward = adam_in_backward_exact(cfg) if aib is None else bool(aib)
-        self.in_backward: BackwardAdam | None = None  # while a training loop steps inside the backward
         self.curves: dict[str, list[float]] = {"pre": [], "post": []}
         #: (iteration, its loss) whose masks the step returns; None without iterations
         self.selected: tuple[int, float] | None = None
@@ -203,8 +202,6 @@ class FusionStep:
             loss = self.ot(x, target, train)
             self._checked(loss, i)
             loss.backward()
-            if self.in_backward is not None:
-                self.in_backward.flush()
             return loss.detach()
         with torch.no_grad():
             feats = self.student(x, (False, False))
@@ -231,18 +228,22 @@ class FusionStep:
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
-        if self.adam_in_backward:  # Adam per (side, layer) group, stepped inside the backward
-            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr) as self.in_backward:
-                try:
-                    return self._loop(n, track, {})
-                finally:
-                    self.in_backward = None
+        if self.adam_in_backward:  # Adam per (side, layer) group, stepped inside the iteration's backward
+            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr) as in_backward:
+                return self._loop(n, track, lambda side: in_backward.flush())
         # the optimiser states are freed on return, before the result is built
-        return self._loop(n, track, {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()})
+        opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
 
-    def _loop(self, n: int, track: bool, opts: dict[str, torch.optim.Adam]) -> tuple[int, float] | None:
-        """The iterations of :meth:`_optimise`; ``opts`` = per side the optimiser to step after the
-        backward (none where the steps ran inside it)."""
+        def step(side: str) -> None:
+            for s in ("pre", "post") if side == "joint" else (side,):
+                opts[s].step()
+                opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
+
+        return self._loop(n, track, step)
+
+    def _loop(self, n: int, track: bool, step: Callable[[str], None]) -> tuple[int, float] | None:
+        """The iterations of :meth:`_optimise`; ``step(side)`` completes each iteration's optimiser
+        step (the side trained, or ``joint``)."""
         cfg = self.cfg
         best, selected = float("inf"), None
         copy = cfg.select == "authors" and cfg.best_masks == "copy"
@@ -251,10 +252,7 @@ class FusionStep:
         what = f"OTMF step {self.t} ({self.task.name})" + ("" if track else ", replay to the best iteration")
         for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
             side, value = self._iteration(i, pre_it, post_it, track)
-            for s in ("pre", "post") if side == "joint" else (side,):
-                if s in opts:
-                    opts[s].step()
-                    opts[s].zero_grad(set_to_none=True)  # at once: never two masks' gradients alive together
+            step(side)
             if cfg.select == "last":
                 selected = (i, value)
             elif value < best:  # authors: both masks, as they are after this step

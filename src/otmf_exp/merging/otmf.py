@@ -100,9 +100,10 @@ class OTMFConfig:
     #: backward re-runs one layer at a time (bit-identical results, one more forward per iteration,
     #: the activations of one batch — ≈ 1.7 W on ViT-B/32, batch 16 — no longer alive at the peak)
     checkpoint_blocks: bool = True
-    #: each mask tensor's Adam step taken inside the backward as soon as its gradient is complete
-    #: (a post-accumulate-grad hook; the gradient freed at once), so no whole mask gradient (1 W) is
-    #: alive at the end of the backward. The same fused Adam arithmetic per tensor: bit-identical.
+    #: the masks' Adam steps taken inside the backward, one transformer layer's mask tensors at a
+    #: time as soon as their gradients are complete (post-accumulate-grad hooks; gradients freed at
+    #: once), so no whole mask gradient (1 W) is alive at the end of the backward. Fused Adam's
+    #: arithmetic is per tensor: bit-identical.
     #: null: on where it is exact (schedule=alternate, l1=0, no backward_chunk: one backward per
     #: step) | true: on (refused where not exact) | false: off
     adam_in_backward: bool | None = None

@@ -181,11 +181,13 @@ class _Windows:
         return handles
 
 
-def _checkpointed(block: nn.Module, params: ComputedParams, owned: _Slots) -> Callable[..., Any]:
-    """``block.forward`` under activation checkpointing, its computed weights made inside the
-    checkpointed function (by hooks it installs itself, so the backward's re-run finds them too)."""
+def _checkpointed(
+    block: nn.Module, params: ComputedParams, owned: _Slots, inside: list[nn.Module]
+) -> Callable[..., Any]:
+    """``block.forward`` under activation checkpointing, the computed weights of ``inside`` (the
+    block's owning modules) made inside the checkpointed function (by hooks it installs itself, so
+    the backward's re-run finds them too)."""
     forward = block.forward
-    inside = [m for m in block.modules() if m in owned]
 
     def run(*args: Any, **kwargs: Any) -> Any:
         windows = _Windows(params, owned, None)
@@ -223,7 +225,8 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
     layers of :func:`layer_blocks` run checkpointed (their own hooks, inside the checkpoint)."""
     owned = _owned(module, params.names)
     blocks = layer_blocks(module, owned) if params.checkpoint_blocks else []
-    in_blocks = {m for b in blocks for m in b.modules() if m in owned}
+    inside = {b: [m for m in b.modules() if m in owned] for b in blocks}
+    in_blocks = {m for mods in inside.values() for m in mods}
     live: dict[int, str] = {}  # storage address of a computed weight -> its name, while it is in place
     windows = _Windows(params, owned, live)
 
@@ -249,7 +252,7 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
             )
         handles = windows.hook(m for m in owned if m not in in_blocks)
         for b in blocks:
-            b.forward = _checkpointed(b, params, owned)  # an instance attribute shadows the method
+            b.forward = _checkpointed(b, params, owned, inside[b])  # an instance attribute shadows the method
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield module
     finally:
