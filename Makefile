@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all lint format clean-outputs tables plots bench bench-quick
+.PHONY: help setup demo test test-all lint format clean-outputs tables plots bench bench-quick gpu-prepare
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if
 
 bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 3 h on 2 cores)
 	$(BIN)/python scripts/bench.py --quick --live-rss
+
+gpu-prepare: ## wheels for a GPU machine that lacks them (.whl/); then scripts/gpu/bench.sh main|rest there
+	bash scripts/gpu/prepare.sh
 
 clean-outputs: ## delete Hydra run dirs (outputs/, multirun/)
 	rm -rf outputs multirun
