@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.paths and not args.wandb_export:
         p.error("give run dirs and/or --wandb-export FILE")
-    runs = load_runs(args.paths, args.wandb_export, keep_duplicates=args.keep_duplicates)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file; give a directory", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    runs = load_runs(args.paths, args.wandb_export, keep_duplicates=args.keep_duplicates, notes=notes)
     if runs.empty:
         print(
             f"error: no completed runs (metrics.json) under {' '.join(args.paths or args.wandb_export)}",
@@ -61,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.published_only:
         extra = tables.reference_only_rows(summary, reference)
         summary = tables.sort_rows(pd.concat([summary, extra], ignore_index=True))
-    files = render.write_all(summary, reference, args.out, args.decimals)
+    notes += tables.table_notes(runs)
+    try:
+        files = render.write_all(summary, reference, out, args.decimals, notes)
+    except OSError as e:
+        print(f"error: cannot write the tables into {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(files["md"].read_text())
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
     print(
         f"{len(runs)} runs -> {len(summary)} rows; wrote " + ", ".join(str(f) for f in files.values()),
         file=sys.stderr,

@@ -15,6 +15,7 @@ Layouts (one section per block ``protocol · backbone · task_seq``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,11 @@ def csv_text(summary: pd.DataFrame) -> tuple[str, str]:
     return s, p
 
 
-def render(summary: pd.DataFrame, reference: pd.DataFrame | None, d: int = 1) -> tuple[str, str]:
-    """(markdown document, LaTeX document) of every block, the paper layouts and the sources."""
+def render(
+    summary: pd.DataFrame, reference: pd.DataFrame | None, d: int = 1, notes: Sequence[str] = ()
+) -> tuple[str, str]:
+    """(markdown document, LaTeX document) of every block, the paper layouts, the sources and the
+    ``notes`` (runs left out of every mean: unfinished, NaN, duplicates)."""
     md, tex = ["# Results\n"], []
     for block, rs in summary.groupby(["protocol", "backbone", "task_seq"], sort=False, dropna=False):
         title = " · ".join(str(py(k)) for k in block)
@@ -149,6 +153,7 @@ def render(summary: pd.DataFrame, reference: pd.DataFrame | None, d: int = 1) ->
             latex(summary_table(rs, d), f"{title}: ACC / BWT (mean ± std over orders and seeds)"),
             latex(per_task_table(rs, d), f"{title}: final accuracy per task"),
         ]
+    left_out = list(notes)
     for protocol, rs in summary.groupby("protocol", sort=False, dropna=False):
         if len(rs[["backbone", "task_seq"]].drop_duplicates()) > 1:
             md += [
@@ -160,16 +165,23 @@ def render(summary: pd.DataFrame, reference: pd.DataFrame | None, d: int = 1) ->
     if used and reference is not None:
         notes = reference.groupby("source", sort=False)["note"].first().fillna("")
         md.append("\nSources: " + "; ".join(f"`{s}` = {notes.get(s, '')}" for s in used) + "\n")
+    if left_out:
+        md += ["\nNot counted (n counts exactly the runs in each mean):\n", *(f"- {x}" for x in left_out), ""]
+        tex += ["% not counted (n counts exactly the runs in each mean):", *(f"% {x}" for x in left_out)]
     return "\n".join(md), "\n".join(tex)
 
 
 def write_all(
-    summary: pd.DataFrame, reference: pd.DataFrame | None, out_dir: str | Path, d: int = 1
+    summary: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    out_dir: str | Path,
+    d: int = 1,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """``tables.md``, ``tables.tex``, ``summary.csv`` and ``per_task.csv`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md, tex = render(summary, reference, d)
+    md, tex = render(summary, reference, d, notes)
     files = {
         "md": out / "tables.md",
         "tex": out / "tables.tex",

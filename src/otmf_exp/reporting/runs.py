@@ -40,8 +40,26 @@ _LEAD = ("run_dir", "method", "task_seq", "backbone", "protocol", "seed", "order
 _LEAD += ("settings_hash",)
 #: what identifies a run besides its config values: the names and the task order it ran
 _IDENTITY = ("method", "task_seq", "backbone", "protocol", "seed", "alpha", "order")
-#: config values that do not change a result (where and how a run was logged, saved, run)
-_NOT_IDENTITY = {"out_dir", "progress", "resume", "keep_checkpoints", "save_merged", "device"}
+#: config values that cannot change a result (where and how a run was logged, saved, run, and the
+#: evaluation's batching): they neither split table rows nor make two runs different (a run
+#: repeated with another ``backbone.batch_size`` is a duplicate, not a second replicate)
+NO_RESULT = (
+    "out_dir",
+    "progress",
+    "resume",
+    "keep_checkpoints",
+    "save_merged",
+    "device",
+    "threads",
+    "resume_across_versions",
+    "eval_individual",
+    "backbone.batch_size",
+    "backbone.num_workers",
+)
+_NOT_IDENTITY = set(NO_RESULT)
+#: config values that make replicates of one experiment (mean ± std over them), never a new row;
+#: ``alpha`` is applied to the method's own field (``method.*``), which is compared instead
+REPLICATE = ("seed", "order_seed", "task_order", "alpha")
 #: what the W&B tracker puts in a run's summary, besides ``per_task/<task>`` and ``step/...``
 _SUMMARY = {*METRICS, "order", "acc_matrix"}
 
@@ -81,17 +99,36 @@ def _finish(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     if is_missing(rec.get("protocol")):
         rec["protocol"] = "continual"
     rec["settings_hash"] = settings_hash({**settings, **{k: rec.get(k) for k in _IDENTITY}})
+    rec["_config_keys"] = sorted(settings)
     return rec
 
 
+def result_keys(config_keys: Iterable[str]) -> list[str]:
+    """The config keys whose values can change a run's result and are not replicate keys: the
+    columns that must agree between the runs pooled in one table row."""
+    return sorted(
+        k
+        for k in config_keys
+        if k not in NO_RESULT and k not in REPLICATE and not k.startswith(("logger.", "hydra.", "_"))
+    )
+
+
 def _run_record(metrics_file: Path) -> dict[str, Any] | None:
+    """One run's row, or None (with a warning naming the file) when its files cannot be read as a
+    run: not JSON / YAML, not a mapping, a YAML tag that safe loading refuses, no ``acc``."""
+    cfg_file = metrics_file.parent / "config.yaml"
     try:
         m = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("skipping unreadable %s: %s", metrics_file, e)
+        raw = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+        log.warning(
+            "skipping unreadable run %s: %s", metrics_file.parent, str(e).splitlines()[0] if str(e) else e
+        )
         return None
-    cfg_file = metrics_file.parent / "config.yaml"
-    rec = flatten(yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.exists() else {}
+    if not isinstance(m, dict) or "acc" not in m or not isinstance(raw or {}, dict):
+        log.warning("skipping %s: not a run's metrics.json / config.yaml", metrics_file.parent)
+        return None
+    rec = flatten(raw or {})
     rec.update(flatten(m.pop("method_config", None) or {}, "method."))  # what the method really ran
     settings = dict(rec)
     for k, v in m.items():
@@ -123,9 +160,10 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return df[lead + [c for c in df.columns if c not in lead]]
 
 
-def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+def dedupe(df: pd.DataFrame, notes: list[str] | None = None) -> pd.DataFrame:
     """Identical runs (equal ``settings_hash``) once: the newest (``finished_at``) wins; an
-    export row, undated, loses to a run dir."""
+    export row, undated, loses to a run dir. Each group of duplicates is listed in ``notes``,
+    with the results when they disagree (the same settings gave another ``acc``)."""
     if df.empty:
         return df
     when = df["finished_at"] if "finished_at" in df else pd.Series(pd.NaT, index=df.index)
@@ -133,17 +171,51 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     kept = df.loc[keep][~df.loc[keep, "settings_hash"].duplicated(keep="last")].sort_index()
     if len(kept) < len(df):
         log.info("%d duplicate run(s) (same settings, order and seed) counted once", len(df) - len(kept))
+    if notes is not None:
+        for i in kept.index:
+            dups = df[df["settings_hash"] == df.at[i, "settings_hash"]]
+            if len(dups) < 2:
+                continue
+            others = [str(r) for r in dups["run_dir"] if r != df.at[i, "run_dir"]]
+            accs = sorted({round(float(a), 6) for a in dups.get("acc", []) if not is_missing(a)})
+            what = (
+                f"conflicting results (acc {', '.join(f'{a:g}' for a in accs)})"
+                if len(accs) > 1
+                else "same result"
+            )
+            notes.append(
+                f"duplicate settings, {what}: kept {df.at[i, 'run_dir']} (newest), not counted: {', '.join(others)}"
+            )
     return kept
+
+
+def unfinished(paths: Iterable[str | Path]) -> list[str]:
+    """Run dirs under ``paths`` that started (``config.yaml`` or ``steps.jsonl``) but hold no
+    ``metrics.json``: runs that failed or are still running, left out of every table."""
+    out = set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            continue
+        for f in [*p.rglob("config.yaml"), *p.rglob("steps.jsonl")]:
+            if not (f.parent / "metrics.json").exists() and "checkpoints" not in f.parts:
+                out.add(str(f.parent))
+    return sorted(out)
 
 
 def load_runs(
     paths: Iterable[str | Path] = (),
     wandb_exports: Iterable[str | Path] = (),
     keep_duplicates: bool = False,
+    notes: list[str] | None = None,
 ) -> pd.DataFrame:
     """Every completed run under ``paths`` (run dirs, trees of them, or ``metrics.json`` files)
-    and in ``wandb_exports`` (see :func:`load_wandb_export`): one row per run, index 0..n-1."""
+    and in ``wandb_exports`` (see :func:`load_wandb_export`): one row per run, index 0..n-1.
+    ``notes`` (a list) receives one line per run left out: unfinished dirs, unreadable files,
+    duplicates (with conflicting results said as such)."""
+    paths = list(paths)
     records = []
+    if notes is not None:
+        notes += [f"unfinished (no metrics.json), not counted: {d}" for d in unfinished(paths)]
     for p in map(Path, paths):
         if not p.exists():
             log.warning("no such run dir: %s", p)
@@ -152,11 +224,13 @@ def load_runs(
             rec = _run_record(f)
             if rec is not None:
                 records.append(rec)
+            elif notes is not None:
+                notes.append(f"unreadable metrics.json, not counted: {f}")
     df = _frame(records)
     exports = [load_wandb_export(f) for f in wandb_exports]
     if exports:
         df = pd.concat([d for d in [df, *exports] if not d.empty] or [df], ignore_index=True)
-    df = df if keep_duplicates else dedupe(df)
+    df = df if keep_duplicates else dedupe(df, notes)
     return df.reset_index(drop=True)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from otmf_exp.reporting.runs import METRICS, is_missing
+from otmf_exp.reporting.runs import METRICS, is_missing, result_keys
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +147,26 @@ def label_runs(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     df["_task_set"] = df["tasks"].map(lambda ts: ",".join(sorted(ts)))
     df["_extra"] = [", ".join(f"{k}={py(r[k])}" for k in by) for _, r in df.iterrows()]
     method_cols = sorted(c for c in df if c.startswith("method.") and c != "method.name")
+    # every other result-relevant setting (eval_split, backbone options, ...) must agree too
+    keys_of = df["_config_keys"] if "_config_keys" in df else pd.Series([[]] * len(df), index=df.index)
+    other = {"method", "task_seq", "backbone", "protocol", "task_seq.tasks", *by}
+    other_cols = sorted(
+        {k for ks in keys_of if isinstance(ks, list) for k in result_keys(ks)}
+        - other
+        - set(method_cols)
+        - {c for c in df if c.endswith(".name")}
+    )
+    other_cols = [c for c in other_cols if c in df]
     variant = pd.Series("", index=df.index, dtype=object)
     group_keys = ["protocol", "backbone", "task_seq", "_task_set", "method", "_extra"]
     for _, g in df.groupby(group_keys, dropna=False, sort=False):
-        keyed = {c: g[c].map(lambda v: json.dumps(py(v), default=str)) for c in method_cols}
-        varying = [c for c in method_cols if keyed[c].nunique() > 1]
+        keyed = {c: g[c].map(lambda v: json.dumps(py(v), default=str)) for c in [*other_cols, *method_cols]}
+        varying = [c for c in other_cols if keyed[c].nunique() > 1]
+        varying += [c for c in method_cols if keyed[c].nunique() > 1]
         for i in g.index:
             parts = [df.at[i, "_extra"]] if by else []
-            variant[i] = ", ".join([*parts, *(f"{c[7:]}={py(df.at[i, c])}" for c in varying)])
+            names = [c[7:] if c.startswith("method.") else c for c in varying]
+            variant[i] = ", ".join([*parts, *(f"{n}={py(df.at[i, c])}" for n, c in zip(names, varying))])
     df["variant"] = variant
     sets = df.groupby(["protocol", "backbone", "task_seq"], dropna=False)["_task_set"].transform("nunique")
     df["table_seq"] = [
@@ -204,7 +216,8 @@ def aggregate(
     stats = g[metric_cols].agg(["mean", "std"])  # pandas' std is the sample std (ddof=1)
     stats.columns = [f"{c}_{s}" for c, s in stats.columns]
     first = df.drop_duplicates("_row").set_index("_row")[[*keys, "tasks", "ref_method"]]
-    out = pd.concat([first, g.size().rename("n"), stats, g["run_dir"].agg(list).rename("run_dirs")], axis=1)
+    n = g["acc"].count().rename("n")  # exactly the runs in the mean (a NaN acc is listed in notes)
+    out = pd.concat([first, n, stats, g["run_dir"].agg(list).rename("run_dirs")], axis=1)
     out = out.reset_index(drop=True).rename(columns={"task_seq": "ref_task_seq", "table_seq": "task_seq"})
     if reference is not None and not reference.empty:
         wide = _reference_wide(reference).drop(columns="ref_tasks")
@@ -216,6 +229,14 @@ def aggregate(
             out[f"{m}_delta"] = out[f"{m}_mean"] - out[f"{m}_ref"]
     out = out.drop(columns=["ref_task_seq", "_task_set"])
     return sort_rows(out)
+
+
+def table_notes(runs: pd.DataFrame) -> list[str]:
+    """One line per run that is in ``runs`` but in no mean: a missing or non-finite ``acc``."""
+    if runs.empty or "acc" not in runs:
+        return []
+    bad = runs[~np.isfinite(pd.to_numeric(runs["acc"], errors="coerce").astype(float))]
+    return [f"acc is not a finite number, not counted in n or the mean: {r}" for r in bad["run_dir"]]
 
 
 def reference_only_rows(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
