@@ -106,6 +106,11 @@ class RunConfig:
     keep_checkpoints: str = "last"
     #: use deterministic torch algorithms
     deterministic: bool = True
+    #: torch intra-op threads: auto (the CPUs this process may use, divided by a joblib sweep's
+    #: concurrent jobs; 1 for the tiny digits tower) or an integer >= 1; recorded in metrics.json
+    threads: Any = "auto"
+    #: resume=true normally refuses a checkpoint written by another code version (git sha)
+    resume_across_versions: bool = False
 
 
 def _stamp() -> str:
@@ -251,6 +256,9 @@ def check_run_config(cfg: DictConfig) -> None:
         if v not in allowed:
             raise UserError(f"{key} must be one of {[a for a in allowed if a is not None]}, got {v!r}")
     check_device(str(cfg.device))
+    threads = cfg.get("threads", "auto")
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be auto or an integer >= 1, got {threads!r}")
 
 
 #: top-level / group choices not covered by a method's ``validate`` (None = "not set")

@@ -52,6 +52,16 @@ def _drop_if_empty(path: Path) -> None:
         pass
 
 
+def concurrent_jobs(hc: Any) -> int:
+    """Jobs a sweep's launcher runs at once (joblib ``n_jobs``; -1 = one per CPU), else 1."""
+    from otmf_exp.runtime.session import available_cpus
+
+    n = hc.launcher.get("n_jobs") if "launcher" in hc else None
+    if not isinstance(n, int) or n == 0:
+        return 1
+    return available_cpus() if n < 0 else n
+
+
 @hydra.main(version_base="1.3", config_path="pkg://otmf_exp.conf", config_name="run")
 def _main(cfg: DictConfig) -> Any:
     hc = HydraConfig.get()
@@ -65,7 +75,7 @@ def _main(cfg: DictConfig) -> Any:
                 f"out_dir={cfg.out_dir} would be shared by every job of this sweep; drop out_dir "
                 "(each job gets <sweep dir>/<job>) or run that job alone"
             )
-        result = run_experiment(cfg, _out_dir(cfg))
+        result = run_experiment(cfg, _out_dir(cfg), concurrent_jobs(hc) if multirun else 1)
     except UserError as e:
         print(f"error: job #{hc.job.num}: {e}" if multirun else f"error: {e}", file=sys.stderr)
         if not cfg.out_dir or multirun:

@@ -29,7 +29,15 @@ from otmf_exp.runtime import checkpoint, files, resume
 from otmf_exp.runtime.files import check_writable
 from otmf_exp.runtime.lock import RunDirLock
 from otmf_exp.runtime.measure import current_memory_mb, measure
-from otmf_exp.runtime.session import attach_log_file, detach_log_file, resolve_device, seed_everything
+from otmf_exp.runtime.provenance import code_version, provenance
+from otmf_exp.runtime.session import (
+    apply_threads,
+    attach_log_file,
+    detach_log_file,
+    resolve_device,
+    resolve_threads,
+    seed_everything,
+)
 from otmf_exp.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -38,7 +46,7 @@ log = logging.getLogger(__name__)
 class Experiment:
     """One run: built from a composed config; ``run()`` returns the metrics dict."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, out_dir: Path, jobs: int = 1) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         # --- validation before any heavy work (nothing in out_dir is touched before it passes) ---
@@ -50,6 +58,8 @@ class Experiment:
         )
         check_writable(self.out_dir)
         self.device = resolve_device(cfg.device)
+        self.threads = resolve_threads(cfg.get("threads", "auto"), str(cfg.backbone.kind), jobs)
+        self.resumed_from_version: str | None = None
         self.saved_step = 0  # last checkpointed continual step
         self.eval_bs = int(cfg.backbone.batch_size)
         self.records: list[dict[str, Any]] = []
@@ -100,6 +110,7 @@ class Experiment:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(cfg.seed))
+        apply_threads(self.threads)  # once per run, before any model work
         self.backbone = build_backbone(cfg.backbone, self.device, progress=cfg.progress)
         self.data = {t: build_task_data(t, cfg.task_seq, self.backbone) for t in self.order}
         for t, d in self.data.items():
@@ -125,7 +136,8 @@ class Experiment:
             tracker = make_tracker(self.cfg.get("logger"))
             result = None
             try:
-                resume.precheck(self.cfg, self.out_dir, self.result_config)  # before heavy work
+                # before heavy work
+                self.resumed_from_version = resume.precheck(self.cfg, self.out_dir, self.result_config)
                 self.setup()
                 start = resume.start(
                     self.cfg,
@@ -139,7 +151,13 @@ class Experiment:
                 # only now, with every check passed, may a previous result in out_dir go
                 (self.out_dir / "metrics.json").unlink(missing_ok=True)
                 files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-                tracker.start(OmegaConf.to_container(self.cfg, resolve=True), str(self.out_dir))
+                self.provenance = provenance(self.threads, self.device)
+                if self.resumed_from_version:
+                    self.provenance["resumed_from_code_version"] = self.resumed_from_version
+                tracker.start(
+                    {**OmegaConf.to_container(self.cfg, resolve=True), "provenance": self.provenance},
+                    str(self.out_dir),
+                )
                 t0 = time.perf_counter()
                 if self.cfg.protocol == "continual":
                     matrix, state = self._continual(tracker, start)
@@ -221,6 +239,7 @@ class Experiment:
                         "individual": self.individual,
                         "config": self.result_config,
                         "config_hash": resume.config_hash(self.result_config),
+                        "code_version": code_version(),
                     },
                 },
                 cfg.keep_checkpoints,
@@ -291,6 +310,7 @@ class Experiment:
             "state_growth_mb_per_task": self.method.state_growth_bytes(self.pretrained) / 2**20,
             "memory_kind": self.records[-1]["memory_kind"],
             "device": str(self.device),
+            "provenance": self.provenance,
         }
         if cfg.save_merged:
             merged = self.method.merged(state, self.pretrained)
@@ -302,6 +322,7 @@ class Experiment:
         return out
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run one experiment described by a composed config; returns the metrics dict."""
-    return Experiment(cfg, Path(out_dir)).run()
+def run_experiment(cfg: DictConfig, out_dir: str | Path, jobs: int = 1) -> dict[str, Any]:
+    """Run one experiment described by a composed config; returns the metrics dict. ``jobs``: sweep
+    jobs running at once beside this one (``threads=auto`` shares the CPUs among them)."""
+    return Experiment(cfg, Path(out_dir), jobs).run()

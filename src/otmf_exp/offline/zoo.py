@@ -41,6 +41,7 @@ from otmf_exp.errors import EXIT_USER_ERROR, UserError
 from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.offline import tiny_clip as tiny
 from otmf_exp.runtime.files import replace_dir, write_error, write_json
+from otmf_exp.runtime.session import fixed_threads
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,10 @@ def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {path}: {e}; delete it to rebuild {what}") from None
 
 
+#: torch intra-op threads every zoo file is built with (its bytes then do not depend on the caller's)
+BUILD_THREADS = 1
+
+
 class DigitsZoo:
     """The pre-trained tiny tower and, per task, a fine-tuned tower and zero-shot head, cached on disk."""
 
@@ -136,7 +141,9 @@ class DigitsZoo:
         self, recipe: tiny.TinyRecipe | None = None, root: Path | None = None, progress: bool = True
     ) -> None:
         self.recipe = recipe or tiny.TinyRecipe()
-        self.hash = _digest({"recipe": self.recipe.as_dict()})[:12]
+        # the build's thread count is part of the files' identity (float sums differ between 1 and 2
+        # threads): caches built before it was fixed live under another hash and are rebuilt once
+        self.hash = _digest({"recipe": self.recipe.as_dict(), "build_threads": BUILD_THREADS})[:12]
         self.dir = (root or cache_root()) / f"digits-{self.hash}"
         self.progress = progress
         self._keys: dict[str, str] = {}
@@ -171,13 +178,18 @@ class DigitsZoo:
 
     def build(self, tasks: Iterable[str] = ()) -> Path:
         """Build what is missing: the pre-trained tower (once per recipe) and the ``tasks`` not cached."""
-        from rich.progress import Progress
-
         todo = self._missing(tasks)
         pre_missing = not self.pretrained_path.exists()
         if not todo and not pre_missing:
             return self.dir
         writable_cache(self.dir)  # before minutes of training, not after
+        with fixed_threads(BUILD_THREADS):  # the same bytes whatever the caller's thread count (tested)
+            self._build(todo, pre_missing)
+        return self.dir
+
+    def _build(self, todo: list[str], pre_missing: bool) -> None:
+        from rich.progress import Progress
+
         log.info("building the offline digits zoo into %s: %s", self.dir, ", ".join(todo) or "pre-trained")
         with Progress(disable=not self.progress, transient=True) as bar:
             job = bar.add_task("build digits zoo", total=len(todo) + pre_missing)
@@ -196,7 +208,6 @@ class DigitsZoo:
                 bar.update(job, description=f"build digits zoo: {task}")
                 self._build_task(task, pre)
                 bar.advance(job)
-        return self.dir
 
     def _build_task(self, task: str, pre: dict[str, torch.Tensor]) -> None:
         data = digits.build_task(task)

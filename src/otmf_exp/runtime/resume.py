@@ -31,6 +31,8 @@ IGNORED = (
     "keep_checkpoints",
     "save_merged",
     "backbone.num_workers",
+    "threads",
+    "resume_across_versions",
 )
 
 #: the runner's ``progress`` part of ``progress.json``: key -> type
@@ -139,17 +141,36 @@ def resume_from(
     return state, doc["progress"]
 
 
-def precheck(cfg: Any, out_dir: Path, config: dict[str, Any]) -> None:
+def precheck(cfg: Any, out_dir: Path, config: dict[str, Any]) -> str | None:
     """With ``resume=true`` (continual): refuse a checkpoint whose ``progress.json`` is broken or
     was produced by another config, before any model or data is loaded (tensors are read later,
     by :func:`start`)."""
     from otmf_exp.runtime import checkpoint
 
     if not (cfg.resume and cfg.protocol == "continual"):
-        return
+        return None
     found = checkpoint.latest_doc(out_dir, progress_problem)
     if found is not None:
         check_same_config(found[1]["progress"]["config"], config, found[0])
+        return check_same_code(found[1]["progress"].get("code_version"), cfg, found[0])
+    return None
+
+
+def check_same_code(saved: str | None, cfg: Any, ckpt_dir: Path) -> str | None:
+    """Refuse a checkpoint written by another code version unless ``resume_across_versions=true``;
+    returns the checkpoint's version when it differs (and was allowed), else None."""
+    from otmf_exp.runtime.provenance import code_version
+
+    now = code_version()
+    if saved is None or saved == now:
+        return None
+    if not cfg.get("resume_across_versions", False):
+        raise UserError(
+            f"cannot resume from {ckpt_dir}: it was written by code version {saved}, this is {now}; "
+            "check out that version, use a new out_dir, or pass resume_across_versions=true (recorded)"
+        )
+    log.warning("resuming a checkpoint of code version %s with %s (resume_across_versions=true)", saved, now)
+    return saved
 
 
 def start(
