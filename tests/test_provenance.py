@@ -85,6 +85,8 @@ def test_resume_refuses_another_code_version_unless_told(make_cfg, tmp_path):
     _edit_checkpoint_version(out, "0123456789ab")
     with pytest.raises(UserError, match="code version 0123456789ab.*resume_across_versions=true"):
         run_experiment(make_cfg("method=averaging", T2, "resume=true"), out)
-    again = run_experiment(make_cfg("method=averaging", T2, "resume=true", "resume_across_versions=true"), out)
+    again = run_experiment(
+        make_cfg("method=averaging", T2, "resume=true", "resume_across_versions=true"), out
+    )
     assert again["provenance"]["resumed_from_code_version"] == "0123456789ab"
     assert again["acc"] == first["acc"]

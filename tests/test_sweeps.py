@@ -44,9 +44,18 @@ def _check(p: subprocess.CompletedProcess, root) -> None:
     )
     assert tail[1].startswith("  job #1 [") and "method.scaling=nan" in tail[1]
     # the jobs before and after the bad one completed
-    assert (root / "0_task_arithmetic" / "metrics.json").exists()
-    assert (root / "2_task_arithmetic" / "metrics.json").exists()
-    assert not (root / "1_task_arithmetic").exists()  # nothing written for the refused job
+    # job dirs are named by their swept values (options that cannot change a result left out)
+    assert (
+        root
+        / "0_task_arithmetic_eval_split=validation,method.scaling=0.1,task_order=[rot90,flip]"
+        / "metrics.json"
+    ).exists()
+    assert (
+        root
+        / "2_task_arithmetic_eval_split=validation,method.scaling=0.2,task_order=[rot90,flip]"
+        / "metrics.json"
+    ).exists()
+    assert not list(root.glob("1_task_arithmetic*"))  # nothing written for the refused job
     rows = sweep.failures(root)
     assert [(r["job"], r["kind"]) for r in rows] == [(1, "UserError")]
 
@@ -77,7 +86,7 @@ def _run_main(monkeypatch, argv: list[str], fake) -> SystemExit | None:
     from otmf_exp import run
 
     monkeypatch.setattr(run, "run_experiment", fake)
-    monkeypatch.setattr(run, "print_summary", lambda result: None)
+    monkeypatch.setattr(run, "print_summary", lambda result, **kw: None)
     monkeypatch.setattr(sys, "argv", ["otmf_exp.run", *argv])
     try:
         run.main()
@@ -91,7 +100,7 @@ def test_a_crashing_job_is_listed_and_the_sweep_goes_on(tmp_path, monkeypatch, c
 
     done = []
 
-    def fake(cfg, out_dir):
+    def fake(cfg, out_dir, jobs=1):
         if cfg.method.name == "averaging":
             raise RuntimeError("boom in the merge")
         if cfg.method.name == "ties":
@@ -119,7 +128,7 @@ def test_a_clean_sweep_exits_0_and_forgets_old_failures(tmp_path, monkeypatch):
     root = tmp_path / "sweep"
     sweep.record_failure(root, 7, ["x=1"], "from an earlier sweep", "UserError")
 
-    def fake(cfg, out_dir):
+    def fake(cfg, out_dir, jobs=1):
         return {"acc": 1.0}
 
     assert (
@@ -131,7 +140,7 @@ def test_a_clean_sweep_exits_0_and_forgets_old_failures(tmp_path, monkeypatch):
 def test_out_dir_shared_by_several_jobs_is_refused_after_the_first(tmp_path, monkeypatch, capsys):
     seen = []
 
-    def fake(cfg, out_dir):
+    def fake(cfg, out_dir, jobs=1):
         seen.append(str(out_dir))
         return {"acc": 1.0}
 

@@ -6,8 +6,10 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,10 +130,21 @@ def _run_dir(out_dir: str | None, default: str) -> str:
     return "." if out_dir not in (None, "") else default
 
 
+def _job_suffix(override_dirname: str) -> str:
+    """``_alpha=0.7,method.iterations=10`` from Hydra's ``override_dirname`` (a sweep job's dir name
+    after its number and method): path separators and spaces replaced, at most 120 characters."""
+    s = re.sub(r"[/\\\s:]+", "_", str(override_dirname or "")).strip("_")
+    if len(s) > 120:
+        s = s[:111] + "~" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return f"_{s}" if s else ""
+
+
 def register_resolvers() -> None:
-    """``${stamp:}`` (a unique run-dir name) and ``${run_dir:${out_dir},default}`` (``hydra.run.dir``)."""
+    """``${stamp:}`` (a unique run-dir name), ``${run_dir:${out_dir},default}`` (``hydra.run.dir``)
+    and ``${job_suffix:${hydra.job.override_dirname}}`` (sweep job dirs named by their values)."""
     OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("job_suffix", _job_suffix, replace=True)
 
 
 def register_configs() -> None:

@@ -96,8 +96,23 @@ def _main(cfg: DictConfig) -> Any:
     finally:
         if multirun and cfg.out_dir:
             _drop_if_empty(job_dir)  # the sweep's job dir, unused when out_dir was given
-    print_summary(result)
+    show_summary(result, _out_dir(cfg).resolve())
     return result["acc"]
+
+
+def show_summary(result: dict[str, Any], out_dir: Path) -> None:
+    """The final table and the run dir as the last line. The results are written already: a console
+    that fails (a closed pipe, an encoding error) is a warning on stderr, never a failed run."""
+    import os
+
+    try:
+        print_summary(result, out_dir=out_dir)
+        sys.stdout.flush()
+    except (BrokenPipeError, SystemExit):  # `... | head` (rich raises SystemExit(1) on a closed pipe)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, UnicodeError) as e:
+        print(f"warning: the summary could not be printed ({e}); results are in {out_dir}", file=sys.stderr)
 
 
 class SweepReport(Callback):
@@ -133,11 +148,26 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     watch_interrupts()
+    logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     try:
         _main()
     except KeyboardInterrupt as e:
         print(interrupted_line(e, _CURRENT.get("overrides", [])), file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        _quiet_closed_stdout()
+
+
+def _quiet_closed_stdout() -> None:
+    """Flush stdout now; when its reader is gone (``| head``), point it at /dev/null so the
+    interpreter's exit-time flush does not turn a completed run into a failure."""
+    import os
+
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import EXIT_USER_ERROR, UserError
 from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.offline import tiny_clip as tiny
-from otmf_exp.runtime.files import replace_dir, write_error, write_json
+from otmf_exp.runtime.files import replace_dir, temp_file, write_error, write_json
 from otmf_exp.runtime.session import fixed_threads
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def publish(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
 
 def _publish(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path)
     try:
         save_file(tensors, tmp, metadata={"key": key})
         try:

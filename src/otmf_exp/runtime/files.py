@@ -25,6 +25,24 @@ from otmf_exp.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def umask() -> int:
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: Path) -> str:
+    """A new empty temp file beside ``path`` with the mode a plain ``open`` would give it (0666 less
+    the umask: mkstemp's 0600 would make results unreadable for a collaborator sharing the dir)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the same directory; rename it onto ``path`` on success (``OSError`` as
@@ -32,8 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     :class:`UserError`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -126,6 +143,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 -> what mkdir gives
     try:
         yield tmp
         if path.exists():  # another process won the race; keep theirs
