@@ -156,7 +156,9 @@ class Consensus(MergeMethod):
         if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or cfg.k < 0:
             raise UserError(f"method.k must be an integer >= 0, got {cfg.k!r}")
         if cfg.merged_mask not in MERGED_MASKS:
-            raise UserError(f"method.merged_mask must be one of {list(MERGED_MASKS)}, got {cfg.merged_mask!r}")
+            raise UserError(
+                f"method.merged_mask must be one of {list(MERGED_MASKS)}, got {cfg.merged_mask!r}"
+            )
 
     def _coefs(self) -> tuple[float, float]:
         d_scaling, d_lam = DEFAULTS[self.protocol]
@@ -196,7 +198,9 @@ class Consensus(MergeMethod):
         scaling, lam = self._coefs()
         c = self.cfg
         with torch.no_grad():
-            masked, kept = consensus_joint(pretrained, finetuned, lam, c.k, c.inclusive, c.fusionbench_mask_bug)
+            masked, kept = consensus_joint(
+                pretrained, finetuned, lam, c.k, c.inclusive, c.fusionbench_mask_bug
+            )
         n = len(finetuned)
         del finetuned
         merged = scale(masked, scaling)
