@@ -5,11 +5,14 @@ imported from this checkout's ``src``)::
 
     .venv/bin/python -m otmf_exp.offline.zoo export /tmp/zoo
     OMP_NUM_THREADS=1 /work/fbvenv/bin/python scripts/compare/fusionbench_consensus_tsvm.py /tmp/zoo \
-        --mingle-git /work/.mirror/zihuanqiu+MINGLE/repo [--order rot90,flip,...] [--out result.json]
+        --mingle-git PATH/TO/MINGLE [--order rot90,flip,...] [--out result.json]
+
+``--mingle-git``: a clone (or bare git dir) of GitHub zihuanqiu/MINGLE; its ``HEAD`` is read.
 
 Cases (the reference side only loads models and moves tensors; the arithmetic is the reference's):
 
-* ``tsvm``: FusionBench ``TaskSingularVectorMerging(alpha=1)`` run on a ``BaseModelPool`` of the zoo.
+* ``tsvm``: FusionBench ``TaskSingularVectorMerging(alpha=1)`` run on a ``BaseModelPool`` of the zoo;
+  ``tsvm_alpha0.5_exclude_pos``: alpha 0.5 and the position embedding in ``exclude_keys``.
 * ``consensus_joint``: FusionBench ``tall_mask/utils.py``: ``generate_task_masks`` on the flattened
   models (the TALL pipeline's τ_MTL = Σ τ_i), ``construct_consensus_mask`` (its mask loader, which
   reads files the pipeline never writes in a loadable form, is replaced by the masks just made),
@@ -91,12 +94,12 @@ def ours(method: str, protocol: str, pre: torch.nn.Module, models: dict, **opts)
 
 
 # ---- references ---------------------------------------------------------------------------------------
-def ref_tsvm(pre, models) -> dict:
+def ref_tsvm(pre, models, alpha=1, exclude_keys=None) -> dict:
     from fusion_bench.method import TaskSingularVectorMerging
     from fusion_bench.modelpool import BaseModelPool
 
     pool = BaseModelPool(models={"_pretrained_": copy.deepcopy(pre), **copy.deepcopy(models)})
-    merged = TaskSingularVectorMerging(alpha=1, exclude_keys=None).run(pool)
+    merged = TaskSingularVectorMerging(alpha=alpha, exclude_keys=exclude_keys).run(pool)
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
@@ -129,7 +132,7 @@ def ref_consensus_joint(pre, models, lam=0.6, k=2, scaling=0.3, bug=False) -> di
 
 def ref_consensus_continual(pre, models, mingle_git: Path, lam=0.2, k=2, scaling=0.1) -> list[dict]:
     src = subprocess.run(
-        ["git", f"--git-dir={mingle_git}", "show", "HEAD:fusion_bench/method/mingle/consensus_ta.py"],
+        ["git", "-C", str(mingle_git), "show", "HEAD:fusion_bench/method/mingle/consensus_ta.py"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     mod = types.ModuleType("mingle_consensus_ta")
@@ -154,7 +157,7 @@ def ref_consensus_continual(pre, models, mingle_git: Path, lam=0.2, k=2, scaling
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoo", type=Path)
-    p.add_argument("--mingle-git", type=Path, default=Path("/work/.mirror/zihuanqiu+MINGLE/repo"))
+    p.add_argument("--mingle-git", type=Path, required=True, help="a clone of github.com/zihuanqiu/MINGLE")
     p.add_argument("--order", help="comma-separated task order (default: the zoo's)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -169,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: max |dw| = {d:.3e} (reference update max |theta - theta0| = {size:.3e})")
 
     report("tsvm", ours("tsvm", "joint", pre, models)[0], ref_tsvm(pre, models))
+    opts = {"alpha": 0.5, "exclude_keys": ["vision_model.embeddings.position_embedding.weight"]}
+    report(
+        "tsvm_alpha0.5_exclude_pos",
+        ours("tsvm", "joint", pre, models, **opts)[0],
+        ref_tsvm(pre, models, **opts),
+    )
     for name, bug in (("consensus_joint", False), ("consensus_joint_bug", True)):
         mine = ours("consensus", "joint", pre, models, fusionbench_mask_bug=bug)[0]
         report(name, mine, ref_consensus_joint(pre, models, bug=bug))
