@@ -153,7 +153,17 @@ FAST = {
 }
 
 
+def supported_protocol(method: str) -> str:
+    """``continual`` (the run default) when ``method`` supports it, else its first protocol (joint-only methods)."""
+    from otmf_exp.merging import METHODS
+
+    protocols = METHODS[method].protocols
+    return "continual" if "continual" in protocols else protocols[0]
+
+
 def fast_method_overrides(make_cfg, method: str, *base: str) -> list[str]:
-    """Overrides that shrink ``method``'s loops (only for keys its config actually has)."""
+    """Overrides that run ``method`` end to end quickly: a protocol it supports, and shrunken loops
+    (only for keys its config actually has)."""
     cfg = make_cfg(*base, f"method={method}")
-    return [f"method.{k}={v}" for k, v in FAST.items() if OmegaConf.select(cfg.method, k) is not None]
+    fast = [f"method.{k}={v}" for k, v in FAST.items() if OmegaConf.select(cfg.method, k) is not None]
+    return [f"protocol={supported_protocol(method)}", *fast]

@@ -65,6 +65,7 @@ def test_cli_run(tmp_path, zoo, method):
         "-m",
         "otmf_exp.run",
         f"method={method}",
+        f"protocol={'continual' if 'continual' in METHODS[method].protocols else 'joint'}",
         "task_order=[rot90,flip]",
         f"out_dir={out}",
         "progress=false",

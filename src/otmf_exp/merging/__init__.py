@@ -10,6 +10,7 @@ from __future__ import annotations
 from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
+from otmf_exp.merging.consensus import Consensus
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
 from otmf_exp.merging.mingle import MINGLE
@@ -18,6 +19,7 @@ from otmf_exp.merging.otmf import OTMF
 from otmf_exp.merging.pretrained import Pretrained
 from otmf_exp.merging.task_arithmetic import TaskArithmetic
 from otmf_exp.merging.ties import Ties
+from otmf_exp.merging.tsvm import TSVM
 
 METHODS: dict[str, type[MergeMethod]] = {
     "pretrained": Pretrained,
@@ -30,6 +32,8 @@ METHODS: dict[str, type[MergeMethod]] = {
     "opcm": OPCM,
     "otmf": OTMF,
     "mingle": MINGLE,
+    "consensus": Consensus,
+    "tsvm": TSVM,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

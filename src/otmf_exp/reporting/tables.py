@@ -39,7 +39,9 @@ METHOD_ORDER = (
     "regmean",
     "task_arithmetic",
     "ties",
+    "tsvm",
     "magmax",
+    "consensus",
     "opcm",
     "adamerging",
     "adamerging_task",
@@ -79,6 +81,11 @@ _MINGLE_PAPER = {
     "gate_init": "normal",
     "zero_diag": False,
 }
+#: Consensus TA settings of the published rows (MINGLE's consensus_ta.yaml: λ 0.1, λ_t 0.2, k 2)
+_CONSENSUS_PAPER = {"k": 2, "inclusive": False, "fusionbench_mask_bug": False, "merged_mask": "ones"}
+_CONSENSUS_COEFS = {"scaling": (None, 0.1), "tall_mask_lambda": (None, 0.2)}
+#: TSV-Merge settings of the published rows (FusionBench's TaskSingularVectorMerging.yaml)
+_TSVM_PAPER = {"alpha": 1.0, "matrices": "all_2d", "exclude_keys": None, "svd_dtype": "auto"}
 _MINGLE_NULL = ("lr", "batch_size", "seed_samples", "seed_sampling", "subspace", "static_gate")
 _MINGLE_STAR = (["attn", "fc1"], ["q_proj", "k_proj", "v_proj", "fc1"])
 #: columns of a table row that identify it; the statistics follow
@@ -114,6 +121,12 @@ def reference_method(method: str, cfg: Mapping[str, Any]) -> str | None:
         if layers is None:
             return "mingle"
         return "mingle_star" if list(layers) in _MINGLE_STAR else None
+    if method == "consensus":
+        paper = all(cfg.get(k, v) == v for k, v in _CONSENSUS_PAPER.items())
+        paper = paper and all(cfg.get(k) in ok for k, ok in _CONSENSUS_COEFS.items())
+        return "consensus_ta" if paper else None
+    if method == "tsvm":
+        return "tsvm" if all(cfg.get(k, v) == v for k, v in _TSVM_PAPER.items()) else None
     if method == "otmf":
         if any(k in cfg and cfg[k] != v for k, v in _OTMF_PAPER.items()):
             return None
