@@ -173,8 +173,7 @@ class Fisher(MergeMethod):
     ) -> ContinualState:
         acc = FisherAccumulator(self.cfg.min_weight)
         norms: dict[str, float] = {}
-        t = 0
-        for t, task in enumerate(tasks, start=1):  # one task's θ_i and F_i alive at a time
+        for task in tasks:  # one task's θ_i and F_i alive at a time
             if task.head is None:
                 raise UserError(f"fisher: task {task.name!r} has no classification head")
             theta = task.weights
@@ -185,8 +184,8 @@ class Fisher(MergeMethod):
                 raise NonFiniteLossError(f"fisher {task.name}: non-finite Fisher norm")
             acc.add(theta, fisher, coef)
             del fisher, theta
-        if t == 0:
+        if not norms:
             raise UserError("fisher: the joint merge needs at least one task")
         self.ctx.record("fisher_norms", norms)
         merged = acc.result(pretrained)
-        return ContinualState(step=t, merged={k: merged[k] - pretrained[k] for k in pretrained})
+        return ContinualState(step=len(norms), merged={k: merged[k] - pretrained[k] for k in pretrained})

@@ -70,22 +70,20 @@ def regmean_weight(grams: Sequence[Tensor], weights: Sequence[Tensor], alpha: fl
 
 
 class GramRecorder:
-    """Σ_tokens x·xᵀ (float32) and the token count of the inputs of each recorded weight."""
+    """The running mean over tokens of x·xᵀ (float32) of the inputs of each recorded weight, updated
+    per batch as FusionBench does (G ← (G·n + XᵀX)/(n + m)), and the token count n."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.means: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
 
     def add(self, name: str, x: Tensor) -> None:
         with torch.autocast(x.device.type, enabled=False):
             f = x.detach().reshape(-1, x.shape[-1]).float()
-            s = f.T @ f
-        self.sums[name] = s if name not in self.sums else self.sums[name].add_(s)
-        self.rows[name] = self.rows.get(name, 0) + f.shape[0]
-
-    def grams(self) -> dict[str, Tensor]:
-        """The mean over tokens (FusionBench's normalisation)."""
-        return {k: s / self.rows[k] for k, s in self.sums.items()}
+            xtx = f.T @ f
+        n, m = self.rows.get(name, 0), f.shape[0]
+        self.means[name] = xtx / m if name not in self.means else (self.means[name] * n + xtx) / (n + m)
+        self.rows[name] = n + m
 
 
 @contextmanager
@@ -199,9 +197,9 @@ class RegMean(MergeMethod):
                 n += len(batch["labels"])
         if n == 0:
             raise UserError(f"regmean {what}: split {self.cfg.split!r} is empty")
-        if not rec.sums:
+        if not rec.means:
             raise UserError(f"regmean {what}: no linear layer with a mergeable weight ran")
-        return rec.grams()
+        return rec.means
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         raise UserError("regmean supports the joint protocol only")
