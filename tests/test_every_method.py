@@ -28,6 +28,12 @@ CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protoco
 TIMING = ("time", "wall_time_s", "peak_memory_mb", "baseline_memory_mb", "eval_time_s", "load_time_s")
 
 
+def _default_protocol(method: str) -> str:
+    """continual, or the method's only protocol (joint-only methods: Fisher, RegMean)."""
+    protocols = METHODS[method].protocols
+    return "continual" if "continual" in protocols else protocols[0]
+
+
 def _untimed(d: dict) -> dict:
     return {k: v for k, v in d.items() if not k.startswith(TIMING)}
 
@@ -65,6 +71,7 @@ def test_cli_run(tmp_path, zoo, method):
         "-m",
         "otmf_exp.run",
         f"method={method}",
+        f"protocol={_default_protocol(method)}",
         "task_order=[rot90,flip]",
         f"out_dir={out}",
         "progress=false",

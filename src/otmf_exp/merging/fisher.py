@@ -174,8 +174,6 @@ class Fisher(MergeMethod):
         acc = FisherAccumulator(self.cfg.min_weight)
         norms: dict[str, float] = {}
         for task in tasks:  # one task's θ_i and F_i alive at a time
-            if task.head is None:
-                raise UserError(f"fisher: task {task.name!r} has no classification head")
             theta = task.weights
             fisher = self.fisher(theta, task.head, self.batches(task), task.name)
             norms[task.name] = global_norm(fisher)

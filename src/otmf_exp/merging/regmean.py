@@ -221,6 +221,8 @@ class RegMean(MergeMethod):
             acc.add(task.weights, self.grams(task.weights, batches, task.name))
         if acc.count == 0:
             raise UserError("regmean: the joint merge needs at least one task")
-        self.ctx.record("regmean_layers", len(acc.gram))
+        in_proj = sum(k.endswith("in_proj_weight") for k in acc.gram)
+        counts = {"linear": len(acc.gram) - in_proj, "in_proj": in_proj, "averaged": len(acc.total)}
+        self.ctx.record("regmean_weights", counts)
         merged = acc.result(pretrained)
         return ContinualState(step=acc.count, merged={k: merged[k] - pretrained[k] for k in pretrained})
