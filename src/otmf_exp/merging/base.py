@@ -189,11 +189,12 @@ class MergeMethod(ABC):
     modalities: ClassVar[tuple[str, ...]] = ("vision", "text")
 
     def __init__(self, cfg: Any, ctx: MethodContext, protocol: str = "continual") -> None:
-        modality = getattr(ctx.backbone, "modality", None)
+        backbone = getattr(ctx, "backbone", None)
+        modality = getattr(backbone, "modality", None)
         if modality is not None and modality not in self.modalities:
             raise UserError(
                 f"method {self.name!r} supports {'/'.join(self.modalities)} backbones, not "
-                f"{getattr(ctx.backbone, 'name', modality)!r} ({modality})"
+                f"{getattr(backbone, 'name', modality)!r} ({modality})"
             )
         self.cfg = cfg
         self.ctx = ctx
