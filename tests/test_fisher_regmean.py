@@ -136,9 +136,39 @@ def test_seeds_pick_different_subsets_and_shuffle_false_is_the_first_examples():
     assert not torch.equal(labels(0), labels(1))
     assert torch.equal(labels(0, shuffle=False), data.splits["train"][0][:8])
     assert torch.equal(labels(0, shuffle=False), labels(1, shuffle=False))
-    rm = [RegMean(_cfg(RegMean, batch_size=4, num_examples=8), _ctx(LinearSoftmax(), s)) for s in (0, 1)]
-    seeds = [m.ctx.seed_for(m.name, "toy") for m in rm]
-    assert seeds[0] != seeds[1]
+
+
+class TinyNet:
+    """A toy backbone for RegMean: features = Linear(ReLU(Linear(x))) run with the given weights."""
+
+    modality, name = "vision", "toy"
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.module = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+        self.device = torch.device("cpu")
+
+    def features(self, params, x):
+        return torch.func.functional_call(self.module, params, (x,))
+
+    def to_device(self, x):
+        return x
+
+
+def test_regmean_seeds_pick_different_subsets():
+    bb = TinyNet()
+    pre = {k: v.detach() for k, v in bb.module.named_parameters()}
+
+    def merged(seed):
+        method = RegMean(_cfg(RegMean, batch_size=4, num_examples=8), _ctx(bb, seed))
+        tasks = [
+            TaskInput(f"t{i}", i, {k: v + 0.1 * (i + 1) for k, v in pre.items()}, None, _toy_data(40, seed=i))
+            for i in range(2)
+        ]
+        return method.joint(pre, iter(tasks)).merged["2.weight"]
+
+    assert torch.equal(merged(0), merged(0))
+    assert not torch.allclose(merged(0), merged(1))
 
 
 # ---- RegMean ------------------------------------------------------------------------------------------
