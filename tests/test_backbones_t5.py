@@ -211,6 +211,10 @@ def test_end_to_end_methods_in_process(hub_root, tmp_path, make_cfg, method, var
         "backbone.num_workers=0",
     ]
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
+    if "text" not in METHODS[method].modalities:  # vision-only (Fisher, RegMean): one line, before any merge
+        with pytest.raises(UserError, match="vision backbones, not 'flan_t5_base'"):
+            run_experiment(cfg, tmp_path / "run")
+        return
     m = run_experiment(cfg, tmp_path / "run")
     rows = 2 if supported_protocol(method) == "continual" else 1  # joint: one evaluation
     assert len(m["acc_matrix"]) == rows and (tmp_path / "run" / "metrics.json").exists()

@@ -45,6 +45,20 @@ def validation_split(n_train: int, fraction: float = 0.1, seed: int = 0) -> tupl
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def example_batches(
+    data: TaskData, split: str, n: int, batch_size: int, *, shuffle: bool, seed: int
+) -> Iterator[dict[str, Any]]:
+    """The batches of ``split`` (seeded shuffle, or in order) until at least ``n`` examples were
+    yielded: ``ceil(n / batch_size)`` whole batches, fewer when the split is smaller (FusionBench's
+    Fisher/RegMean loop, which checks the count before each batch)."""
+    seen = 0
+    for batch in data.loader(split, batch_size, shuffle=shuffle, seed=seed):
+        if seen >= n:
+            return
+        seen += len(batch["labels"])
+        yield batch
+
+
 class TaskData(ABC):
     """The data of one task. ``classnames`` is ``None`` for text-to-text tasks."""
 

@@ -11,12 +11,14 @@ from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.consensus import Consensus
+from otmf_exp.merging.fisher import Fisher
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
 from otmf_exp.merging.mingle import MINGLE
 from otmf_exp.merging.opcm import OPCM
 from otmf_exp.merging.otmf import OTMF
 from otmf_exp.merging.pretrained import Pretrained
+from otmf_exp.merging.regmean import RegMean
 from otmf_exp.merging.task_arithmetic import TaskArithmetic
 from otmf_exp.merging.ties import Ties
 from otmf_exp.merging.tsvm import TSVM
@@ -34,6 +36,8 @@ METHODS: dict[str, type[MergeMethod]] = {
     "mingle": MINGLE,
     "consensus": Consensus,
     "tsvm": TSVM,
+    "fisher": Fisher,
+    "regmean": RegMean,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

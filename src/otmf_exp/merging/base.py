@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from otmf_exp.errors import UserError
 from otmf_exp.merging.task_vectors import (
     StateDict,
     apply,
@@ -175,6 +176,8 @@ class MergeMethod(ABC):
             (the ``individual`` reference).
         state_growth: ``constant`` (carried state independent of T) or ``per_task`` (grows by a
             fixed amount per task, e.g. MINGLE's experts); the bounded-memory test checks it.
+        modalities: the backbone modalities (``vision``, ``text``) the method supports; another
+            backbone is refused in one line when the method is built.
     """
 
     name: ClassVar[str]
@@ -183,8 +186,16 @@ class MergeMethod(ABC):
     main_coef: ClassVar[str | None] = None
     evaluates_individually: ClassVar[bool] = False
     state_growth: ClassVar[str] = "constant"
+    modalities: ClassVar[tuple[str, ...]] = ("vision", "text")
 
     def __init__(self, cfg: Any, ctx: MethodContext, protocol: str = "continual") -> None:
+        backbone = getattr(ctx, "backbone", None)
+        modality = getattr(backbone, "modality", None)
+        if modality is not None and modality not in self.modalities:
+            raise UserError(
+                f"method {self.name!r} supports {'/'.join(self.modalities)} backbones, not "
+                f"{getattr(backbone, 'name', modality)!r} ({modality})"
+            )
         self.cfg = cfg
         self.ctx = ctx
         self.protocol = protocol
