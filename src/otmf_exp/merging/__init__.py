@@ -10,6 +10,7 @@ from __future__ import annotations
 from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
+from otmf_exp.merging.dop import DOP
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
 from otmf_exp.merging.mingle import MINGLE
@@ -28,6 +29,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "adamerging": AdaMerging,
     "magmax": MagMax,
     "opcm": OPCM,
+    "dop": DOP,
     "otmf": OTMF,
     "mingle": MINGLE,
 }
