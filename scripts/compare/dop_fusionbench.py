@@ -1,9 +1,9 @@
 """DOP side by side with FusionBench 0.2.33's own ``ContinualDOPForCLIP`` on the exported digits8 zoo.
 
-Run with the FusionBench venv and this repo's ``src`` on the path:
+Run with a Python that has ``fusion-bench==0.2.33`` installed (FB_PY) and this repo's ``src`` on the path:
 
     .venv/bin/python -m otmf_exp.offline.zoo export /tmp/zoo
-    PYTHONPATH=src OMP_NUM_THREADS=1 /work/fbvenv/bin/python scripts/compare/dop_fusionbench.py /tmp/zoo \
+    PYTHONPATH=src OMP_NUM_THREADS=1 FB_PY scripts/compare/dop_fusionbench.py /tmp/zoo \
         --tasks rot90,flip,invert [--steps 200] [--json out.json]
 
 Data plumbing only: the zoo's state dicts become ``CLIPVisionModel`` checkpoints (``save_pretrained``)
@@ -50,9 +50,7 @@ def fusionbench_steps(zoo: Path, tasks: list[str], steps: int) -> list[dict[str,
     from transformers import CLIPVisionModel
 
     cfg = _vision_config(zoo)
-    yaml = OmegaConf.load(
-        Path(__import__("fusion_bench_config").__path__[0]) / "method" / "dop" / "dop.yaml"
-    )
+    yaml = OmegaConf.load(Path(__import__("fusion_bench_config").__path__[0]) / "method" / "dop" / "dop.yaml")
     kwargs = {k: v for k, v in OmegaConf.to_container(yaml).items() if k != "_target_"}
     kwargs |= {"seed": 0, "shuffle_order": False, "evaluate_on_every_step": False, "num_steps": steps}
     kwargs |= {"save_on_every_step": True}
@@ -65,7 +63,10 @@ def fusionbench_steps(zoo: Path, tasks: list[str], steps: int) -> list[dict[str,
             model.save_pretrained(paths[name])
         pool = CLIPVisionModelPool(
             models={
-                k: {"_target_": "transformers.CLIPVisionModel.from_pretrained", "pretrained_model_name_or_path": v}
+                k: {
+                    "_target_": "transformers.CLIPVisionModel.from_pretrained",
+                    "pretrained_model_name_or_path": v,
+                }
                 for k, v in paths.items()
             }
         )

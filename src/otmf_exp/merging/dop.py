@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
@@ -120,7 +121,11 @@ def optimise_linear(
 ) -> tuple[Tensor, dict[str, float]]:
     """DOP's merged weight W of one Linear from θ₀'s ``w0`` and the two anchors (merged, new),
     all ``[m, n]`` float tensors; returns (W, diagnostics: ranks, final weights and losses)."""
-    bases = [projection_basis(a - w0, float(cfg.svd_epsilon), cfg.svd_rank) for a in anchors]
+    tvs = [a - w0 for a in anchors]
+    if not all(bool(torch.isfinite(tv).all()) for tv in tvs):
+        raise UserError(f"DOP {what}: the merged or the new model has non-finite weights")
+    bases = [projection_basis(tv, float(cfg.svd_epsilon), cfg.svd_rank) for tv in tvs]
+    del tvs
     weight = nn.Parameter(torch.stack(list(anchors), dim=0).mean(dim=0), requires_grad=True)
     opt = torch.optim.Adam([weight], lr=float(cfg.lr))
     alpha, beta = float(cfg.alpha), float(cfg.ema_beta)
@@ -173,7 +178,9 @@ class DOP(MergeMethod):
         if cfg.steps < 0:
             raise UserError(f"method.steps must be >= 0, got {cfg.steps}")
         if cfg.svd_proj_space not in PROJ_SPACES:
-            raise UserError(f"method.svd_proj_space must be one of {list(PROJ_SPACES)}, got {cfg.svd_proj_space!r}")
+            raise UserError(
+                f"method.svd_proj_space must be one of {list(PROJ_SPACES)}, got {cfg.svd_proj_space!r}"
+            )
         if cfg.svd_rank not in SVD_RANKS:
             raise UserError(f"method.svd_rank must be one of {list(SVD_RANKS)}, got {cfg.svd_rank!r}")
 
@@ -189,7 +196,10 @@ class DOP(MergeMethod):
         in_place = task.owned and _distinct_storages(theta)  # reuse θ_t's buffers for τ
         out: StateDict = {}
         infos: list[dict[str, float]] = []
-        for k, w0 in pretrained.items():
+        bar = tqdm(
+            pretrained.items(), desc=f"DOP step {state.step + 1}", disable=not self.ctx.progress, leave=False
+        )
+        for k, w0 in bar:
             new = self._merge_one(k, w0, state.merged[k], theta[k], k in linear, k in keep, infos)
             if in_place:
                 with torch.no_grad():

@@ -41,6 +41,7 @@ METHOD_ORDER = (
     "ties",
     "magmax",
     "opcm",
+    "dop",
     "adamerging",
     "adamerging_task",
     "adamerging_layer",
