@@ -4,6 +4,7 @@ computation, the per-parameter step rule and the FusionBench options."""
 from dataclasses import replace
 from types import SimpleNamespace
 
+import _hub_fixtures as fx
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ from otmf_exp.merging.dop import (
 )
 
 D = torch.float64
+hub_root = fx.hub_root  # the tiny open_clip fixture (tests/_hub_fixtures.py)
+_private_cache = fx._private_cache
 
 
 @pytest.mark.parametrize(
@@ -215,3 +218,27 @@ def test_zero_steps_is_the_pairwise_mean():
 def test_bad_values_are_one_line_user_errors(key, value):
     with pytest.raises(UserError, match=f"method.{key}"):
         DOP.validate(replace(DOPConfig(), **{key: value}))
+
+
+def test_runs_on_the_open_clip_fixture(hub_root):
+    """open_clip: nn.Linear weights (out_proj, MLP) are optimised; the fused in_proj_weight and the
+    visual projection are not nn.Linear weights, so they take the pairwise mean (as in FusionBench)."""
+    from otmf_exp.models import build_backbone
+
+    oc = build_backbone(fx.openclip_cfg(hub_root), torch.device("cpu"), progress=False)
+    linear = oc.linear_weight_names()
+    assert any(k.endswith("attn.out_proj.weight") for k in linear)
+    assert not any("in_proj" in k for k in linear) and "visual.proj" not in linear
+    method = DOP(replace(DOPConfig(), steps=2), MethodContext(oc, torch.device("cpu"), torch.Generator()))
+    pre = oc.pretrained_state()
+    thetas = [oc.load_finetuned(t) for t in ("mnist", "svhn")]
+    state = method.init(pre)
+    for i, th in enumerate(thetas):
+        state = method.step(state, TaskInput(f"t{i}", i, dict(th), None, None), pre)
+    got = method.merged(state, pre)
+    for k in pre:
+        mean = (thetas[0][k] + thetas[1][k]) / 2
+        if k in linear:
+            assert torch.isfinite(got[k]).all() and not torch.allclose(got[k], mean, atol=1e-7)
+        else:
+            assert torch.allclose(got[k], mean, atol=1e-6), k
