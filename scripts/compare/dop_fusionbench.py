@@ -42,7 +42,7 @@ def _tower(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k.startswith("vision_model.")}
 
 
-def fusionbench_steps(zoo: Path, tasks: list[str], steps: int) -> list[dict[str, torch.Tensor]]:
+def fusionbench_steps(zoo: Path, tasks: list[str], steps: int, **options) -> list[dict[str, torch.Tensor]]:
     """FusionBench's merged vision tower after each continual step (its own ``run`` loop)."""
     from fusion_bench.method.dop.dop import ContinualDOPForCLIP
     from fusion_bench.modelpool import CLIPVisionModelPool
@@ -53,7 +53,7 @@ def fusionbench_steps(zoo: Path, tasks: list[str], steps: int) -> list[dict[str,
     yaml = OmegaConf.load(Path(__import__("fusion_bench_config").__path__[0]) / "method" / "dop" / "dop.yaml")
     kwargs = {k: v for k, v in OmegaConf.to_container(yaml).items() if k != "_target_"}
     kwargs |= {"seed": 0, "shuffle_order": False, "evaluate_on_every_step": False, "num_steps": steps}
-    kwargs |= {"save_on_every_step": True}
+    kwargs |= {"save_on_every_step": True, **options}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, file in [("_pretrained_", "pretrained"), *[(t, t) for t in tasks]]:
@@ -123,24 +123,45 @@ def compare(ref: list[dict], ours: list[dict], linear: set[str]) -> list[dict]:
     return rows
 
 
+def yaml_value(text: str):
+    """``true`` / ``0.5`` / ``1e-3`` / ``u`` as values (YAML scalars; ``1e-3`` as a float)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoo", type=Path)
     p.add_argument("--tasks", default="rot90,flip,invert")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per Linear (dop.yaml: 200)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dop.yaml field shared by both sides (lr, mgda, alpha, ema, ema_beta, svd_epsilon, "
+        "svd_proj_space), e.g. --set mgda=false; then only the FusionBench mode is compared",
+    )
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(1)
     tasks = [t for t in a.tasks.split(",") if t]
-    ref = fusionbench_steps(a.zoo, tasks, a.steps)
-    result = {"tasks": tasks, "steps": a.steps}
-    modes = {
-        "fusionbench_mode": {"fusionbench_compat": True, "svd_rank": "below"},
-        "defaults": {},
-    }
+    shared = {k: yaml_value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    ref = fusionbench_steps(a.zoo, tasks, a.steps, **shared)
+    result = {"tasks": tasks, "steps": a.steps, "set": shared}
+    modes = {"fusionbench_mode": {"fusionbench_compat": True, "svd_rank": "below"}}
+    if not shared:
+        modes["defaults"] = {}
     for mode, options in modes.items():
         t0 = time.perf_counter()
-        rows = compare(ref, *ours_steps(a.zoo, tasks, a.steps, **options))
+        rows = compare(ref, *ours_steps(a.zoo, tasks, a.steps, **shared, **options))
         print(f"ours ({mode}): {time.perf_counter() - t0:.1f} s", flush=True)
         for r in rows:
             print(

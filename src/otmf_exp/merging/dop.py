@@ -120,7 +120,8 @@ def optimise_linear(
     w0: Tensor, anchors: tuple[Tensor, Tensor], cfg: Any, what: str = "a Linear weight"
 ) -> tuple[Tensor, dict[str, float]]:
     """DOP's merged weight W of one Linear from θ₀'s ``w0`` and the two anchors (merged, new),
-    all ``[m, n]`` float tensors; returns (W, diagnostics: ranks, final weights and losses)."""
+    all ``[m, n]`` float tensors; returns (W, diagnostics: the ranks, the weights and losses of the
+    last Adam step)."""
     tvs = [a - w0 for a in anchors]
     if not all(bool(torch.isfinite(tv).all()) for tv in tvs):
         raise UserError(f"DOP {what}: the merged or the new model has non-finite weights")
