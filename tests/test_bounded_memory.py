@@ -25,6 +25,7 @@ from otmf_exp.offline.synthetic import SyntheticBackbone
 
 FAST = {
     "adamerging": ["method.steps=2", "method.batch_size=4"],
+    "dop": ["method.steps=2"],
     "otmf": [
         "method.iterations=2",
         "method.batch_size=4",

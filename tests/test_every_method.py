@@ -20,6 +20,7 @@ from otmf_exp.runtime import checkpoint
 ORDER = "task_order=[rot90,flip,invert]"
 FAST = {
     "adamerging": ["method.steps=3"],
+    "dop": ["method.steps=3"],
     "otmf": ["method.iterations=4", "method.head_tuning.steps=2"],
     "mingle": ["method.max_steps=3"],
 }

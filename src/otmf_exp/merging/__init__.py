@@ -11,6 +11,7 @@ from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.consensus import Consensus
+from otmf_exp.merging.dop import DOP
 from otmf_exp.merging.fisher import Fisher
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
@@ -32,6 +33,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "adamerging": AdaMerging,
     "magmax": MagMax,
     "opcm": OPCM,
+    "dop": DOP,
     "otmf": OTMF,
     "mingle": MINGLE,
     "consensus": Consensus,

@@ -43,6 +43,7 @@ METHOD_ORDER = (
     "magmax",
     "consensus",
     "opcm",
+    "dop",
     "adamerging",
     "adamerging_task",
     "adamerging_layer",
