@@ -10,6 +10,7 @@ from __future__ import annotations
 from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
+from otmf_exp.merging.continual_finetune import ContinualFinetune
 from otmf_exp.merging.individual import Individual
 from otmf_exp.merging.magmax import MagMax
 from otmf_exp.merging.mingle import MINGLE
@@ -30,6 +31,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "opcm": OPCM,
     "otmf": OTMF,
     "mingle": MINGLE,
+    "continual_finetune": ContinualFinetune,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]
