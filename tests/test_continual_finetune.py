@@ -164,3 +164,14 @@ def test_joint_is_refused_and_lora_resume_equals_uninterrupted(run_cfg, monkeypa
     resumed, out = run_cfg(*args, "resume=true")
     assert resumed["acc_matrix"] == full["acc_matrix"]
     assert [json.loads(x)["loss_curve"] for x in (out / "steps.jsonl").read_text().splitlines()] == steps
+
+
+def test_published_rows_are_those_of_the_reference_settings():
+    from otmf_exp.reporting.tables import load_reference, reference_method
+
+    paper = {"lr": 1e-5, "steps": 4000, "batch_size": 16, "scheduler": "cosine", "lora.enabled": False}
+    assert reference_method("continual_finetune", paper) == "continual_finetuning"
+    assert reference_method("continual_finetune", paper | {"steps": 200}) is None
+    assert reference_method("continual_finetune", paper | {"lora.enabled": True}) is None
+    ref = load_reference()
+    assert (ref["method"] == "continual_finetuning").sum() >= 9
