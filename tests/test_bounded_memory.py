@@ -33,6 +33,7 @@ FAST = {
         "method.head_tuning.steps=2",
     ],
     "mingle": ["method.max_steps=2", "method.batch_size=4"],
+    "continual_finetune": ["method.steps=2", "method.batch_size=4"],
 }
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols and n != "individual")
 T = 6

@@ -11,6 +11,7 @@ from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.consensus import Consensus
+from otmf_exp.merging.continual_finetune import ContinualFinetune
 from otmf_exp.merging.dop import DOP
 from otmf_exp.merging.fisher import Fisher
 from otmf_exp.merging.individual import Individual
@@ -40,6 +41,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "tsvm": TSVM,
     "fisher": Fisher,
     "regmean": RegMean,
+    "continual_finetune": ContinualFinetune,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

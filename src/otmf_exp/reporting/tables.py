@@ -34,6 +34,7 @@ METHOD_ORDER = (
     "pretrained",
     "individual",
     "continual_finetuning",
+    "continual_finetune",
     "averaging",
     "fisher",
     "regmean",
@@ -87,6 +88,17 @@ _CONSENSUS_PAPER = {"k": 2, "inclusive": False, "fusionbench_mask_bug": False, "
 _CONSENSUS_COEFS = {"scaling": (None, 0.1), "tall_mask_lambda": (None, 0.2)}
 #: TSV-Merge settings of the published rows (FusionBench's TaskSingularVectorMerging.yaml)
 _TSVM_PAPER = {"alpha": 1.0, "matrices": "all_2d", "exclude_keys": None, "svd_dtype": "auto"}
+#: continual fine-tuning settings of the published rows (MINGLE's continual_clip_finetune.yaml: full
+#: fine-tuning, FusionBench's Adam + cosine); LoRA or another budget has no published number
+_CFT_PAPER = {
+    "lr": 1e-5,
+    "steps": 4000,
+    "batch_size": 16,
+    "weight_decay": 0.0,
+    "scheduler": "cosine",
+    "split": "train",
+    "lora.enabled": False,
+}
 _MINGLE_NULL = ("lr", "batch_size", "seed_samples", "seed_sampling", "subspace", "static_gate")
 _MINGLE_STAR = (["attn", "fc1"], ["q_proj", "k_proj", "v_proj", "fc1"])
 #: columns of a table row that identify it; the statistics follow
@@ -113,6 +125,8 @@ def reference_method(method: str, cfg: Mapping[str, Any]) -> str | None:
     """The name a run has in reference_numbers.csv, or None when the paper has no such setting."""
     if method == "adamerging" and cfg.get("granularity"):
         return f"adamerging_{cfg['granularity']}"
+    if method == "continual_finetune":
+        return "continual_finetuning" if all(cfg.get(k, v) == v for k, v in _CFT_PAPER.items()) else None
     if method == "mingle":
         if any(k in cfg and cfg[k] != v for k, v in _MINGLE_PAPER.items()) or any(
             k in cfg for k in _MINGLE_NULL
