@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all lint format clean-outputs tables plots bench bench-quick gpu-prepare
+.PHONY: help setup demo test test-full test-all lint format clean-outputs tables plots bench bench-quick gpu-prepare
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -20,11 +20,17 @@ setup: $(BIN)/otmf-exp ## create .venv with torch and the package (editable) + d
 demo: setup ## the default run: OTMF-style continual merging on the offline digits8 suite
 	$(BIN)/python -m otmf_exp.run
 
-test: setup ## fast offline tests (excludes slow, network, gpu markers)
-	$(BIN)/python -m pytest -q
+# tests run in parallel (pytest-xdist, one worker per core; each worker one torch thread)
+XDIST ?= -n auto
+
+test: setup ## the fast tier (unit tests + one end-to-end run per method and protocol), a few minutes
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not full and not slow and not network and not gpu'
+
+test-full: setup ## the second tier: CLI subprocesses, hub fixtures, sweeps, resume, reference replays
+	$(BIN)/python -m pytest -q $(XDIST) -m 'full and not slow and not network and not gpu'
 
 test-all: setup ## every test including slow ones (still offline)
-	$(BIN)/python -m pytest -q -m 'not network and not gpu'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu'
 
 lint: setup ## ruff lint + format check
 	$(BIN)/ruff check src tests scripts conf

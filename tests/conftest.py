@@ -23,6 +23,46 @@ from otmf_exp.config import register_configs  # noqa: E402
 
 register_configs()
 
+#: the ``full`` tier (``make test-full``): modules whose tests run the CLI in subprocesses, build hub
+#: fixtures, wheels, sweeps or multirun trees, or replay reference code. ``make test`` (the fast tier)
+#: is everything else: the unit tests of every module plus one end-to-end run per method and
+#: protocol (``test_every_method.py::test_runs_end_to_end_in_each_protocol``). No test is left out:
+#: ``.ci/run`` runs both tiers.
+FULL_MODULES = {
+    "test_backbones_clip",
+    "test_backbones_openclip",
+    "test_backbones_t5",
+    "test_bad_input",
+    "test_baselines_e2e",
+    "test_bench",
+    "test_bounded_memory",
+    "test_broken_files",
+    "test_console",
+    "test_converter",
+    "test_mingle_e2e",
+    "test_otmf_authors",
+    "test_packaging",
+    "test_plots",
+    "test_provenance",
+    "test_reliability",
+    "test_resume_guard",
+    "test_run_dirs",
+    "test_sweeps",
+    "test_tables",
+    "test_tables_pooling",
+    "test_wandb",
+    "test_zoo",
+}
+#: tests of the fast-tier modules that belong to the full tier all the same (CLI runs, resume of every method)
+FULL_TESTS = {"test_cli_run", "test_interrupted_then_resumed_equals_uninterrupted"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in FULL_MODULES or item.originalname in FULL_TESTS:
+            item.add_marker(pytest.mark.full)
+
 
 @pytest.fixture
 def make_cfg():
