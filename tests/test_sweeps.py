@@ -156,3 +156,26 @@ def test_out_dir_shared_by_several_jobs_is_refused_after_the_first(tmp_path, mon
 @pytest.mark.parametrize("kinds, code", [(["UserError"], 2), (["UserError", "OSError"], 1)])
 def test_exit_code(kinds, code):
     assert sweep.exit_code([{"kind": k} for k in kinds]) == code
+
+
+def test_dry_run_lists_every_job_of_a_preset_and_runs_none(tmp_path):
+    from otmf_exp.runtime.sweep import dry_run_lines, plan_jobs
+
+    jobs = plan_jobs(["experiment=paper/continual_vision"])
+    assert len(jobs) == 3 * 3 * 10 * 10
+    assert jobs[0][:4] == ["backbone=clip_vit_b32", "task_seq=vit8", "method=pretrained", "order_seed=42"]
+    sliced = plan_jobs(
+        ["experiment=paper/continual_vision", "backbone=clip_vit_b32", "task_seq=vit8", "method=otmf,opcm"]
+    )
+    assert len(sliced) == 2 * 10 and {j[2] for j in sliced} == {"method=otmf", "method=opcm"}
+    lines = dry_run_lines(["method=averaging,ties", "seed=0,1"])
+    assert lines[0].startswith("4 jobs") and lines[1] == "#0 method=averaging seed=0"
+    p = subprocess.run(
+        [sys.executable, "-m", "otmf_exp.run", "-m", "method=nope,ties", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2 and p.stderr.strip() == "error: In 'run': Could not find 'method/nope'"
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -3,6 +3,7 @@
 python -m otmf_exp.run                              # offline digits8 suite
 python -m otmf_exp.run task_seq=vit8 alpha=0.8      # ViT-B/32 on TA8 (needs the hub)
 python -m otmf_exp.run -m method=averaging,task_arithmetic
+python -m otmf_exp.run -m experiment=paper/continual_vision --dry-run   # list the 900 jobs, run none
 
 * bad input: ``error: <one line>`` on stderr, exit code 2;
 * Ctrl-C: one line with the command that resumes the run, exit code 130;
@@ -147,6 +148,18 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    dry = [a for a in sys.argv[1:] if a == "--dry-run" or a.startswith("--dry-run=")]
+    if dry:  # list a sweep's jobs without running any (nothing written)
+        args = [a for a in sys.argv[1:] if a not in dry and a not in ("-m", "--multirun")]
+        show = None if dry[-1] == "--dry-run=all" else 20
+        try:
+            print("\n".join(sweep.dry_run_lines(args, show)))
+        except BrokenPipeError:
+            _quiet_closed_stdout()
+        except Exception as e:  # a bad override or preset: one line
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        return
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     try:

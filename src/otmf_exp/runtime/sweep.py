@@ -58,3 +58,44 @@ def report(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> list[str]:
 def exit_code(rows: list[dict[str, Any]]) -> int:
     """2 when every failure was bad input (``UserError``), 1 when a job crashed."""
     return 2 if all(r["kind"] == "UserError" for r in rows) else 1
+
+
+def plan_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job of ``python -m otmf_exp.run -m <overrides>``, as Hydra's basic sweeper would
+    launch them: the preset's ``hydra.sweeper.params`` first, the command line's values replacing
+    them key by key, then the cartesian product. Nothing is run or written."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=fixed, return_hydra_config=True)
+    node = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
+    # every swept value composes (an unknown choice or key fails here, not hours into the sweep):
+    # one composition per distinct value, the other keys at the first job's values
+    seen: set[str] = set()
+    with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
+        for job in jobs:
+            new = [o for o in job if o not in seen]
+            if new:
+                seen.update(new)
+                compose(config_name="run", overrides=job)
+    return jobs
+
+
+def dry_run_lines(overrides: list[str], show: int | None = None) -> list[str]:
+    """``N jobs`` then one line per job (``#i key=value ...``); ``show`` limits the listed jobs."""
+    jobs = plan_jobs(overrides)
+    out = [f"{len(jobs)} jobs (python -m otmf_exp.run -m {' '.join(overrides)})"]
+    for i, job in enumerate(jobs[:show] if show else jobs):
+        out.append(f"#{i} " + " ".join(job))
+    if show and len(jobs) > show:
+        out.append(f"... {len(jobs) - show} more (--dry-run=all lists every job)")
+    return out
