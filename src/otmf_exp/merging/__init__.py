@@ -18,6 +18,7 @@ from otmf_exp.merging.otmf import OTMF
 from otmf_exp.merging.pretrained import Pretrained
 from otmf_exp.merging.task_arithmetic import TaskArithmetic
 from otmf_exp.merging.ties import Ties
+from otmf_exp.merging.wemoe import WEMoE
 
 METHODS: dict[str, type[MergeMethod]] = {
     "pretrained": Pretrained,
@@ -30,6 +31,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "opcm": OPCM,
     "otmf": OTMF,
     "mingle": MINGLE,
+    "wemoe": WEMoE,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]
