@@ -156,4 +156,11 @@ FAST = {
 def fast_method_overrides(make_cfg, method: str, *base: str) -> list[str]:
     """Overrides that shrink ``method``'s loops (only for keys its config actually has)."""
     cfg = make_cfg(*base, f"method={method}")
-    return [f"method.{k}={v}" for k, v in FAST.items() if OmegaConf.select(cfg.method, k) is not None]
+    absent = (
+        object()
+    )  # a key whose default is null (resolved per backbone, e.g. wemoe's max_steps) is present
+    return [
+        f"method.{k}={v}"
+        for k, v in FAST.items()
+        if OmegaConf.select(cfg.method, k, default=absent) is not absent
+    ]

@@ -189,7 +189,10 @@ class WEMoE(MergeMethod):
         for blk in self.blocks():
             for s in blk.sites:
                 if o.experts == "lora":
-                    parts = [low_rank(tv[s.param], self._ranks(t0 + 1 + i, s)) for i, tv in enumerate(tvs)]
+                    parts = [
+                        low_rank(tv[s.param], self._ranks(t0 + 1 + i, s), tv[s.param].dtype)
+                        for i, tv in enumerate(tvs)
+                    ]
                     a = [extra[f"{s.name}/A"]] if t0 else []
                     b = [extra[f"{s.name}/B"]] if t0 else []
                     extra[f"{s.name}/A"] = torch.cat(a + [p[0] for p in parts]).contiguous()
@@ -265,6 +268,8 @@ class WEMoE(MergeMethod):
         (per class on vision, in total on text) cycled in reshuffled batches."""
         o, bb = self.options(), self.ctx.backbone
         seed = self.ctx.seed_for("wemoe", *key)
+        if o.max_steps == 0:  # no adaptation: no data is read
+            return iter(())
         if o.adapt_split == "test":
             self.ctx.record("wemoe_test_leakage", True)
         if o.seed_samples == 0:
