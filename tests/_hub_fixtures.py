@@ -165,5 +165,10 @@ def fast_method_overrides(make_cfg, method: str, *base: str) -> list[str]:
     """Overrides that run ``method`` end to end quickly: a protocol it supports, and shrunken loops
     (only for keys its config actually has)."""
     cfg = make_cfg(*base, f"method={method}")
-    fast = [f"method.{k}={v}" for k, v in FAST.items() if OmegaConf.select(cfg.method, k) is not None]
+    absent = object()  # a key whose default is null (resolved per backbone, e.g. wemoe's max_steps) counts
+    fast = [
+        f"method.{k}={v}"
+        for k, v in FAST.items()
+        if OmegaConf.select(cfg.method, k, default=absent) is not absent
+    ]
     return [f"protocol={supported_protocol(method)}", *fast]

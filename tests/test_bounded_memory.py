@@ -34,6 +34,9 @@ FAST = {
     ],
     "mingle": ["method.max_steps=2", "method.batch_size=4"],
     "continual_finetune": ["method.steps=2", "method.batch_size=4"],
+    # the first expert's rank equals the later ones' so every step grows alike (the default 64-then-16
+    # growth, step by step: tests/test_wemoe.py)
+    "wemoe": ["method.max_steps=2", "method.batch_size=4", "method.lora_rank_first=16"],
 }
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols and n != "individual")
 T = 6

@@ -24,6 +24,7 @@ FAST = {
     "otmf": ["method.iterations=4", "method.head_tuning.steps=2"],
     "mingle": ["method.max_steps=3"],
     "continual_finetune": ["method.steps=3"],
+    "wemoe": ["method.max_steps=3"],
 }
 CASES = [(name, p) for name, cls in sorted(METHODS.items()) for p in cls.protocols]
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols)

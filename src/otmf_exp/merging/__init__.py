@@ -24,6 +24,7 @@ from otmf_exp.merging.regmean import RegMean
 from otmf_exp.merging.task_arithmetic import TaskArithmetic
 from otmf_exp.merging.ties import Ties
 from otmf_exp.merging.tsvm import TSVM
+from otmf_exp.merging.wemoe import WEMoE
 
 METHODS: dict[str, type[MergeMethod]] = {
     "pretrained": Pretrained,
@@ -42,6 +43,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "fisher": Fisher,
     "regmean": RegMean,
     "continual_finetune": ContinualFinetune,
+    "wemoe": WEMoE,
 }
 
 __all__ = ["METHODS", "ContinualState", "MergeMethod", "MethodContext", "TaskInput"]

@@ -51,6 +51,7 @@ METHOD_ORDER = (
     "adamerging_layer_plus",
     "mingle",
     "mingle_star",
+    "wemoe",
     "otmf",
     "otmf_no_masks",
     "otmf_no_head_tuning",
