@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MERGES = ("task_arithmetic", "adamerging")
 MASK_TYPES = ("continuous", "discrete")
-#: FusionBench's ``max_steps`` of the mask learning per merge (used when ``max_steps`` is -1)
+#: FusionBench's ``max_steps`` of the mask learning per merge (used when ``max_steps`` is null)
 REFERENCE_STEPS = {"task_arithmetic": 2000, "adamerging": 1000}
 
 
@@ -70,8 +70,8 @@ class ConcreteConfig:
     temperature: float = 0.5
     #: Adam learning rate of the mask logits
     lr: float = 1e-3
-    #: mask-learning steps; -1 = FusionBench's value for the merge (2000 task_arithmetic, 1000 adamerging)
-    max_steps: int = -1
+    #: mask-learning steps; null = FusionBench's value for the merge (2000 task_arithmetic, 1000 adamerging)
+    max_steps: int | None = None
     #: adamerging only: Adam learning rate of the inner coefficient step during mask learning
     base_lr: float = 1.0
     #: adamerging only: Adam learning rate and steps of the final AdaMerging on the masked vectors
@@ -159,7 +159,10 @@ class Concrete(MergeMethod):
                 f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}",
             ),
             (cfg.temperature > 0, f"method.temperature must be > 0, got {cfg.temperature}"),
-            (cfg.max_steps >= -1, f"method.max_steps must be >= 0 (or -1 = reference), got {cfg.max_steps}"),
+            (
+                cfg.max_steps is None or cfg.max_steps >= 0,
+                f"method.max_steps must be >= 0 or null, got {cfg.max_steps}",
+            ),
             (
                 cfg.max_adamerging_steps >= 0,
                 f"method.max_adamerging_steps must be >= 0, got {cfg.max_adamerging_steps}",
@@ -176,7 +179,7 @@ class Concrete(MergeMethod):
 
     @property
     def steps(self) -> int:
-        return REFERENCE_STEPS[self.cfg.merge] if self.cfg.max_steps == -1 else self.cfg.max_steps
+        return REFERENCE_STEPS[self.cfg.merge] if self.cfg.max_steps is None else self.cfg.max_steps
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         raise UserError("method=concrete is joint-only: use protocol=joint")
