@@ -17,6 +17,9 @@ from otmf_exp.models import build_backbone
 from otmf_exp.models.functional import swapped_parameters
 from otmf_exp.offline import tiny_hub
 
+#: methods whose reference supports CLIP only (they refuse a text backbone with one UserError line)
+VISION_ONLY = {"concrete"}
+
 # shared fixtures (tests/_hub_fixtures.py)
 _one_thread = fx._one_thread
 _private_cache = fx._private_cache
@@ -210,6 +213,12 @@ def test_end_to_end_methods_in_process(hub_root, tmp_path, make_cfg, method, var
         "backbone.batch_size=8",
         "backbone.num_workers=0",
     ]
+    base.append(f"protocol={METHODS[method].protocols[0]}")  # continual, or joint for joint-only methods
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
+    if method in VISION_ONLY:  # the reference is CLIP-only: refused in one line
+        with pytest.raises(UserError, match="CLIP"):
+            run_experiment(cfg, tmp_path / "run")
+        return
     m = run_experiment(cfg, tmp_path / "run")
-    assert len(m["acc_matrix"]) == 2 and (tmp_path / "run" / "metrics.json").exists()
+    rows = 2 if METHODS[method].protocols[0] == "continual" else 1  # joint: one row
+    assert len(m["acc_matrix"]) == rows and (tmp_path / "run" / "metrics.json").exists()

@@ -20,6 +20,7 @@ from otmf_exp.runtime import checkpoint
 ORDER = "task_order=[rot90,flip,invert]"
 FAST = {
     "adamerging": ["method.steps=3"],
+    "concrete": ["method.max_steps=3", "method.max_adamerging_steps=3"],
     "otmf": ["method.iterations=4", "method.head_tuning.steps=2"],
     "mingle": ["method.max_steps=3"],
 }
