@@ -66,6 +66,7 @@ def test_cli_run(tmp_path, zoo, method):
         "-m",
         "otmf_exp.run",
         f"method={method}",
+        f"protocol={METHODS[method].protocols[0]}",  # continual, or joint for joint-only methods
         "task_order=[rot90,flip]",
         f"out_dir={out}",
         "progress=false",
