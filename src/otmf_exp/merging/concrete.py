@@ -140,42 +140,28 @@ class Concrete(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        checks = [
-            (cfg.merge in MERGES, f"method.merge must be one of {list(MERGES)}, got {cfg.merge!r}"),
-            (
-                cfg.granularity in GRANULARITIES,
-                f"method.granularity must be one of {list(GRANULARITIES)}, got {cfg.granularity!r}",
-            ),
-            (
-                cfg.granularity == "task" or cfg.merge == "adamerging",
-                "method.granularity=layer needs method.merge=adamerging (task arithmetic has one λ)",
-            ),
-            (
-                cfg.eval_mask_type in MASK_TYPES,
-                f"method.eval_mask_type must be one of {list(MASK_TYPES)}, got {cfg.eval_mask_type!r}",
-            ),
-            (
-                cfg.adapt_split in SPLITS,
-                f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}",
-            ),
-            (cfg.temperature > 0, f"method.temperature must be > 0, got {cfg.temperature}"),
-            (
-                cfg.max_steps is None or cfg.max_steps >= 0,
-                f"method.max_steps must be >= 0 or null, got {cfg.max_steps}",
-            ),
-            (
-                cfg.max_adamerging_steps >= 0,
-                f"method.max_adamerging_steps must be >= 0, got {cfg.max_adamerging_steps}",
-            ),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-        ]
-        checks += [
-            (getattr(cfg, k) > 0, f"method.{k} must be > 0, got {getattr(cfg, k)}")
-            for k in ("lr", "base_lr", "adamerging_lr")
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        choices = {
+            "merge": MERGES,
+            "granularity": GRANULARITIES,
+            "eval_mask_type": MASK_TYPES,
+            "adapt_split": SPLITS,
+        }
+        for k, allowed in choices.items():
+            if getattr(cfg, k) not in allowed:
+                raise UserError(f"method.{k} must be one of {list(allowed)}, got {getattr(cfg, k)!r}")
+        if cfg.granularity == "layer" and cfg.merge != "adamerging":
+            raise UserError(
+                "method.granularity=layer needs method.merge=adamerging (task arithmetic has one λ)"
+            )
+        for k in ("temperature", "lr", "base_lr", "adamerging_lr"):
+            if not getattr(cfg, k) > 0:
+                raise UserError(f"method.{k} must be > 0, got {getattr(cfg, k)}")
+        for k, lo in (("max_steps", 0), ("max_adamerging_steps", 0), ("batch_size", 1)):
+            v = getattr(cfg, k)
+            if v is not None and v < lo:
+                raise UserError(
+                    f"method.{k} must be >= {lo}{' or null' if k == 'max_steps' else ''}, got {v}"
+                )
 
     @property
     def steps(self) -> int:
