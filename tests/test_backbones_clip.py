@@ -192,6 +192,7 @@ def test_end_to_end_every_method_in_process(hub_root, tmp_path, make_cfg, method
         "backbone.batch_size=8",
         "backbone.num_workers=0",
     ]
+    base.append(f"protocol={METHODS[method].protocols[0]}")  # continual, or joint for joint-only methods
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
     m = run_experiment(cfg, tmp_path / "run")
     assert len(m["acc_matrix"]) == (2 if m["protocol"] == "continual" else 1)

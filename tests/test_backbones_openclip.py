@@ -122,7 +122,14 @@ def test_data_uses_open_clip_preprocessing(oc, hub_root):
     assert batch["labels"].dtype == torch.long
 
 
-def test_end_to_end_in_process(hub_root, tmp_path, make_cfg):
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method=task_arithmetic"],
+        ["method=concrete", "protocol=joint", "method.max_steps=2", "method.batch_size=4"],  # trains
+    ],
+)
+def test_end_to_end_in_process(hub_root, tmp_path, make_cfg, method):
     from otmf_exp.runner import run_experiment
 
     cfg = make_cfg(
@@ -135,9 +142,11 @@ def test_end_to_end_in_process(hub_root, tmp_path, make_cfg):
         f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
         f"task_seq.local_dir={hub_root}",
         "task_order=[mnist,svhn]",
-        "method=task_arithmetic",
+        *method,
         "backbone.num_workers=0",
         "backbone.batch_size=8",
     )
     m = run_experiment(cfg, tmp_path / "run")
-    assert m["backbone"] == "openclip_vit_b32" and len(m["acc_matrix"]) == 2
+    assert m["backbone"] == "openclip_vit_b32" and len(m["acc_matrix"]) == (
+        1 if "protocol=joint" in method else 2
+    )

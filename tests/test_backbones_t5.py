@@ -17,6 +17,8 @@ from otmf_exp.models import build_backbone
 from otmf_exp.models.functional import swapped_parameters
 from otmf_exp.offline import tiny_hub
 
+#: methods whose reference supports CLIP only (they refuse a text backbone with one UserError line)
+
 # shared fixtures (tests/_hub_fixtures.py)
 _one_thread = fx._one_thread
 _private_cache = fx._private_cache
@@ -210,6 +212,7 @@ def test_end_to_end_methods_in_process(hub_root, tmp_path, make_cfg, method, var
         "backbone.batch_size=8",
         "backbone.num_workers=0",
     ]
+    base.append(f"protocol={METHODS[method].protocols[0]}")  # continual, or joint for joint-only methods
     cfg = make_cfg(*base, f"method={method}", *fast_method_overrides(make_cfg, method, *base))
     if "text" not in METHODS[method].modalities:  # vision-only (Fisher, RegMean): one line, before any merge
         with pytest.raises(UserError, match="vision backbones, not 'flan_t5_base'"):

@@ -21,6 +21,7 @@ ORDER = "task_order=[rot90,flip,invert]"
 FAST = {
     "adamerging": ["method.steps=3"],
     "dop": ["method.steps=3"],
+    "concrete": ["method.max_steps=3", "method.max_adamerging_steps=3"],
     "otmf": ["method.iterations=4", "method.head_tuning.steps=2"],
     "mingle": ["method.max_steps=3"],
     "continual_finetune": ["method.steps=3"],

@@ -366,6 +366,10 @@ def test_reference_method_names():
     )
     assert rm("otmf", {"alpha": 0.5, "mask.enabled": True}) is None  # the paper has no number for α=0.5
     assert rm("task_arithmetic", {"scaling": 0.3}) == "task_arithmetic"
+    assert rm("concrete", {"merge": "task_arithmetic", "max_steps": None, "lr": 1e-3}) == "concrete_ta"
+    assert rm("concrete", {"merge": "adamerging", "granularity": "layer"}) == "concrete_adamerging_layer"
+    assert rm("concrete", {"merge": "task_arithmetic", "max_steps": 200}) is None  # fewer steps: no number
+    assert rm("concrete", {"merge": "adamerging", "max_steps": 2000}) is None
 
 
 def test_no_runs_is_an_error(tmp_path, capsys):

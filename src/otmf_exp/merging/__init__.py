@@ -10,6 +10,7 @@ from __future__ import annotations
 from otmf_exp.merging.adamerging import AdaMerging
 from otmf_exp.merging.averaging import Averaging
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
+from otmf_exp.merging.concrete import Concrete
 from otmf_exp.merging.consensus import Consensus
 from otmf_exp.merging.continual_finetune import ContinualFinetune
 from otmf_exp.merging.dop import DOP
@@ -33,6 +34,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "task_arithmetic": TaskArithmetic,
     "ties": Ties,
     "adamerging": AdaMerging,
+    "concrete": Concrete,
     "magmax": MagMax,
     "opcm": OPCM,
     "dop": DOP,

@@ -49,6 +49,9 @@ METHOD_ORDER = (
     "adamerging_task",
     "adamerging_layer",
     "adamerging_layer_plus",
+    "concrete_ta",
+    "concrete_adamerging_task",
+    "concrete_adamerging_layer",
     "mingle",
     "mingle_star",
     "wemoe",
@@ -102,6 +105,21 @@ _CFT_PAPER = {
 }
 _MINGLE_NULL = ("lr", "batch_size", "seed_samples", "seed_sampling", "subspace", "static_gate")
 _MINGLE_STAR = (["attn", "fc1"], ["q_proj", "k_proj", "v_proj", "fc1"])
+#: Concrete settings of the published runs (FusionBench's YAMLs; max_steps null = 2000 TA / 1000 AdaMerging)
+_CONCRETE_PAPER = {
+    "scaling_factor": 0.3,
+    "initial_logits": 0.0,
+    "temperature": 0.5,
+    "lr": 1e-3,
+    "base_lr": 1.0,
+    "adamerging_lr": 1e-3,
+    "max_adamerging_steps": 1000,
+    "batch_size": 16,
+    "eval_mask_type": "continuous",
+    "clamp_weights": False,
+    "adapt_split": "test",
+}
+_CONCRETE_STEPS = {"task_arithmetic": 2000, "adamerging": 1000}
 #: columns of a table row that identify it; the statistics follow
 ROW_KEYS = ["protocol", "backbone", "task_seq", "method", "variant"]
 _REF_KEYS = ["protocol", "backbone", "task_seq", "method"]
@@ -128,6 +146,19 @@ def reference_method(method: str, cfg: Mapping[str, Any]) -> str | None:
         return f"adamerging_{cfg['granularity']}"
     if method == "continual_finetune":
         return "continual_finetuning" if all(cfg.get(k, v) == v for k, v in _CFT_PAPER.items()) else None
+    if method == "concrete":
+        merge = cfg.get("merge", "task_arithmetic")
+        steps = cfg.get("max_steps")
+        if any(k in cfg and cfg[k] != v for k, v in _CONCRETE_PAPER.items()) or steps not in (
+            None,
+            _CONCRETE_STEPS.get(merge),
+        ):
+            return None
+        return (
+            "concrete_ta"
+            if merge == "task_arithmetic"
+            else f"concrete_adamerging_{cfg.get('granularity', 'task')}"
+        )
     if method == "mingle":
         if any(k in cfg and cfg[k] != v for k, v in _MINGLE_PAPER.items()) or any(
             k in cfg for k in _MINGLE_NULL
