@@ -49,10 +49,14 @@ class Encoder(nn.Module):
         return self.model(pixel_values=images).image_embeds
 
 
-def tracing_adam(trace: list) -> type:
-    """``torch.optim.Adam`` that appends its (first) parameter after every step to ``trace``."""
+def tracing_adam(trace: list, lr: float | None = None) -> type:
+    """``torch.optim.Adam`` that appends its (first) parameter after every step to ``trace``; ``lr``
+    replaces the learning rate a script hard-codes (cases off the authors' constants)."""
 
     class TracingAdam(torch.optim.Adam):
+        def __init__(self, params, **kw):
+            super().__init__(params, **({**kw, "lr": lr} if lr is not None else kw))
+
         def step(self, closure=None):
             out = super().step(closure)
             trace.append(self.param_groups[0]["params"][0].detach().clone())

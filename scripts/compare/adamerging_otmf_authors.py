@@ -81,12 +81,19 @@ def task_wise(zoo: Zoo, case: dict) -> dict:
     tmp = Path(tempfile.mkdtemp())
     prog.ckpt_dir, prog.ckpt_path = tmp, tmp / "ckpt.pt"
     trace: list = []
-    real_adam, real_cls = torch.optim.Adam, script.TaskWiseMergedModel
-    torch.optim.Adam, script.TaskWiseMergedModel = tracing_adam(trace), CopyingTaskWiseMergedModel
+    real_adam, real_cls, real_init = (
+        torch.optim.Adam,
+        script.TaskWiseMergedModel,
+        script.get_task_wise_weights,
+    )
+    init, lr = constants(case, 0.2, 0.01)  # their hard-coded init_values=0.2, lr=0.01
+    torch.optim.Adam, script.TaskWiseMergedModel = tracing_adam(trace, lr), CopyingTaskWiseMergedModel
+    script.get_task_wise_weights = lambda n, init_values=None: real_init(n, init_values=init)
     try:
         prog.task_wise_adamerging_sequential()
     finally:
         torch.optim.Adam, script.TaskWiseMergedModel = real_adam, real_cls
+        script.get_task_wise_weights = real_init
     merged = torch.load(prog.ckpt_path)["merged_state_dict"]
     per_step = [prog.task_vectors[i] for i in range(1, len(order))]
     return finish(
@@ -112,10 +119,14 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
         def __init__(self, _pre, ft):
             self.vector = dict(tvs[order.index(ft)])
 
+    init, lr = constants(case, 0.3, 1e-3)  # their hard-coded prior = 0.3, lr = 1e-3
+
     class Recording(script.AdaMerging):
         def __init__(self, paramslist, *a, **k):
             merged_in.append(paramslist[1])  # step i >= 1: the merged vector of step i − 1
             super().__init__(paramslist, *a, **k)
+            with torch.no_grad():
+                self.lambdas_raw.fill_(init)
 
     def evaluate(image_encoder, head, name, cfg):
         captured["merged"] = {n: p.detach().clone() for n, p in zip(captured["names"], captured["params"]())}
@@ -135,7 +146,7 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
     script.pretrained_model_path, script.finetuned_model_path = (lambda m: "θ0"), (lambda m, n: n)
     registry.get_dataset = get_dataset
     torch.load = lambda p, *a, **k: deepcopy(pre) if p == "θ0" else real_load(p, *a, **k)
-    torch.optim.Adam = tracing_adam(trace)
+    torch.optim.Adam = tracing_adam(trace, lr)
     real_init = script.AdaMerging.get_image_encoder
 
     def get_image_encoder(self):  # record the names/params their eval sees (the final merged weights)
@@ -160,6 +171,12 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
     merged = captured["merged"]
     per_step.append({k: merged[k] - sd[k] for k in sd})
     return finish(pre, merged, per_step, trace, consumed, heads, case, lambda w: w.clamp(0, 1), layer=True)
+
+
+def constants(case: dict, init: float, lr: float) -> tuple[float, float | None]:
+    """(init, lr) of a case: the script's own values unless the case (a clamp-binding one) sets others."""
+    o = case["options"]
+    return o.get("init", init), (o["lr"] if o.get("lr", lr) != lr else None)
 
 
 def finish(pre, merged, per_step, trace, consumed, heads, case, eff, layer=False) -> dict:
