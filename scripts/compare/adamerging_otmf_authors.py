@@ -121,25 +121,26 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
 
     init, lr = constants(case, 0.3, 1e-3)  # their hard-coded prior = 0.3, lr = 1e-3
 
-    class Recording(script.AdaMerging):
-        def __init__(self, paramslist, *a, **k):
-            merged_in.append(paramslist[1])  # step i >= 1: the merged vector of step i − 1
-            super().__init__(paramslist, *a, **k)
-            with torch.no_grad():
-                self.lambdas_raw.fill_(init)
+    their_init, their_encoder = script.AdaMerging.__init__, script.AdaMerging.get_image_encoder
+
+    def recording_init(self, paramslist, *a, **k):  # their class keeps its name (their super() call)
+        merged_in.append(paramslist[1])  # step i >= 1: the merged vector of step i − 1
+        their_init(self, paramslist, *a, **k)
+        with torch.no_grad():
+            self.lambdas_raw.fill_(init)
 
     def evaluate(image_encoder, head, name, cfg):
         captured["merged"] = {n: p.detach().clone() for n, p in zip(captured["names"], captured["params"]())}
         return {"top1": 0.0}
 
     real_load, real_adam = torch.load, torch.optim.Adam
-    saved = {k: getattr(script, k) for k in ("device", "TaskVector", "AdaMerging", "RESULTS_DIR")}
+    saved = {k: getattr(script, k) for k in ("device", "TaskVector", "RESULTS_DIR")}
     saved |= {
         k: getattr(script, k) for k in ("get_classification_head", "eval_single_dataset_preprocess_head")
     }
     saved |= {k: getattr(script, k) for k in ("pretrained_model_path", "finetuned_model_path")}
     real_get = registry.get_dataset
-    script.device, script.TaskVector, script.AdaMerging = CPU, TV, Recording
+    script.device, script.TaskVector = CPU, TV
     script.RESULTS_DIR = Path(tempfile.mkdtemp())
     script.get_classification_head = lambda cfg, n: deepcopy(heads[n])
     script.eval_single_dataset_preprocess_head = evaluate
@@ -147,7 +148,6 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
     registry.get_dataset = get_dataset
     torch.load = lambda p, *a, **k: deepcopy(pre) if p == "θ0" else real_load(p, *a, **k)
     torch.optim.Adam = tracing_adam(trace, lr)
-    real_init = script.AdaMerging.get_image_encoder
 
     def get_image_encoder(self):  # record the names/params their eval sees (the final merged weights)
         alph = self.lambdas()
@@ -156,9 +156,9 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
             sum(tuple(pi * li for pi, li in zip(p, alph[j].cpu())))
             for j, p in enumerate(zip(*self.paramslist))
         )
-        return real_init(self)
+        return their_encoder(self)
 
-    Recording.get_image_encoder = get_image_encoder
+    script.AdaMerging.__init__, script.AdaMerging.get_image_encoder = recording_init, get_image_encoder
     cfg = OmegaConf.create({"model": "tiny", "sam_retraining": False, "datasets": order, "num_workers": 0})
     try:
         script.main(cfg)
@@ -166,6 +166,7 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
         torch.load, torch.optim.Adam, registry.get_dataset = real_load, real_adam, real_get
         for k, v in saved.items():
             setattr(script, k, v)
+        script.AdaMerging.__init__, script.AdaMerging.get_image_encoder = their_init, their_encoder
     sd = pre.state_dict()
     per_step = [dict(zip(sd, tv)) for tv in merged_in[1:]]  # their merged_vector = θ − θ₀
     merged = captured["merged"]
