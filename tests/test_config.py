@@ -44,7 +44,9 @@ def test_every_yaml_under_conf_composes(make_cfg):
             assert cfg.hydra.launcher._target_
         else:
             cfg = make_cfg(f"{group}={option}")
-            assert cfg[group].name == option
+            assert cfg[group].name == (
+                config.method_presets().get(option, option) if group == "method" else option
+            )
         assert cfg.method.name and cfg.task_seq.name and cfg.backbone.name
         composed.add(rel)
     assert composed == {p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml")}
