@@ -113,7 +113,9 @@ def layer_wise(zoo: Zoo, case: dict) -> dict:
         t = calls[0] // 2 + 2  # their step i builds [datasets[i], datasets[i+1]]: our step t = i + 2
         calls[0] += 1
         batches = [(x, torch.zeros(len(x))) for x in plans[(t, name)]]
-        return types.SimpleNamespace(test_loader_shuffle=batches)
+        # their itertools.cycle reads one pass and replays it: that pass is logged as it is drawn
+        shuffled = type("Logged", (), {"__iter__": lambda self: logged(name, iter(batches), consumed)})()
+        return types.SimpleNamespace(test_loader_shuffle=shuffled)
 
     class TV:  # their TaskVector(pretrained_checkpoint, finetuned_checkpoint).vector
         def __init__(self, _pre, ft):
