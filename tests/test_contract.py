@@ -31,7 +31,33 @@ def test_registered_method_declares_the_contract(name):
 
 def test_registry_and_yamls_agree():
     config.check_registry()
-    assert config.method_yamls() == sorted(METHODS)
+    presets = config.method_presets()
+    assert sorted(set(config.method_yamls()) - set(presets)) == sorted(METHODS)
+    assert set(presets.values()) <= set(METHODS)
+
+
+@pytest.mark.parametrize("preset", sorted(config.method_presets()))
+def test_method_preset_sets_only_what_differs_and_composes(preset, make_cfg):
+    from importlib import resources
+
+    method = config.method_presets()[preset]
+    own = OmegaConf.create((resources.files("otmf_exp.conf") / "method" / f"{preset}.yaml").read_text())
+    assert list(own.defaults) == [f"/schema/method/{method}@_here_", "_self_"] and "name" not in own
+    defaults = OmegaConf.structured(METHODS[method].Config)
+    keys = [k for k in own if k != "defaults"]
+    assert keys and all(OmegaConf.select(own, k) != OmegaConf.select(defaults, k) for k in keys)
+    cfg = make_cfg(f"method={preset}")
+    assert cfg.method.name == method and all(cfg.method[k] == own[k] for k in keys)
+    config.method_config(cfg)  # validates
+
+
+def test_preset_of_an_unregistered_method_is_one_line(monkeypatch):
+    monkeypatch.setattr(config, "method_yamls", lambda: [*sorted(METHODS), "ghost_preset"])
+    monkeypatch.setattr(config, "method_of_yaml", lambda n: "ghost" if n == "ghost_preset" else n)
+    with pytest.raises(
+        UserError, match=r"conf/method/ghost_preset\.yaml has no registered method.*\"ghost\""
+    ):
+        config.check_registry()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

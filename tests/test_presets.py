@@ -11,7 +11,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from otmf_exp.config import check_run_config, method_config
+from otmf_exp.config import check_run_config, method_config, method_presets
 
 CONF = resources.files("otmf_exp.conf")
 PRESETS = sorted(p.name[:-5] for p in (CONF / "experiment" / "paper").iterdir() if p.name.endswith(".yaml"))
@@ -77,8 +77,10 @@ def _check_preset(name: str) -> None:
         c = _compose([f"experiment=paper/{name}", *job], False)
         for o in job:
             key, value = o.split("=", 1)
-            if key in ("backbone", "task_seq", "method"):
+            if key in ("backbone", "task_seq"):
                 assert c[key].name == value, (key, value)
+            elif key == "method":  # a method preset (conf/method/c_adamerging.yaml) configures its method
+                assert c.method.name == method_presets().get(value, value), (key, value)
             elif key == "alpha":
                 assert c.alpha == float(value)
             elif key.startswith("method."):

@@ -358,6 +358,10 @@ def test_reference_numbers_are_package_data():
 def test_reference_method_names():
     rm = tables.reference_method
     assert rm("adamerging", {"granularity": "layer"}) == "adamerging_layer"
+    assert rm("adamerging", {"granularity": "layer", "tv_prune": "ties"}, "joint") == "adamerging_layer_plus"
+    c_ada = {"granularity": "layer", "continual": "current_only"}  # MINGLE Table 1 C. AdaMerging
+    assert rm("adamerging", c_ada, "continual") == "adamerging_layer"
+    assert rm("adamerging", {"granularity": "layer"}, "continual") is None  # pairwise: no published row
     assert rm("otmf", {"alpha": 0.8, "mask.enabled": True, "head_tuning.enabled": True}) == "otmf"
     assert rm("otmf", {"alpha": 0.8, "mask.enabled": False, "head_tuning.enabled": True}) == "otmf_no_masks"
     assert (

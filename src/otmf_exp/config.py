@@ -171,15 +171,39 @@ def method_yamls() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def method_of_yaml(name: str) -> str:
+    """The method a ``conf/method/<name>.yaml`` configures: the ``<m>`` of its
+    ``/schema/method/<m>@_here_`` default (a *preset* when ``m != name``); ``name`` itself when the
+    file is absent or extends no method schema."""
+    from importlib import resources
+
+    path = resources.files("otmf_exp.conf") / "method" / f"{name}.yaml"
+    if not path.is_file():
+        return name
+    defaults = OmegaConf.create(path.read_text()).get("defaults") or []
+    for d in defaults:
+        if isinstance(d, str) and d.startswith("/schema/method/") and d.endswith("@_here_"):
+            return d[len("/schema/method/") : -len("@_here_")]
+    return name
+
+
+def method_presets() -> dict[str, str]:
+    """``{preset YAML name: method}`` of the method YAMLs that set another method's constants
+    (e.g. ``c_adamerging`` -> ``adamerging``)."""
+    return {n: m for n in method_yamls() if (m := method_of_yaml(n)) != n}
+
+
 def check_registry() -> None:
-    """Every method YAML has a registered class and every registered class a YAML (one clear line)."""
+    """Every method YAML configures a registered class (its own, or a preset of another's) and
+    every registered class has its own YAML (one clear line)."""
     from otmf_exp.merging import METHODS
 
     yamls = method_yamls()
     for name in yamls:
-        if name not in METHODS:
+        method = method_of_yaml(name)
+        if method not in METHODS:
             raise UserError(
-                f'conf/method/{name}.yaml has no registered method: add `"{name}": <YourClass>` to '
+                f'conf/method/{name}.yaml has no registered method: add `"{method}": <YourClass>` to '
                 'METHODS in src/otmf_exp/merging/__init__.py (README "Extending")'
             )
     for name, cls in METHODS.items():

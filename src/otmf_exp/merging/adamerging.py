@@ -4,17 +4,21 @@
 predictions (softmax of the frozen heads' logits) on unlabeled batches of each task's adaptation
 pool: one batch of ``batch_size`` per task per Adam step, entropies summed over tasks (FusionBench's
 ``CLIPTaskWiseAdaMerging`` / ``CLIPLayerWiseAdaMerging`` recipe). ``granularity``: ``task`` = one
-scalar per task vector, ``layer`` = one per parameter tensor per task vector. ``clamp`` projects λ
-onto [0, 1] after every optimiser step. The merged weights are built differentiably from θ₀ and
-the task vectors and run with ``torch.func.functional_call`` (no model copies).
+scalar per task vector, ``layer`` = one per parameter tensor per task vector. ``clamp``: ``merge``
+merges with clamp(λ, 0, 1) and keeps the raw λ free (the references), ``project`` projects λ onto
+[0, 1] after every step. ``tv_prune=ties`` = AdaMerging++ (TIES trim + sign election on the task
+vectors first). The merged weights are built differentiably from θ₀ and the task vectors and run
+with ``torch.func.functional_call`` (no model copies). Streams, seed pools, pruning: ``adamerging_pools``.
 
 Protocols:
   * joint: all T task vectors and heads at once (memory grows with T), entropy over all T pools.
-  * continual (pairwise): step 1 τᵐ_1 = τ_1; step t ≥ 2 learns two fresh coefficient sets,
+  * continual ``pairwise``: step 1 τᵐ_1 = τ_1; step t ≥ 2 learns two fresh coefficient sets,
     τᵐ_t = λ_a ⊙ τᵐ_{t−1} + λ_b ⊙ τ_t, on the pools of the current task and of task t−1 only
     (``TaskInput.previous_data``: the only earlier data a continual method receives); the previous
     task's head is the zero-shot head kept in ``state.heads``. λ_a starts at ``init_merged``
-    (null = ``init``), λ_b at ``init``.
+    (null = ``init``), λ_b at ``init``. (The OTMF authors' sequential scripts.)
+  * continual ``current_only`` (MINGLE's C. AdaMerging): every step t ≥ 1 merges θ₀ + λ ⊙ τ_t on the
+    current task's pool alone; nothing earlier is carried, so the final model holds τ_T only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
+from otmf_exp.merging.adamerging_pools import (
+    CHOICES,
+    CLAMPS,
+    adaptation_pool,
+    batch_streams,
+    clamp_mode,
+    prune,
+)
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
 
@@ -36,7 +48,6 @@ log = logging.getLogger(__name__)
 
 GRANULARITIES = ("task", "layer")
 BACKWARDS = ("per_task", "summed")
-SPLITS = ("train", "validation", "test")
 MAX_CURVE_POINTS = 100
 
 
@@ -54,14 +65,35 @@ class AdaMergingConfig:
     steps: int = 500
     #: unlabeled inputs per task per step
     batch_size: int = 16
-    #: project the coefficients onto [0, 1] after every optimiser step
-    clamp: bool = False
+    #: none | merge: merge with clamp(λ, 0, 1), the raw λ stays free (FusionBench's and the OTMF
+    #: authors' wrappers, MINGLE) | project: λ projected onto [0, 1] after every optimiser step.
+    #: The old booleans still work: true = project, false = none
+    clamp: str = "none"
     #: split of the unlabeled adaptation pool (test = the AdaMerging convention)
     adapt_split: str = "test"
     #: per_task: backward after each pool's batch, gradients accumulated (activations of one batch
-    #: alive at a time) | summed: one backward of the summed entropy (FusionBench; activations of
-    #: every pool's batch alive at once). Same gradient up to float summation order.
+    #: alive at a time; FusionBench 0.2.33 also backs up once per task, with retain_graph) | summed:
+    #: one backward of the summed entropy (the OTMF authors' scripts; activations of every pool's
+    #: batch alive at once). Same gradient up to float summation order.
     backward: str = "per_task"
+    #: continual protocol: pairwise (λ_a ⊙ τᵐ_{t−1} + λ_b ⊙ τ_t on the current + previous pool) |
+    #: current_only (MINGLE's C. AdaMerging: θ₀ + λ ⊙ τ_t on the current pool, nothing carried)
+    continual: str = "pairwise"
+    #: per_step: a fresh seeded stream per (step, pool), reshuffled each pass | per_step_cycle: fresh per
+    #: step, the first pass replayed (the OTMF authors' layer-wise script) | per_task_cycle: one stream
+    #: per task across all steps, the first pass replayed (their task-wise script's itertools.cycle)
+    stream: str = "per_step"
+    #: adapt on this many samples per class of adapt_split instead of the whole split (MINGLE's
+    #: seed_sample_number; on the test split it is flagged as test leakage); null = the whole split
+    seed_samples: int | None = None
+    #: entropy −Σ p·log(p + eps): 0 = exact (log-softmax) | 1e-8 = MINGLE's entropy_loss
+    entropy_eps: float = 0.0
+    #: none | ties: AdaMerging++ (TIES trim to ties_density + sign election on the task vectors
+    #: before the coefficients are learned; continual: on [τᵐ_{t−1}, τ_t] at each step)
+    tv_prune: str = "none"
+    #: AdaMerging++: fraction of entries kept (the authors' K = 20 %) and trim scope (merging/ties.py)
+    ties_density: float = 0.2
+    ties_topk_scope: str = "global"
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -97,6 +129,14 @@ def combine(pretrained: Mapping[str, Tensor], tvs: Sequence[Mapping[str, Tensor]
     return out
 
 
+def entropy_loss(logits: Tensor, eps: float = 0.0) -> Tensor:
+    """:func:`entropy`, or with ``eps > 0`` MINGLE's ``−Σ p·log(p + eps)`` (mean over the batch)."""
+    if eps == 0.0:
+        return entropy(logits)
+    p = torch.softmax(logits.float(), dim=-1)
+    return -(p * torch.log(p + eps)).sum(-1).mean()
+
+
 def subsample(curve: Sequence[float], n: int = MAX_CURVE_POINTS) -> list[float]:
     """At most ``n`` evenly spaced points of ``curve``, first and last included."""
     if len(curve) <= n:
@@ -120,19 +160,20 @@ class AdaMerging(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
+        for key, allowed in {**CHOICES, "granularity": GRANULARITIES, "backward": BACKWARDS}.items():
+            if cfg[key] not in allowed:
+                raise UserError(f"method.{key} must be one of {list(allowed)}, got {cfg[key]!r}")
         checks = [
             (
-                cfg.granularity in GRANULARITIES,
-                f"method.granularity must be one of {list(GRANULARITIES)}, got {cfg.granularity!r}",
+                clamp_mode(cfg.clamp) in CLAMPS,
+                f"method.clamp must be one of {list(CLAMPS)}, got {cfg.clamp!r}",
             ),
+            (0.0 < cfg.ties_density <= 1.0, f"method.ties_density must be in (0, 1], got {cfg.ties_density}"),
             (
-                cfg.adapt_split in SPLITS,
-                f"method.adapt_split must be one of {list(SPLITS)}, got {cfg.adapt_split!r}",
+                cfg.seed_samples is None or cfg.seed_samples >= 1,
+                f"method.seed_samples must be >= 1 or null, got {cfg.seed_samples}",
             ),
-            (
-                cfg.backward in BACKWARDS,
-                f"method.backward must be one of {list(BACKWARDS)}, got {cfg.backward!r}",
-            ),
+            (cfg.entropy_eps >= 0, f"method.entropy_eps must be >= 0, got {cfg.entropy_eps}"),
             (cfg.steps >= 0, f"method.steps must be >= 0, got {cfg.steps}"),
             (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
             (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
@@ -140,6 +181,16 @@ class AdaMerging(MergeMethod):
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+
+    def __init__(self, cfg: Any, ctx: Any, protocol: str = "continual") -> None:
+        super().__init__(cfg, ctx, protocol)
+        if protocol == "joint" and cfg.continual != "pairwise":
+            raise UserError(
+                f"method.continual={cfg.continual} is an option of the continual protocol; "
+                "drop it for protocol=joint"
+            )
+        #: a list to append the coefficients (as merged, after every optimiser step) to; None = off
+        self.trace: list[Tensor] | None = None
 
     # ---- the optimisation ------------------------------------------------------------------
     def adapt(
@@ -151,34 +202,40 @@ class AdaMerging(MergeMethod):
         init: Sequence[float],
         what: str,
         key: tuple[Any, ...],
+        skips: Sequence[int] | None = None,
     ) -> Tensor:
         """Learn coefficients for ``tvs`` by entropy minimisation on ``datas`` seen through ``heads``
-        (one batch per pool per step; pool j's stream is seeded by the run's ``seed``, ``key`` and j).
-        Returns the detached coefficients; records the curve."""
+        (one batch per pool per step; streams per ``stream``, seeded by the run's ``seed``, ``key``
+        and the pool, or the task for ``per_task_cycle``, which starts pool j after ``skips[j]``
+        batches). Returns the detached coefficients as merged (clamped for ``clamp=merge``);
+        records the curve."""
         cfg = self.cfg
+        mode = clamp_mode(cfg.clamp)
         coef = init_coefficients(len(tvs), len(pretrained), cfg.granularity, init, device=self.ctx.device)
+        merged = (lambda c: c.clamp(0.0, 1.0)) if mode == "merge" else (lambda c: c)
         opt = torch.optim.Adam([coef], lr=cfg.lr)
-        streams = [
-            d.batches(cfg.adapt_split, cfg.batch_size, self.ctx.seed_for("adamerging", *key, j))
-            for j, d in enumerate(datas)
-        ]
+        streams = batch_streams(cfg, self.ctx, datas, key, skips or [0] * len(datas))
         curve: list[float] = []
         bar = tqdm(range(cfg.steps), desc=f"AdaMerging {what}", disable=not self.ctx.progress, leave=False)
         for it in bar:
             opt.zero_grad(set_to_none=True)
-            params = combine(pretrained, tvs, coef)
+            params = combine(pretrained, tvs, merged(coef))
             loss = self._backward(params, heads, streams, what, it)
             del params
             opt.step()
-            if cfg.clamp:
+            if mode == "project":
                 with torch.no_grad():
                     coef.clamp_(0.0, 1.0)
+            if self.trace is not None:
+                self.trace.append(merged(coef).detach().clone())
             curve.append(loss / len(datas))
             if self.ctx.progress and it % 10 == 0:
                 bar.set_postfix(entropy=f"{curve[-1]:.4f}")
         self.ctx.record("entropy_curve", subsample(curve))
-        self.ctx.record("coefficients", coefficient_summary(coef))
-        return coef.detach()
+        self.ctx.record("coefficients", coefficient_summary(merged(coef)))
+        if mode == "merge":
+            self.ctx.record("coefficients_raw", coefficient_summary(coef))
+        return merged(coef).detach()
 
     def _backward(
         self,
@@ -195,12 +252,15 @@ class AdaMerging(MergeMethod):
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"AdaMerging {what}, iteration {it}: non-finite entropy; the last completed step's "
-                    f"checkpoint is kept. Lower method.lr or set method.clamp=true"
+                    f"checkpoint is kept. Lower method.lr or set method.clamp=merge"
                 )
+
+        eps = self.cfg.entropy_eps
 
         if self.cfg.backward == "summed":
             loss = sum(
-                entropy(bb.logits(params, h, bb.to_device(next(s)["inputs"]))) for h, s in zip(heads, streams)
+                entropy_loss(bb.logits(params, h, bb.to_device(next(s)["inputs"])), eps)
+                for h, s in zip(heads, streams)
             )
             check(loss)
             loss.backward()
@@ -210,7 +270,7 @@ class AdaMerging(MergeMethod):
         leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         total = 0.0
         for h, s in zip(heads, streams):
-            loss = entropy(bb.logits(leaves, h, bb.to_device(next(s)["inputs"])))
+            loss = entropy_loss(bb.logits(leaves, h, bb.to_device(next(s)["inputs"])), eps)
             check(loss)
             loss.backward()
             total += float(loss.detach())
@@ -226,11 +286,24 @@ class AdaMerging(MergeMethod):
 
     # ---- protocols ---------------------------------------------------------------------------
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        t = state.step + 1
+        t, cfg = state.step + 1, self.cfg
         tv = task.task_vector(pretrained)
         heads = dict(state.heads)
         if task.head is not None:
             heads.setdefault(task.name, task.head)
+        what = f"step {t} ({task.name})"
+        if cfg.continual == "current_only":  # θ₀ + λ ⊙ τ_t, on the current pool; nothing carried
+            tvs = prune(self.cfg, [tv])
+            coef = self.adapt(
+                pretrained,
+                tvs,
+                [task.head],
+                [adaptation_pool(self.cfg, self.ctx, task.data)],
+                [cfg.init],
+                what,
+                (t,),
+            )
+            return state.advance(self._apply(tvs, coef), heads=heads)
         if t == 1:
             return state.advance(tv, heads=heads)
         datas, task_heads = [task.data], [task.head]
@@ -240,17 +313,13 @@ class AdaMerging(MergeMethod):
         else:
             datas.append(prev)
             task_heads.append(heads.get(prev.name))
-        init_m = self.cfg.init if self.cfg.init_merged is None else self.cfg.init_merged
-        coef = self.adapt(
-            pretrained,
-            [state.merged, tv],
-            task_heads,
-            datas,
-            [init_m, self.cfg.init],
-            what=f"step {t} ({task.name})",
-            key=(t,),
-        )
-        return state.advance(self._apply([state.merged, tv], coef), heads=heads)
+        # per_task_cycle: the previous task's stream continues after the batches step t−1 drew from it
+        skips = [0, cfg.steps if t >= 3 else 0]
+        init_m = cfg.init if cfg.init_merged is None else cfg.init_merged
+        tvs = prune(self.cfg, [state.merged, tv])
+        pools = [adaptation_pool(self.cfg, self.ctx, d) for d in datas]
+        coef = self.adapt(pretrained, tvs, task_heads, pools, [init_m, cfg.init], what, (t,), skips)
+        return state.advance(self._apply(tvs, coef), heads=heads)
 
     def joint(
         self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
@@ -259,9 +328,10 @@ class AdaMerging(MergeMethod):
         for task in tasks:  # all T task vectors are held: memory grows with T
             tvs.append(task.task_vector(pretrained))
             heads.append(task.head)
-            datas.append(task.data)
+            datas.append(adaptation_pool(self.cfg, self.ctx, task.data))
         if not tvs:
             raise UserError("AdaMerging joint merge needs at least one task")
+        tvs = prune(self.cfg, tvs)
         coef = self.adapt(
             pretrained, tvs, heads, datas, [self.cfg.init] * len(tvs), what="joint", key=("joint",)
         )

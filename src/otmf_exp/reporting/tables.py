@@ -140,10 +140,15 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
         return pd.read_csv(f, dtype={"value": float, "std": float})
 
 
-def reference_method(method: str, cfg: Mapping[str, Any]) -> str | None:
+def reference_method(method: str, cfg: Mapping[str, Any], protocol: str | None = None) -> str | None:
     """The name a run has in reference_numbers.csv, or None when the paper has no such setting."""
     if method == "adamerging" and cfg.get("granularity"):
-        return f"adamerging_{cfg['granularity']}"
+        # continual: the published rows (MINGLE Tables 1-2) are C. AdaMerging (method=c_adamerging,
+        # continual=current_only); a pairwise continual run has none. ++ = tv_prune=ties
+        if protocol == "continual" and cfg.get("continual", "pairwise") != "current_only":
+            return None
+        plus = "_plus" if cfg.get("tv_prune") == "ties" else ""
+        return f"adamerging_{cfg['granularity']}{plus}"
     if method == "continual_finetune":
         return "continual_finetuning" if all(cfg.get(k, v) == v for k, v in _CFT_PAPER.items()) else None
     if method == "concrete":
@@ -234,7 +239,11 @@ def label_runs(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
         for s, k, ts in zip(df["task_seq"], sets, df["tasks"])
     ]
     df["ref_method"] = [
-        reference_method(py(r["method"]), {c[7:]: py(r[c]) for c in method_cols if not is_missing(r[c])})
+        reference_method(
+            py(r["method"]),
+            {c[7:]: py(r[c]) for c in method_cols if not is_missing(r[c])},
+            py(r.get("protocol")),
+        )
         for _, r in df.iterrows()
     ]
     return df
