@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from otmf_exp.data.base import SPLITS
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging import (
     GRANULARITIES,
-    SPLITS,
     coefficient_summary,
     combine,
     entropy,
