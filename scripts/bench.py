@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
         help="opcm part: a Python with fusion-bench==0.2.33 installed, to run FusionBench's own OPCM on the "
         "same towers (e.g. a venv made with `pip install fusion-bench==0.2.33 'transformers<5' 'datasets<4'`)",
     )
+    ap.add_argument(
+        "--authors-python",
+        default=None,
+        help="authors part: a Python that can import the OTMF authors' checkout (--authors-repo) and "
+        "matplotlib beside torch and geomloss (README 'Performance and memory')",
+    )
+    ap.add_argument(
+        "--authors-repo", default=None, help="authors part: a checkout of GitHub 37ETs/OT_fusion (read only)"
+    )
     return ap
 
 
@@ -97,6 +106,11 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
     fb = args.fusionbench_python
     if fb and not (Path(fb).is_file() and os.access(fb, os.X_OK)):
         raise _BadArgs(f"--fusionbench-python {fb} is not an executable file")
+    if "authors" in parts:
+        if not (args.authors_python and Path(args.authors_python).is_file()):
+            raise _BadArgs("the authors part needs --authors-python (an executable) and --authors-repo")
+        if not (args.authors_repo and (Path(args.authors_repo) / "src" / "tasks").is_dir()):
+            raise _BadArgs(f"--authors-repo {args.authors_repo} is not a checkout of 37ETs/OT_fusion")
     return parts, device
 
 
@@ -119,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_images": pl["eval_images"],
         "repeats": pl["repeats"],
     }
-    runs_step = method_runs(pl["iterations_step"], pl["otmf_eval_batches"])
-    runs_flat = method_runs(pl["iterations_flat"], pl["otmf_eval_batches"])
+    runs_step = method_runs(pl["iterations_step"])
+    runs_flat = method_runs(pl["iterations_flat"])
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         unknown = [m for m in keep if m not in runs_step]
@@ -154,7 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         partial.write_text(json.dumps(res | done, indent=1) + "\n")
 
     res |= measure(
-        parts, base, pl, runs_step, runs_flat, args.steps, log, args.fusionbench_python, save_partial
+        parts,
+        base,
+        pl,
+        runs_step,
+        runs_flat,
+        args.steps,
+        log,
+        args.fusionbench_python,
+        save_partial,
+        authors=(args.authors_python, args.authors_repo) if "authors" in parts else None,
     )
     partial.unlink(missing_ok=True)
     if model_mb(res) is not None:

@@ -106,6 +106,10 @@ class RunConfig:
     keep_checkpoints: str = "last"
     #: use deterministic torch algorithms
     deterministic: bool = True
+    #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
+    #: float32, default) | high | medium (TF32 / bf16 matmuls where the device has them: the OTMF
+    #: authors' scripts/_common.py sets medium; a CPU without such kernels runs float32 either way)
+    matmul_precision: str = "highest"
 
 
 def _stamp() -> str:
@@ -259,6 +263,7 @@ _CHOICES = {
     "backbone.features": ("mean_pool", "first_token"),
     "backbone.variant": ("full", "lora"),
     "logger.mode": ("online", "offline", "disabled", None),
+    "matmul_precision": ("highest", "high", "medium"),
 }
 
 

@@ -60,6 +60,13 @@ class Masks:
                 for k, r in self.raw.items():
                     self._best[k].copy_(r)
 
+    @property
+    def has_best(self) -> bool:
+        return self._best is not None
+
+    def drop_best(self) -> None:
+        self._best = None
+
     def load_best(self) -> None:
         if self._best is not None:
             with torch.no_grad():
@@ -80,6 +87,40 @@ class Masks:
     def free_grads(self) -> None:
         for r in self.raw.values():
             r.grad = None
+
+
+class BestOnWrite:
+    """``best_masks=on_write``: the authors' best pair (both masks as they are after the lowest-loss
+    iteration's step) kept by copy-on-write. :meth:`before_step` runs once per iteration, with its
+    loss, before its step changes the masks of ``changed``: an improving iteration drops every copy
+    (its own result is the new best); otherwise a side about to change is copied first, unless it
+    already was since the best. The last iteration's step is skipped when it does not improve
+    (``skip_last``: nothing returned depends on it). Memory: a side's copy only while a
+    non-improving iteration has changed it (alternate schedule, the usual pattern — pre losses
+    improve, post ones do not — 1 W from a post step to the next pre forward); no replay."""
+
+    def __init__(self, sides: Mapping[str, Masks], last: int, skip_last: bool) -> None:
+        self.sides, self.last, self.skip_last = sides, last, skip_last
+        self.best = float("inf")
+
+    def before_step(self, i: int, value: float, changed: tuple[str, ...]) -> bool:
+        """False: skip iteration ``i``'s step (and backward)."""
+        if value < self.best:
+            self.best = value
+            for m in self.sides.values():
+                m.drop_best()
+            return True
+        if self.skip_last and i == self.last:
+            return False
+        for s in changed:
+            if not self.sides[s].has_best:
+                self.sides[s].save_best()
+        return True
+
+    def finish(self) -> None:
+        """The best pair back into the masks (a side never copied is already the best)."""
+        for m in self.sides.values():
+            m.load_best()
 
 
 def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:

@@ -1,0 +1,87 @@
+"""OTMF's speed levers keep the results: checkpoint_blocks=auto (decided from the measured activation
+size of one layer against the memory budget), the diagnostics read off the training iterations, and
+the run-level matmul_precision (applied once before any model work, recorded, part of the resume hash)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from otmf_exp.errors import UserError
+
+ARGS = ("task_order=[rot90,flip]", "method.iterations=4", "method.head_tuning.steps=2", "save_merged=true")
+
+
+def _steps(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_auto_follows_the_budget_and_changes_no_bit(run_cfg):
+    runs = {}
+    for name, over in {
+        "forced": ("method.checkpoint_blocks=true",),
+        "tight": ("method.memory_budget_mb=1",),  # below what the process already uses: checkpoint
+        "roomy": (),  # the default budget (available RAM minus a margin): the tiny step fits
+    }.items():
+        metrics, out = run_cfg(*ARGS, *over)
+        runs[name] = (metrics, load_file(str(out / "merged.safetensors")), _steps(out)[1])
+    assert runs["forced"][2]["checkpoint_blocks"] is True and "checkpoint_need_mb" not in runs["forced"][2]
+    assert runs["tight"][2]["checkpoint_blocks"] is True and runs["roomy"][2]["checkpoint_blocks"] is False
+    for name in ("tight", "roomy"):
+        s = runs[name][2]
+        assert s["checkpoint_need_mb"] > 0  # the probed layer's activations x layers (+ Adam to come)
+        assert (s["checkpoint_need_mb"] <= s["checkpoint_available_mb"]) is (name == "roomy")
+    m0, w0, s0 = runs["forced"]
+    for m, w, s in (runs["tight"], runs["roomy"]):
+        assert all(torch.equal(w0[k], w[k]) for k in w0)
+        assert m["acc_matrix"] == m0["acc_matrix"] and s["ot_loss_pre"] == s0["ot_loss_pre"]
+
+
+def test_default_diagnostics_are_read_off_the_training_iterations(run_cfg, monkeypatch):
+    """eval_batches=null: no student forward beyond training (and replay); init = each side's first
+    iteration, final = its lowest-loss one; eval_batches=k runs 2·2·k more forwards."""
+    from otmf_exp.merging.ot_fusion import FusionStep
+
+    calls = []
+    real = FusionStep.student
+    monkeypatch.setattr(FusionStep, "student", lambda self, x, train: calls.append(1) or real(self, x, train))
+    _, out = run_cfg(*ARGS)
+    s = _steps(out)[1]
+    assert len(calls) == 4 + s["select_replayed_iterations"]
+    for side in ("pre", "post"):
+        curve = s[f"ot_loss_{side}"]
+        assert s["ot_eval_init"][side] == curve[0] and s["ot_eval_final"][side] == min(curve)
+        assert 0.0 <= s["ot_match_init"][side] <= 1.0 and 0.0 <= s["ot_match_final"][side] <= 1.0
+    calls.clear()
+    _, out = run_cfg(*ARGS, "method.eval_batches=1")
+    s_full = _steps(out)[1]
+    assert len(calls) == 4 + s_full["select_replayed_iterations"] + 2 * 2 * 1
+    assert (
+        s_full["ot_loss_pre"] == s["ot_loss_pre"]
+        and s_full["ot_eval_init"]["pre"] == s["ot_eval_init"]["pre"]
+    )
+
+
+def test_matmul_precision_set_once_before_the_model_recorded_and_hashed(run_cfg, monkeypatch):
+    import otmf_exp.runner as runner
+
+    order = []
+    real_set, real_build = torch.set_float32_matmul_precision, runner.build_backbone
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: order.append(p) or real_set(p))
+    monkeypatch.setattr(
+        runner, "build_backbone", lambda *a, **k: order.append("model") or real_build(*a, **k)
+    )
+    try:
+        metrics, out = run_cfg("task_order=[rot90]", "method=task_arithmetic", "matmul_precision=medium")
+        assert order == ["medium", "model"] and metrics["matmul_precision"] == "medium"
+        assert torch.get_float32_matmul_precision() == "medium"
+        (out / "metrics.json").unlink()
+        with pytest.raises(UserError, match="matmul_precision"):
+            run_cfg("task_order=[rot90]", "method=task_arithmetic", "matmul_precision=high", "resume=true")
+    finally:
+        real_set("highest")
+    metrics, _ = run_cfg("task_order=[rot90]", "method=task_arithmetic")
+    assert metrics["matmul_precision"] == "highest" and torch.get_float32_matmul_precision() == "highest"
