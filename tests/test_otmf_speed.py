@@ -85,3 +85,17 @@ def test_matmul_precision_set_once_before_the_model_recorded_and_hashed(run_cfg,
         real_set("highest")
     metrics, _ = run_cfg("task_order=[rot90]", "method=task_arithmetic")
     assert metrics["matmul_precision"] == "highest" and torch.get_float32_matmul_precision() == "highest"
+
+
+def test_presets_aimed_at_the_authors_numbers_use_their_matmul_precision(make_cfg):
+    from pathlib import Path
+
+    import otmf_exp.conf
+
+    paper = Path(otmf_exp.conf.__file__).parent / "experiment" / "paper"
+    authors = ["two_task", *sorted(p.stem for p in paper.glob("ablation_*.yaml"))]
+    assert len(authors) > 5
+    for name in authors:
+        assert make_cfg(f"experiment=paper/{name}").matmul_precision == "medium", name
+    assert make_cfg("experiment=paper/continual_vision").matmul_precision == "highest"
+    assert make_cfg().matmul_precision == "highest"

@@ -16,6 +16,7 @@ REF_JOINT = next(iter(JOINT))
 LEVER_ROWS = (
     "otmf (checkpoint_blocks=true)",
     "otmf (eval_batches=4)",
+    "otmf (best_masks=replay)",
     "otmf (best_masks=copy)",
     "otmf (student_weights=all)",
     "otmf (checkpoint_blocks=false)",
@@ -30,7 +31,7 @@ LEVER_RATIOS = {
     "otmf (adam_in_backward=false)": "otmf_adam_after_backward_vs_joint_adamerging_memory",
 }
 #: rows of the authors part: ours (one fusion step, head tuning off) beside the authors' compute_sr_mask
-AUTHORS_ROWS = ("otmf", "otmf (checkpoint_blocks=true)", "otmf (checkpoint_blocks=false)")
+AUTHORS_ROWS = ("otmf", "otmf (checkpoint_blocks=true)", "otmf (best_masks=replay)")
 LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
     "otmf_vs_joint_adamerging_memory": 0.5,
@@ -79,6 +80,7 @@ def method_runs(iterations: int) -> dict[str, tuple[str, dict]]:
         # OTMF's levers, one row each forcing the other setting (LEVER_ROWS)
         "otmf (checkpoint_blocks=true)": ("otmf", its | {"checkpoint_blocks": True}),
         "otmf (eval_batches=4)": ("otmf", its | {"eval_batches": 4}),
+        "otmf (best_masks=replay)": ("otmf", its | {"best_masks": "replay"}),
         "otmf (best_masks=copy)": (
             "otmf",
             its | {"best_masks": "copy"},

@@ -85,11 +85,13 @@ class OTMFConfig:
     #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
     select: str = "authors"
-    #: how select=authors gets the best masks back: replay (no buffers: the seeded, deterministic
-    #: optimisation is re-run from the initial masks up to the best iteration — bit-identical masks,
-    #: two weight copies less at the step's peak, up to one more training loop of time) | copy (two
-    #: mask-sized buffers refreshed on every improvement: faster, 2 W more memory)
-    best_masks: str = "replay"
+    #: how select=authors gets the best masks back, all bit-identical: on_write (a side's masks are
+    #: copied only when a step that does not improve the loss is about to change them, and the last
+    #: step is skipped when it does not improve: usually 1 W more than replay, for one iteration at a
+    #: time, and no replay) | replay (no buffers: the seeded, deterministic optimisation is re-run
+    #: from the initial masks up to the best iteration — up to one more training loop of time) | copy
+    #: (two mask-sized buffers refreshed on every improvement: 2 W more)
+    best_masks: str = "on_write"
     #: layerwise: each student weight is made when its module runs and re-made in the backward, so
     #: one module's weights are alive instead of a whole copy (bit-identical results, 1 W less at
     #: the step's peak, one more pair of fused ops per weight and iteration) | all: one dict of
