@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         "--arch", default="vit_b32", help="vit_b32 | vit_b16 | vit_l14 | tiny (tiny: smoke tests only)"
     )
     ap.add_argument("--steps", type=int, default=20, help="continual steps in the flatness part")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats of the eval timing and rounds of the authors part (default: 2 quick, 3 full)",
+    )
     ap.add_argument("--methods", default=None, help="comma-separated subset of the table names")
     ap.add_argument(
         "--autocast", default="float32", help="float32 | bfloat16 | float16 forward passes (CUDA only)"
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except _BadArgs as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pl = plan(args.quick) | {"repeats": 2 if args.quick else 3}
+    pl = plan(args.quick) | {"repeats": args.repeats or (2 if args.quick else 3)}
     base = {
         "arch": args.arch,
         "device": device,

@@ -99,3 +99,30 @@ def test_presets_aimed_at_the_authors_numbers_use_their_matmul_precision(make_cf
         assert make_cfg(f"experiment=paper/{name}").matmul_precision == "medium", name
     assert make_cfg("experiment=paper/continual_vision").matmul_precision == "highest"
     assert make_cfg().matmul_precision == "highest"
+
+
+def test_on_write_holds_one_side_at_most_then_falls_back_to_replay():
+    from otmf_exp.merging.ot_masks import BestOnWrite, Masks
+
+    sides = {s: Masks({"w": torch.ones(3)}, "identity", "element") for s in ("pre", "post")}
+    cow = BestOnWrite(sides, last=5, skip_last=True)
+    assert cow.before_step(0, 5.0, ("pre",)) and not any(m.has_best for m in sides.values())
+    assert cow.before_step(1, 6.0, ("post",)) and sides["post"].has_best  # copied before its step
+    assert cow.before_step(2, 4.0, ("pre",)) and not sides["post"].has_best  # improved: dropped
+    assert cow.before_step(3, 7.0, ("post",)) and sides["post"].has_best
+    assert cow.before_step(4, 7.0, ("pre",)) and cow.replay  # a second side would be needed: replay
+    assert not any(m.has_best for m in sides.values())
+    assert not cow.before_step(5, 9.0, ("post",))  # the last, not improving: its step is skipped
+
+
+def test_sampled_mask_quantiles_are_the_exact_quantiles_of_a_fixed_stride():
+    from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, mask_stats
+
+    g = torch.Generator().manual_seed(0)
+    masks = {"pre": {"a": torch.randn(50, 40, generator=g), "b": torch.randn(7, generator=g)}}
+    flat = torch.cat([v.reshape(-1) for v in masks["pre"].values()])
+    mean, exact = mask_stats(masks, 1)
+    assert mean == pytest.approx(float(flat.double().mean()))
+    assert list(exact["pre"].values()) == exact_quantiles([flat], QUANTILES)
+    _, sampled = mask_stats(masks, 16)
+    assert list(sampled["pre"].values()) == exact_quantiles([flat[::16]], QUANTILES)

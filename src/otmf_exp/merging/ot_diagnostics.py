@@ -72,6 +72,32 @@ def exact_quantiles(tensors: Iterable[Tensor], qs: Sequence[float] = QUANTILES) 
     return [val[math.floor(p)] + (p - math.floor(p)) * (val[math.ceil(p)] - val[math.floor(p)]) for p in pos]
 
 
+#: mask_quantiles with the default (cheap) diagnostics: every SAMPLE_STRIDE-th entry of the masks
+#: (one fixed global stride over all tensors in order: 1.4 M of ViT-B/32's 87.5 M entries)
+SAMPLE_STRIDE = 64
+
+
+def mask_stats(
+    masks: dict[str, dict[str, Tensor]], stride: int = 1
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """The mean of every mask entry (float64: a float32 sum depends on memory alignment, which
+    differs between processes) and, per side, the 1/50/99 % quantiles: exact over every entry with
+    ``stride=1``, else over every ``stride``-th entry (the exact quantiles of that fixed sample; the
+    full pass costs ≈ 8 % of a 10-iteration CPU step on ViT-B/32)."""
+    every = [v for vals in masks.values() for v in vals.values()]
+    mean = float(sum(v.double().sum() for v in every) / sum(v.numel() for v in every))
+    names = ("q01", "q50", "q99")
+    out = {}
+    for side, vals in masks.items():
+        picked, pos = [], 0
+        for v in vals.values():
+            flat = v.reshape(-1)
+            picked.append(flat[(-pos) % stride :: stride])
+            pos += flat.numel()
+        out[side] = dict(zip(names, exact_quantiles(picked, QUANTILES)))
+    return mean, out
+
+
 def transport_plan(x: Tensor, y: Tensor, *, p: int, blur: float, scaling: float) -> Tensor:
     """Entropic OT plan ``[N, M]`` between uniform point clouds ``x [N, D]`` and ``y [M, D]``, from
     geomloss' raw (not debiased) dual potentials F, G: π_ij = a_i·b_j·exp((F_i + G_j − C_ij)/ε) with

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
 from otmf_exp.merging.ot_diagnostics import (
-    QUANTILES,
+    SAMPLE_STRIDE,
     TrainingDiagnostics,
     checkpoint_fits,
-    exact_quantiles,
+    mask_stats,
     own_match,
     transport_plan,
 )
@@ -94,6 +94,7 @@ class FusionStep:
         #: best_masks=on_write with one backward per step: called with (iteration, loss) before the
         #: backward; False skips it (BestOnWrite.before_step)
         self.before_backward: Callable[[int, float], bool] | None = None
+        self.cow_replay = False  # on_write dropped its copies: the best pair is replayed
         #: (iteration, its loss) whose masks the step returns; None without iterations
         self.selected: tuple[int, float] | None = None
 
@@ -227,7 +228,7 @@ class FusionStep:
             feats = self.student(x, train)
             loss = self._loss(feats, target)
             self._checked(loss, i)
-            if self.before_backward is None or self.before_backward(i, float(loss)):
+            if self.before_backward is None or self.before_backward(i, float(loss.detach())):
                 loss.backward()
             return loss.detach(), feats.detach()
         with torch.no_grad():
@@ -304,6 +305,7 @@ class FusionStep:
         self.before_backward = None
         if cow is not None:
             cow.finish()
+            self.cow_replay = cow.replay
         for m in (self.m_pre, self.m_post):
             m.free_grads()
         return selected
@@ -321,9 +323,8 @@ class FusionStep:
         if cfg.best_masks == "copy":
             for m in (self.m_pre, self.m_post):
                 m.load_best()
-        elif (
-            cfg.best_masks == "replay" and self.selected[0] < cfg.iterations - 1
-        ):  # replay: the last iteration needs no replay
+        elif (cfg.best_masks == "replay" or self.cow_replay) and self.selected[0] < cfg.iterations - 1:
+            # replay (on_write: after it dropped its copies); the last iteration needs no replay
             for m in (self.m_pre, self.m_post):
                 m.reset()
             replayed = self.selected[0] + 1
@@ -351,19 +352,13 @@ class FusionStep:
             self.tv_prev, self.tv_new, self.m_pre.values(False), self.m_post.values(False), self.cfg.alpha
         )
         merged = {k: v.to(self.tv_prev[k].dtype) for k, v in merged.items()}
-        mvals = {side: m.values(False) for side, m in (("pre", self.m_pre), ("post", self.m_post))}
-        every = [v for vals in mvals.values() for v in vals.values()]
-        # float64: a float32 sum depends on memory alignment, which differs between processes
-        self.ctx.record(
-            "mask_mean", float(sum(v.double().sum() for v in every) / sum(v.numel() for v in every))
-        )
-        self.ctx.record(
-            "mask_quantiles",
-            {
-                side: dict(zip(("q01", "q50", "q99"), exact_quantiles(vals.values(), QUANTILES)))
-                for side, vals in mvals.items()
-            },
-        )
+        t0 = time.perf_counter()
+        stride = SAMPLE_STRIDE if self.diag is not None else 1  # full diagnostics: exact over every entry
+        masks = {"pre": self.m_pre.values(False), "post": self.m_post.values(False)}
+        mean, quantiles = mask_stats(masks, stride)
+        self.ctx.record("mask_mean", mean)
+        self.ctx.record("mask_quantiles", quantiles)
+        self.ctx.record("time_mask_stats_s", time.perf_counter() - t0)
         return merged
 
     def run(self) -> StateDict:
