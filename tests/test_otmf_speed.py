@@ -126,3 +126,40 @@ def test_sampled_mask_quantiles_are_the_exact_quantiles_of_a_fixed_stride():
     assert list(exact["pre"].values()) == exact_quantiles([flat], QUANTILES)
     _, sampled = mask_stats(masks, 16)
     assert list(sampled["pre"].values()) == exact_quantiles([flat[::16]], QUANTILES)
+
+
+def test_bench_authors_part_min_over_rounds_and_target_rows():
+    from otmf_exp.benchmark.markdown import render
+    from otmf_exp.benchmark.report import summarise
+
+    rounds = [
+        {"otmf": {"wall_s": 10.0, "peak_mb": 100.0}, "authors": {"wall_s": 20.0, "peak_mb": 300.0}},
+        {"otmf": {"wall_s": 12.0, "peak_mb": 90.0}, "authors": {"wall_s": 16.0, "peak_mb": 310.0}},
+    ]
+    res = {"authors": {"rounds": rounds, "iterations": 10}}
+    t = summarise(res)["targets"]
+    assert t["otmf_vs_authors_time"]["value"] == 10.0 / 16.0 and t["otmf_vs_authors_time"]["met"]
+    assert (
+        t["otmf_vs_authors_memory"]["value"] == 90.0 / 300.0 and t["otmf_vs_authors_memory"]["target"] == 0.5
+    )
+    res["summary"] = summarise(res)
+    res |= {
+        "command": "python scripts/bench.py --only authors",
+        "date": "today",
+        "quick": True,
+        "arch": "vit_b32",
+        "plan": {"batch_size": 16, "iterations_step": 10, "iterations_flat": 2},
+        "machine": {
+            "cpu": "x",
+            "cpu_cores": 2,
+            "ram_gb": 1,
+            "torch": "t",
+            "torch_threads": 1,
+            "device": "cpu",
+            "platform": "p",
+        },
+        "model_mb": 334.0,
+    }
+    md = render(res)
+    assert "OTMF step time / authors' step time" in md and "peak / authors' peak" in md
+    assert "authors' compute_sr_mask" in md and "0.625" in md

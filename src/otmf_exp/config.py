@@ -107,8 +107,8 @@ class RunConfig:
     #: use deterministic torch algorithms
     deterministic: bool = True
     #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
-    #: float32, default) | high | medium (TF32 / bf16 matmuls where the device has them: the OTMF
-    #: authors' scripts/_common.py sets medium; a CPU without such kernels runs float32 either way)
+    #: float32, default) | high | medium (TF32 on CUDA; bf16 on CPUs with bf16 instructions such as
+    #: AVX512-BF16; the OTMF authors' scripts/_common.py sets medium)
     matmul_precision: str = "highest"
 
 
