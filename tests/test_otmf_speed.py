@@ -30,10 +30,8 @@ def test_checkpoint_auto_follows_the_budget_and_changes_no_bit(run_cfg):
         runs[name] = (metrics, load_file(str(out / "merged.safetensors")), _steps(out)[1])
     assert runs["forced"][2]["checkpoint_blocks"] is True and "checkpoint_need_mb" not in runs["forced"][2]
     assert runs["tight"][2]["checkpoint_blocks"] is True and runs["roomy"][2]["checkpoint_blocks"] is False
-    for name in ("tight", "roomy"):
-        s = runs[name][2]
-        assert s["checkpoint_need_mb"] > 0  # the probed layer's activations x layers (+ Adam to come)
-        assert (s["checkpoint_need_mb"] <= s["checkpoint_available_mb"]) is (name == "roomy")
+    # the probed layer's activations x layers (+ Adam to come): measured, the same in both runs
+    assert runs["tight"][2]["checkpoint_need_mb"] == runs["roomy"][2]["checkpoint_need_mb"] > 0
     m0, w0, s0 = runs["forced"]
     for m, w, s in (runs["tight"], runs["roomy"]):
         assert all(torch.equal(w0[k], w[k]) for k in w0)

@@ -16,6 +16,7 @@ points whose largest transport mass goes to their own teacher image.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,8 @@ from otmf_exp.merging.ot_diagnostics import (
 from otmf_exp.merging.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
+
+log = logging.getLogger(__name__)
 
 
 def _batch_len(x: Any) -> int:
@@ -340,8 +343,14 @@ class FusionStep:
         need_mb = (per_layer * layers + pending) / 2**20
         fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)
         self.ckpt = not fits
-        self.ctx.record("checkpoint_need_mb", round(need_mb, 1))
-        self.ctx.record("checkpoint_available_mb", round(available_mb, 1))
+        self.ctx.record("checkpoint_need_mb", round(need_mb, 1))  # deterministic; the budget is not
+        log.info(
+            "OTMF step %d: checkpoint_blocks=auto -> %s (need %.0f MB, %.0f MB available)",
+            self.t,
+            self.ckpt,
+            need_mb,
+            available_mb,
+        )
 
     # ---- the whole step ---------------------------------------------------------------------------
     @torch.no_grad()
