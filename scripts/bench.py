@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--quick", action="store_true", help="fewer iterations (CPU-sized); same architecture and batch"
     )
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all; authors only with --authors-python)",
+    )
     ap.add_argument("--out", default=str(ROOT), help="directory for BENCHMARKS.md and benchmarks.json")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument(
@@ -100,7 +104,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
     """The parts and the device, or one-line ``_BadArgs``."""
     import torch
 
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    only = args.only or ",".join(p for p in PARTS if p != "authors" or args.authors_python)
+    parts = [p.strip() for p in only.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise _BadArgs(f"unknown part {bad[0]!r}; choose from {','.join(PARTS)}")
