@@ -45,13 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--quick", action="store_true", help="fewer iterations (CPU-sized); same architecture and batch"
     )
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all; authors only with --authors-python)",
+    )
     ap.add_argument("--out", default=str(ROOT), help="directory for BENCHMARKS.md and benchmarks.json")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument(
         "--arch", default="vit_b32", help="vit_b32 | vit_b16 | vit_l14 | tiny (tiny: smoke tests only)"
     )
     ap.add_argument("--steps", type=int, default=20, help="continual steps in the flatness part")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats of the eval timing and rounds of the authors part (default: 2 quick, 3 full)",
+    )
     ap.add_argument("--methods", default=None, help="comma-separated subset of the table names")
     ap.add_argument(
         "--autocast", default="float32", help="float32 | bfloat16 | float16 forward passes (CUDA only)"
@@ -74,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
         help="opcm part: a Python with fusion-bench==0.2.33 installed, to run FusionBench's own OPCM on the "
         "same towers (e.g. a venv made with `pip install fusion-bench==0.2.33 'transformers<5' 'datasets<4'`)",
     )
+    ap.add_argument(
+        "--authors-python",
+        default=None,
+        help="authors part: a Python that can import the OTMF authors' checkout (--authors-repo) and "
+        "matplotlib beside torch and geomloss (README 'Performance and memory')",
+    )
+    ap.add_argument(
+        "--authors-repo", default=None, help="authors part: a checkout of GitHub 37ETs/OT_fusion (read only)"
+    )
     return ap
 
 
@@ -85,7 +104,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
     """The parts and the device, or one-line ``_BadArgs``."""
     import torch
 
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    only = args.only or ",".join(p for p in PARTS if p != "authors" or args.authors_python)
+    parts = [p.strip() for p in only.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise _BadArgs(f"unknown part {bad[0]!r}; choose from {','.join(PARTS)}")
@@ -97,6 +117,11 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
     fb = args.fusionbench_python
     if fb and not (Path(fb).is_file() and os.access(fb, os.X_OK)):
         raise _BadArgs(f"--fusionbench-python {fb} is not an executable file")
+    if "authors" in parts:
+        if not (args.authors_python and Path(args.authors_python).is_file()):
+            raise _BadArgs("the authors part needs --authors-python (an executable) and --authors-repo")
+        if not (args.authors_repo and (Path(args.authors_repo) / "src" / "tasks").is_dir()):
+            raise _BadArgs(f"--authors-repo {args.authors_repo} is not a checkout of 37ETs/OT_fusion")
     return parts, device
 
 
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except _BadArgs as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pl = plan(args.quick) | {"repeats": 2 if args.quick else 3}
+    pl = plan(args.quick) | {"repeats": args.repeats or (2 if args.quick else 3)}
     base = {
         "arch": args.arch,
         "device": device,
@@ -119,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_images": pl["eval_images"],
         "repeats": pl["repeats"],
     }
-    runs_step = method_runs(pl["iterations_step"], pl["otmf_eval_batches"])
-    runs_flat = method_runs(pl["iterations_flat"], pl["otmf_eval_batches"])
+    runs_step = method_runs(pl["iterations_step"])
+    runs_flat = method_runs(pl["iterations_flat"])
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         unknown = [m for m in keep if m not in runs_step]
@@ -154,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         partial.write_text(json.dumps(res | done, indent=1) + "\n")
 
     res |= measure(
-        parts, base, pl, runs_step, runs_flat, args.steps, log, args.fusionbench_python, save_partial
+        parts,
+        base,
+        pl,
+        runs_step,
+        runs_flat,
+        args.steps,
+        log,
+        args.fusionbench_python,
+        save_partial,
+        authors=(args.authors_python, args.authors_repo) if "authors" in parts else None,
     )
     partial.unlink(missing_ok=True)
     if model_mb(res) is not None:

@@ -133,9 +133,12 @@ def test_mismatched_checkpoint_names_first_key(zoo):
         (["logger.mode=sometimes"], "logger.mode must be one of"),
         (["keep_checkpoints=some"], "keep_checkpoints must be last, all or none"),
         (
-            ["method.student_weights=all"],
+            ["method.student_weights=all", "method.checkpoint_blocks=true"],
             "method.checkpoint_blocks=true needs method.student_weights=layerwise",
         ),
+        (["method.checkpoint_blocks=sometimes"], "method.checkpoint_blocks must be auto, true or false"),
+        (["method.memory_budget_mb=0"], "method.memory_budget_mb must be > 0 or null"),
+        (["matmul_precision=low"], "matmul_precision must be one of ['highest', 'high', 'medium']"),
         (
             ["method.schedule=joint", "method.adam_in_backward=true"],
             "adam_in_backward=true needs one backward",

@@ -112,7 +112,7 @@ def test_originals_are_restored_when_the_forward_raises(hub_root):
 
 @pytest.mark.parametrize("schedule", ["alternate", "joint"])
 def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, schedule):
-    """OTMF's defaults — student_weights=layerwise, checkpoint_blocks, adam_in_backward (null: on for
+    """OTMF's defaults — student_weights=layerwise, checkpoint_blocks (forced on), adam_in_backward (null: on for
     the alternate schedule, off for joint, whose two backwards feed one step) — re-make each weight
     and each layer's activations in the backward and step each mask inside it, instead of keeping
     them: the merged weights, curves and accuracies equal those of the plain step, bit for bit."""
@@ -139,7 +139,7 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     )
     plain = ("method.student_weights=all", "method.checkpoint_blocks=false", "method.adam_in_backward=false")
     runs = []
-    for overrides in (plain, ()):
+    for overrides in (plain, ("method.checkpoint_blocks=true",)):
         sizes.clear()
         in_backward.clear()
         metrics, out = run_cfg(*args, *overrides)

@@ -113,6 +113,10 @@ class RunConfig:
     threads: Any = "auto"
     #: resume=true normally refuses a checkpoint written by another code version (git sha)
     resume_across_versions: bool = False
+    #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
+    #: float32, default) | high | medium (TF32 on CUDA; bf16 on CPUs with bf16 instructions such as
+    #: AVX512-BF16; the OTMF authors' scripts/_common.py sets medium)
+    matmul_precision: str = "highest"
 
 
 def _stamp() -> str:
@@ -304,6 +308,7 @@ _CHOICES = {
     "backbone.features": ("mean_pool", "first_token"),
     "backbone.variant": ("full", "lora"),
     "logger.mode": ("online", "offline", "disabled", None),
+    "matmul_precision": ("highest", "high", "medium"),
 }
 
 

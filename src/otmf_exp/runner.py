@@ -109,6 +109,7 @@ class Experiment:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # once, before any model work
         seed_everything(int(cfg.seed))
         apply_threads(self.threads)  # once per run, before any model work
         self.backbone = build_backbone(cfg.backbone, self.device, progress=cfg.progress)
@@ -294,6 +295,7 @@ class Experiment:
             "seed": int(cfg.seed),
             "order": self.order,
             "alpha": cfg.alpha,
+            "matmul_precision": str(cfg.matmul_precision),
             "method_config": OmegaConf.to_container(self.method_cfg, resolve=True),
             "acc": metrics.acc(matrix),
             "bwt": metrics.bwt(matrix),

@@ -26,6 +26,8 @@ TARGET_NAMES = {
     "opcm_vs_fusionbench_time": "OPCM (svd auto) merge time / FusionBench 0.2.33 OPCM, 3 steps",
     "opcm_vs_fusionbench_memory": "OPCM (svd auto) peak memory / FusionBench 0.2.33 OPCM, 3 steps",
     "opcm_max_abs_diff_vs_float64": "OPCM (svd auto) max abs weight difference vs the float64 result, 3 steps",
+    "otmf_vs_authors_time": "OTMF step time / authors' step time",
+    "otmf_vs_authors_memory": "peak / authors' peak",
 }
 INFO_RATIOS = {
     "otmf_vs_joint_adamerging_memory_above_baseline": "same, memory above the process baseline",
@@ -235,6 +237,35 @@ def _opcm_section(res: dict) -> list[str]:
     ]
 
 
+def _authors_section(res: dict) -> list[str]:
+    a = res["authors"]
+    rows = []
+    for name, b in a["best"].items():
+        per_round = [f"{r[name]['wall_s']:.1f} s / {r[name]['peak_mb']:.0f} MB" for r in a["rounds"]]
+        rows.append(
+            {
+                "run": "authors' compute_sr_mask" if name == "authors" else name,
+                "step time (s), min": _fmt(b["wall_s"]),
+                "peak (MB), min": _fmt(b["peak_mb"], 0),
+                "time / authors'": _fmt(b["time_vs_authors"]),
+                "peak / authors'": _fmt(b["peak_vs_authors"]),
+                "rounds (time / peak)": "; ".join(per_round),
+            }
+        )
+    return [
+        "",
+        "## 7. OTMF step vs the authors' code (37ETs/OT_fusion `compute_sr_mask`)",
+        "",
+        f"One fusion step (step 2 of 2 tasks, {a['iterations']} iterations, batch 16, alternate schedule, "
+        "head tuning off on our side: the authors' function tunes no head), the same synthetic tower, θ₀, τ "
+        "and image size on both sides; rows interleaved round by round, each a fresh process; min over "
+        "rounds. Theirs: `python -m otmf_exp.benchmark.authors` in their own venv (README 'Performance "
+        "and memory').",
+        "",
+        *_table(rows),
+    ]
+
+
 SECTIONS = {
     "step": _step_section,
     "flat": _flat_section,
@@ -242,6 +273,7 @@ SECTIONS = {
     "eval": _eval_section,
     "e2e": _e2e_section,
     "opcm": _opcm_section,
+    "authors": _authors_section,
 }
 
 

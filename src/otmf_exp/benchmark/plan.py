@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PARTS = ("step", "flat", "ratio", "opcm", "eval", "e2e")
+PARTS = ("step", "flat", "ratio", "opcm", "eval", "e2e", "authors")
 #: OPCM SVD precisions compared in the opcm part (float64 = the exact reference)
 OPCM_SVD = ("float64", "float32", "auto")
 #: joint task-wise AdaMerging runs of the ratio part: the FusionBench implementation (the paper's
@@ -14,6 +14,9 @@ JOINT = {
 REF_JOINT = next(iter(JOINT))
 #: step-part rows that switch one OTMF memory lever back; the 20-step series skips them unless named
 LEVER_ROWS = (
+    "otmf (checkpoint_blocks=true)",
+    "otmf (eval_batches=4)",
+    "otmf (best_masks=replay)",
     "otmf (best_masks=copy)",
     "otmf (student_weights=all)",
     "otmf (checkpoint_blocks=false)",
@@ -27,6 +30,8 @@ LEVER_RATIOS = {
     "otmf (checkpoint_blocks=false)": "otmf_no_checkpoint_vs_joint_adamerging_memory",
     "otmf (adam_in_backward=false)": "otmf_adam_after_backward_vs_joint_adamerging_memory",
 }
+#: rows of the authors part: ours (one fusion step, head tuning off) beside the authors' compute_sr_mask
+AUTHORS_ROWS = ("otmf", "otmf (checkpoint_blocks=true)", "otmf (best_masks=replay)")
 LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 TARGETS = {
     "otmf_vs_joint_adamerging_memory": 0.5,
@@ -37,6 +42,8 @@ TARGETS = {
     "opcm_vs_fusionbench_time": 1.0,
     "opcm_vs_fusionbench_memory": 1.0,
     "opcm_max_abs_diff_vs_float64": 1e-5,
+    "otmf_vs_authors_time": 1.0,
+    "otmf_vs_authors_memory": 0.5,
 }
 
 
@@ -45,19 +52,18 @@ def plan(quick: bool) -> dict:
     equal iterations; quick shrinks iteration counts only (never the architecture or the batch)."""
     it_step = 10 if quick else 100  # part step/ratio: OTMF iterations = AdaMerging steps
     it_flat = 2 if quick else 10  # part flat: memory does not depend on the count (>= 2: both OTMF sides)
-    eval_batches = 1 if quick else 4
     return {
         "iterations_step": it_step,
         "iterations_flat": it_flat,
-        "otmf_eval_batches": eval_batches,
         "batch_size": 16,
         "eval_images": 128 if quick else 512,
         "eval_batch_size": 64 if quick else 128,
     }
 
 
-def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict]]:
-    """name in the tables -> (method, overrides)."""
+def method_runs(iterations: int) -> dict[str, tuple[str, dict]]:
+    """name in the tables -> (method, overrides); OTMF rows with its default (cheap) diagnostics."""
+    its = {"iterations": iterations}
     return {
         "averaging": ("averaging", {}),
         "task_arithmetic": ("task_arithmetic", {}),
@@ -66,32 +72,30 @@ def method_runs(iterations: int, eval_batches: int) -> dict[str, tuple[str, dict
         "opcm": ("opcm", {}),
         "adamerging (task)": ("adamerging", {"granularity": "task", "steps": iterations}),
         "adamerging (layer)": ("adamerging", {"granularity": "layer", "steps": iterations}),
-        "otmf": ("otmf", {"iterations": iterations, "eval_batches": eval_batches}),
+        "otmf": ("otmf", its),
         "otmf (tensor masks)": (
             "otmf",
-            {"iterations": iterations, "eval_batches": eval_batches, "mask.granularity": "tensor"},
+            its | {"mask.granularity": "tensor"},
         ),
-        # OTMF's memory levers, one row each with the previous setting (LEVER_ROWS)
+        # OTMF's levers, one row each forcing the other setting (LEVER_ROWS)
+        "otmf (checkpoint_blocks=true)": ("otmf", its | {"checkpoint_blocks": True}),
+        "otmf (eval_batches=4)": ("otmf", its | {"eval_batches": 4}),
+        "otmf (best_masks=replay)": ("otmf", its | {"best_masks": "replay"}),
         "otmf (best_masks=copy)": (
             "otmf",
-            {"iterations": iterations, "eval_batches": eval_batches, "best_masks": "copy"},
+            its | {"best_masks": "copy"},
         ),
         "otmf (student_weights=all)": (
             "otmf",
-            {
-                "iterations": iterations,
-                "eval_batches": eval_batches,
-                "student_weights": "all",
-                "checkpoint_blocks": False,
-            },
+            its | {"student_weights": "all", "checkpoint_blocks": False},
         ),
         "otmf (checkpoint_blocks=false)": (
             "otmf",
-            {"iterations": iterations, "eval_batches": eval_batches, "checkpoint_blocks": False},
+            its | {"checkpoint_blocks": False},
         ),
         "otmf (adam_in_backward=false)": (
             "otmf",
-            {"iterations": iterations, "eval_batches": eval_batches, "adam_in_backward": False},
+            its | {"adam_in_backward": False},
         ),
         # the authors' 50 adaptation steps at most (memory does not depend on the count)
         "mingle": ("mingle", {"max_steps": min(iterations, 50)}),

@@ -67,6 +67,7 @@ def summarise(res: dict) -> dict:
     if "e2e" in res:
         r["default_run_warm_s"] = res["e2e"]["warm"]["wall_s"]
     r |= _opcm_ratios(res.get("opcm"))
+    r |= _authors_ratios(res.get("authors"))
     checks = {}
     for key, target in TARGETS.items():
         if key in r:
@@ -90,6 +91,25 @@ def _opcm_ratios(opcm: dict | None) -> dict:
         r["opcm_vs_fusionbench_time"] = merge_time(auto) / fb["merge_s"]
         r["opcm_vs_fusionbench_memory"] = max(s["peak_mb"] for s in auto["steps"]) / fb["peak_mb"]
     return r
+
+
+def _authors_ratios(a: dict | None) -> dict:
+    """Per row the min over the interleaved rounds of step time and of peak, and each / the authors'."""
+    if not a:
+        return {}
+    rounds = a["rounds"]
+    best = {n: {k: min(r[n][k] for r in rounds) for k in ("wall_s", "peak_mb")} for n in rounds[0]}
+    ref = best["authors"]
+    for b in best.values():
+        b["time_vs_authors"] = b["wall_s"] / ref["wall_s"]
+        b["peak_vs_authors"] = b["peak_mb"] / ref["peak_mb"]
+    a["best"] = best
+    if "otmf" not in best:
+        return {}
+    return {
+        "otmf_vs_authors_time": best["otmf"]["time_vs_authors"],
+        "otmf_vs_authors_memory": best["otmf"]["peak_vs_authors"],
+    }
 
 
 def merge_into(path: Path, new: dict) -> dict:
@@ -118,7 +138,7 @@ def merge_into(path: Path, new: dict) -> dict:
     for part in ("step", "flat", "ratio"):
         if part in new:
             old[part] = {**old.get(part, {}), **new[part]}
-    for part in ("opcm", "eval", "e2e"):
+    for part in ("opcm", "eval", "e2e", "authors"):
         if part in new:
             old[part] = new[part]
     old["command"] = f"{old['command']}; then {new['command']}"

@@ -117,6 +117,23 @@ def run_fusionbench(spec: dict, python: str, log: Callable[[str], None]) -> dict
     return json.loads(lines[-1][len(MARK) :])
 
 
+def run_authors(spec: dict, python: str, log: Callable[[str], None]) -> dict:
+    """The OTMF authors' compute_sr_mask (``otmf_exp.benchmark.authors``) with ``python`` (their env)."""
+    import otmf_exp
+
+    env = _env(spec)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(otmf_exp.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [python, "-m", "otmf_exp.benchmark.authors", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: the authors' OTMF run failed ({last}); rerun it: {shlex.join(cmd)}")
+    log(f"{spec.get('label', 'authors')}: {time.perf_counter() - t0:.0f}s")
+    return json.loads(lines[-1][len(MARK) :])
+
+
 def run_throughput(spec: dict, log: Callable[[str], None]) -> dict:
     """The evaluation-throughput worker in a fresh process."""
     cmd = [sys.executable, "-m", "otmf_exp.benchmark.throughput", json.dumps(spec)]

@@ -6,8 +6,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from otmf_exp.benchmark.plan import JOINT, OPCM_SVD
-from otmf_exp.benchmark.runs import e2e, run_fusionbench, run_method, run_throughput
+from otmf_exp.benchmark.plan import AUTHORS_ROWS, JOINT, OPCM_SVD
+from otmf_exp.benchmark.runs import e2e, run_authors, run_fusionbench, run_method, run_throughput
 
 Runs = dict[str, tuple[str, dict]]
 #: the step-part rows the ratio part needs when the step part itself is not asked for
@@ -54,6 +54,38 @@ def _opcm(base: dict, fusionbench_python: str | None, log: Callable[[str], None]
     return out
 
 
+def _authors(
+    base: dict, plan: dict, runs: Runs, authors: tuple[str, str], log: Callable[[str], None]
+) -> dict:
+    """One OTMF fusion step (step 2 of 2 tasks, head tuning off: the authors' compute_sr_mask tunes no
+    head) of each of ``AUTHORS_ROWS`` and the authors' ``compute_sr_mask`` on the same tower, θ₀, τ
+    and batch size, interleaved round by round (``repeats`` rounds), each in a fresh process."""
+    python, repo = authors
+    rows = {name: runs[name] for name in AUTHORS_ROWS if name in runs}
+    out: dict = {"rounds": [], "iterations": plan["iterations_step"]}
+    for r in range(int(base["repeats"])):
+        got = {}
+        for name, (m, o) in rows.items():
+            spec = base | {
+                "kind": "continual",
+                "label": f"authors round {r}: {name}",
+                "method": m,
+                "overrides": o | {"head_tuning.enabled": False},
+                "tasks": 2,
+            }
+            step = run_method(spec, log)["steps"][1]
+            got[name] = {"wall_s": step["wall_s"], "peak_mb": step["peak_mb"], "phases": step["phases"]}
+        spec = base | {
+            "label": f"authors round {r}: authors",
+            "repo": repo,
+            "iterations": plan["iterations_step"],
+            "batch_size": plan["batch_size"],
+        }
+        got["authors"] = run_authors(spec, python, log)
+        out["rounds"].append(got)
+    return out
+
+
 def measure(
     parts: list[str],
     base: dict,
@@ -64,6 +96,7 @@ def measure(
     log: Callable[[str], None],
     fusionbench_python: str | None = None,
     on_part: Callable[[dict], None] = lambda res: None,
+    authors: tuple[str, str] | None = None,
 ) -> dict:
     """Run every part in ``parts``; returns ``{part: results}`` (step, flat, ratio: per table row).
     ``on_part(results so far)`` is called after each part (the CLI saves them, so a run cut short
@@ -101,6 +134,9 @@ def measure(
         on_part(res)
     if "e2e" in parts:
         res["e2e"] = e2e(log)
+        on_part(res)
+    if "authors" in parts and authors:
+        res["authors"] = _authors(base, plan, runs_step, authors, log)
         on_part(res)
     return res
 

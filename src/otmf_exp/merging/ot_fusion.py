@@ -16,6 +16,7 @@ points whose largest transport mass goes to their own teacher image.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +28,19 @@ from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
-from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, own_match, transport_plan
-from otmf_exp.merging.ot_masks import BackwardAdam, Masks, adam, masked_merge
+from otmf_exp.merging.ot_diagnostics import (
+    SAMPLE_STRIDE,
+    TrainingDiagnostics,
+    checkpoint_fits,
+    mask_stats,
+    own_match,
+    transport_plan,
+)
+from otmf_exp.merging.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
+
+log = logging.getLogger(__name__)
 
 
 def _batch_len(x: Any) -> int:
@@ -76,6 +86,18 @@ class FusionStep:
         aib = cfg.adam_in_backward
         self.adam_in_backward = adam_in_backward_exact(cfg) if aib is None else bool(aib)
         self.curves: dict[str, list[float]] = {"pre": [], "post": []}
+        ckpt = cfg.checkpoint_blocks
+        #: whether the student's layers run checkpointed; None: ``auto``, decided after iteration 0
+        self.ckpt: bool | None = (
+            None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
+        )
+        self.probe: list[tuple[int, int]] = []  # (one layer's activation bytes, layers), iteration 0
+        #: eval_batches=null: the diagnostics are read off the training iterations (no extra forward)
+        self.diag = TrainingDiagnostics(cfg.sinkhorn) if cfg.eval_batches is None else None
+        #: best_masks=on_write with one backward per step: called with (iteration, loss) before the
+        #: backward; False skips it (BestOnWrite.before_step)
+        self.before_backward: Callable[[int, float], bool] | None = None
+        self.cow_replay = False  # on_write dropped its copies: the best pair is replayed
         #: (iteration, its loss) whose masks the step returns; None without iterations
         self.selected: tuple[int, float] | None = None
 
@@ -92,7 +114,7 @@ class FusionStep:
 
     def cache_teachers(self) -> None:
         """Teacher features on exactly the batches the student will see, computed once; then τ_t."""
-        k = self.cfg.eval_batches
+        k = self.cfg.eval_batches or 0
         self.f_pre = self._features(
             apply(self.pretrained, self.tv_prev), self.pre_data, max(self.n_pre, k), self.seed_pre
         )
@@ -117,10 +139,12 @@ class FusionStep:
         ``checkpoint_blocks`` each layer's activations are re-made in the backward as well) |
         ``all``: every weight made before the forward and kept by autograd until the backward."""
         if self.cfg.student_weights == "layerwise":
+            probe = self.ckpt is None and torch.is_grad_enabled()
             params = ComputedParams(
                 lambda k, grad: self.weight(k, train if grad else (False, False)),
                 self.pretrained,
-                checkpoint_blocks=self.cfg.checkpoint_blocks,
+                checkpoint_blocks=self.ckpt is not False,
+                probe=self.probe if probe else None,
             )
         else:
             params = {k: self.weight(k, train) for k in self.pretrained}
@@ -138,7 +162,7 @@ class FusionStep:
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
         """Per side, on the first ``eval_batches`` batches (the same before and after training): the
         mean OT loss and the mean :func:`own_match` of the student-to-teacher transport plan."""
-        k, s = self.cfg.eval_batches, self.cfg.sinkhorn
+        k, s = self.cfg.eval_batches or 0, self.cfg.sinkhorn
         sides = {
             "pre": (self.pre_data, self.seed_pre, self.f_pre),
             "post": (self.task.data, self.seed_post, self.f_post),
@@ -182,27 +206,34 @@ class FusionStep:
             )
         total = None
         for curve, x, target, train in parts:
-            loss = self._loss_and_grad(x, target, train, i)
+            loss, feats = self._loss_and_grad(x, target, train, i)
             if track:
                 self.curves[curve].append(float(loss))
+                if self.diag is not None:
+                    self.diag.observe(curve, float(loss), feats, target)
             total = loss if total is None else total + loss  # float32, as the summed joint loss
         if cfg.l1 > 0:
             (cfg.l1 * sum(m.mean_abs() for m in masks)).backward()
         return side, float(total)
 
-    def _loss_and_grad(self, x: Tensor, target: Tensor, train: tuple[bool, bool], i: int) -> Tensor:
+    def _loss_and_grad(
+        self, x: Tensor, target: Tensor, train: tuple[bool, bool], i: int
+    ) -> tuple[Tensor, Tensor]:
         """OT loss of one batch and its gradient into the trained masks. ``backward_chunk`` = c: the
         features of the whole batch without a graph, the loss's gradient w.r.t. them, then c inputs
         at a time re-run with a graph and backpropagated with their slice of that gradient — the
         activations of c inputs alive instead of the batch's (the same gradient up to float
-        summation order; one more forward per iteration)."""
+        summation order; one more forward per iteration). Returns the loss and the student's features
+        (detached)."""
         n = _batch_len(x)
         chunk = self.cfg.backward_chunk
         if not chunk or chunk >= n:
-            loss = self.ot(x, target, train)
+            feats = self.student(x, train)
+            loss = self._loss(feats, target)
             self._checked(loss, i)
-            loss.backward()
-            return loss.detach()
+            if self.before_backward is None or self.before_backward(i, float(loss.detach())):
+                loss.backward()
+            return loss.detach(), feats.detach()
         with torch.no_grad():
             feats = self.student(x, (False, False))
         feats.requires_grad_(True)
@@ -212,7 +243,7 @@ class FusionStep:
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
             self.student(_batch_slice(x, sl), train).backward(feats.grad[sl])
-        return loss.detach()
+        return loss.detach(), feats.detach()
 
     def _checked(self, loss: Tensor, i: int) -> None:
         if not math.isfinite(float(loss.detach())):
@@ -247,12 +278,26 @@ class FusionStep:
         cfg = self.cfg
         best, selected = float("inf"), None
         copy = cfg.select == "authors" and cfg.best_masks == "copy"
+        cow = None
+        if track and cfg.select == "authors" and cfg.best_masks == "on_write":
+            early = adam_in_backward_exact(
+                cfg
+            )  # one backward per step: decided before it, last one skippable
+            cow = BestOnWrite({"pre": self.m_pre, "post": self.m_post}, n - 1, skip_last=early)
+            if early:
+                self.before_backward = lambda i, v: cow.before_step(
+                    i, v, ("pre",) if i % 2 == 0 else ("post",)
+                )
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
         post_it = self.stream(self.task.data, self.n_post, self.seed_post)
         what = f"OTMF step {self.t} ({self.task.name})" + ("" if track else ", replay to the best iteration")
         for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
             side, value = self._iteration(i, pre_it, post_it, track)
+            if cow is not None and self.before_backward is None:
+                cow.before_step(i, value, ("pre", "post") if side == "joint" else (side,))
             step(side)
+            if self.ckpt is None:  # checkpoint_blocks=auto: decided once, from iteration 0's probe
+                self._decide_checkpoint()
             if cfg.select == "last":
                 selected = (i, value)
             elif value < best:  # authors: both masks, as they are after this step
@@ -260,6 +305,10 @@ class FusionStep:
                 if copy and track:
                     self.m_pre.save_best()
                     self.m_post.save_best()
+        self.before_backward = None
+        if cow is not None:
+            cow.finish()
+            self.cow_replay = cow.replay
         for m in (self.m_pre, self.m_post):
             m.free_grads()
         return selected
@@ -277,12 +326,31 @@ class FusionStep:
         if cfg.best_masks == "copy":
             for m in (self.m_pre, self.m_post):
                 m.load_best()
-        elif self.selected[0] < cfg.iterations - 1:  # replay: the last iteration needs no replay
+        elif (cfg.best_masks == "replay" or self.cow_replay) and self.selected[0] < cfg.iterations - 1:
+            # replay (on_write: after it dropped its copies); the last iteration needs no replay
             for m in (self.m_pre, self.m_post):
                 m.reset()
             replayed = self.selected[0] + 1
             self._optimise(replayed, track=False)
         self.ctx.record("select_replayed_iterations", replayed)
+
+    def _decide_checkpoint(self) -> None:
+        """``checkpoint_blocks=auto``: checkpoint the remaining iterations only if the activations of
+        every layer (the probe's measured size × layers) plus the optimiser states still to come
+        (a side not yet stepped) would not fit ``memory_budget_mb``; recorded in steps.jsonl."""
+        per_layer, layers = self.probe[0] if self.probe else (0, 0)
+        pending = 0 if self.joint else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+        need_mb = (per_layer * layers + pending) / 2**20
+        fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)
+        self.ckpt = not fits
+        self.ctx.record("checkpoint_need_mb", round(need_mb, 1))  # deterministic; the budget is not
+        log.info(
+            "OTMF step %d: checkpoint_blocks=auto -> %s (need %.0f MB, %.0f MB available)",
+            self.t,
+            self.ckpt,
+            need_mb,
+            available_mb,
+        )
 
     # ---- the whole step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,19 +361,13 @@ class FusionStep:
             self.tv_prev, self.tv_new, self.m_pre.values(False), self.m_post.values(False), self.cfg.alpha
         )
         merged = {k: v.to(self.tv_prev[k].dtype) for k, v in merged.items()}
-        mvals = {side: m.values(False) for side, m in (("pre", self.m_pre), ("post", self.m_post))}
-        every = [v for vals in mvals.values() for v in vals.values()]
-        # float64: a float32 sum depends on memory alignment, which differs between processes
-        self.ctx.record(
-            "mask_mean", float(sum(v.double().sum() for v in every) / sum(v.numel() for v in every))
-        )
-        self.ctx.record(
-            "mask_quantiles",
-            {
-                side: dict(zip(("q01", "q50", "q99"), exact_quantiles(vals.values(), QUANTILES)))
-                for side, vals in mvals.items()
-            },
-        )
+        t0 = time.perf_counter()
+        stride = SAMPLE_STRIDE if self.diag is not None else 1  # full diagnostics: exact over every entry
+        masks = {"pre": self.m_pre.values(False), "post": self.m_post.values(False)}
+        mean, quantiles = mask_stats(masks, stride)
+        self.ctx.record("mask_mean", mean)
+        self.ctx.record("mask_quantiles", quantiles)
+        self.ctx.record("time_mask_stats_s", time.perf_counter() - t0)
         return merged
 
     def run(self) -> StateDict:
@@ -316,14 +378,18 @@ class FusionStep:
         self.m_pre = Masks(self.tv_prev, cfg.mask.param, cfg.mask.granularity)
         self.m_post = Masks(self.tv_new, cfg.mask.param, cfg.mask.granularity)
         t0 = time.perf_counter()
-        init = self.evaluate() if cfg.eval_batches > 0 else None
+        init = self.evaluate() if cfg.eval_batches else None
         t_eval = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.train()
         record("time_train_s", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        final = self.evaluate() if cfg.eval_batches > 0 else None
+        final = self.evaluate() if cfg.eval_batches else None
+        if self.diag is not None:
+            init, final = self.diag.summary()
+            t_eval = self.diag.seconds
         record("time_ot_eval_s", t_eval + time.perf_counter() - t0)
+        record("checkpoint_blocks", bool(self.ckpt))  # what ran after iteration 0 (auto: decided)
         merged = self.result()
         record("ot_loss_pre", self.curves["pre"])
         record("ot_loss_post", self.curves["post"])

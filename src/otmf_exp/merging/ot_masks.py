@@ -60,6 +60,13 @@ class Masks:
                 for k, r in self.raw.items():
                     self._best[k].copy_(r)
 
+    @property
+    def has_best(self) -> bool:
+        return self._best is not None
+
+    def drop_best(self) -> None:
+        self._best = None
+
     def load_best(self) -> None:
         if self._best is not None:
             with torch.no_grad():
@@ -80,6 +87,54 @@ class Masks:
     def free_grads(self) -> None:
         for r in self.raw.values():
             r.grad = None
+
+
+class BestOnWrite:
+    """``best_masks=on_write``: the authors' best pair (both masks as they are after the lowest-loss
+    iteration's step) kept by copy-on-write. :meth:`before_step` runs once per iteration, with its
+    loss, before its step changes the masks of ``changed``: an improving iteration drops every copy
+    (its own result is the new best); otherwise a side about to change is copied first, unless it
+    already was since the best. At most one side is held: when a second would be needed, the copies
+    are dropped and :attr:`replay` is set (the best pair is then re-derived by replaying the seeded
+    optimisation up to the best iteration, as ``best_masks=replay``) until the next improvement. The
+    last iteration's step is skipped when it does not improve (``skip_last``: nothing returned
+    depends on it). Memory: ≤ 1 W (alternate schedule, the usual pattern — pre losses improve, post
+    ones do not — 1 W from a post step to the next pre forward, no replay)."""
+
+    def __init__(self, sides: Mapping[str, Masks], last: int, skip_last: bool) -> None:
+        self.sides, self.last, self.skip_last = sides, last, skip_last
+        self.best = float("inf")
+        #: the held copies were dropped: the best pair must be replayed
+        self.replay = False
+
+    def before_step(self, i: int, value: float, changed: tuple[str, ...]) -> bool:
+        """False: skip iteration ``i``'s step (and backward)."""
+        if value < self.best:
+            self.best, self.replay = value, False
+            self._drop()
+            return True
+        if self.skip_last and i == self.last:
+            return False
+        need = [s for s in changed if not self.sides[s].has_best]
+        if self.replay or not need:
+            return True
+        if sum(m.has_best for m in self.sides.values()) + len(need) > 1:
+            self._drop()
+            self.replay = True
+            return True
+        for s in need:
+            self.sides[s].save_best()
+        return True
+
+    def _drop(self) -> None:
+        for m in self.sides.values():
+            m.drop_best()
+
+    def finish(self) -> None:
+        """The best pair back into the masks (a side never copied is already the best); with
+        :attr:`replay` the caller replays instead."""
+        for m in self.sides.values():
+            m.load_best()
 
 
 def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:

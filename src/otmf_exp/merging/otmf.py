@@ -85,11 +85,13 @@ class OTMFConfig:
     #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
     select: str = "authors"
-    #: how select=authors gets the best masks back: replay (no buffers: the seeded, deterministic
-    #: optimisation is re-run from the initial masks up to the best iteration — bit-identical masks,
-    #: two weight copies less at the step's peak, up to one more training loop of time) | copy (two
-    #: mask-sized buffers refreshed on every improvement: faster, 2 W more memory)
-    best_masks: str = "replay"
+    #: how select=authors gets the best masks back, all bit-identical: on_write (a side's masks are
+    #: copied only when a step that does not improve the loss is about to change them, and the last
+    #: step is skipped when it does not improve: usually 1 W more than replay, for one iteration at a
+    #: time, and no replay) | replay (no buffers: the seeded, deterministic optimisation is re-run
+    #: from the initial masks up to the best iteration — up to one more training loop of time) | copy
+    #: (two mask-sized buffers refreshed on every improvement: 2 W more)
+    best_masks: str = "on_write"
     #: layerwise: each student weight is made when its module runs and re-made in the backward, so
     #: one module's weights are alive instead of a whole copy (bit-identical results, 1 W less at
     #: the step's peak, one more pair of fused ops per weight and iteration) | all: one dict of
@@ -98,8 +100,14 @@ class OTMFConfig:
     #: with student_weights=layerwise: each transformer layer of the student runs under activation
     #: checkpointing (its weights made inside), so the forward keeps only the layers' inputs and the
     #: backward re-runs one layer at a time (bit-identical results, one more forward per iteration,
-    #: the activations of one batch — ≈ 1.7 W on ViT-B/32, batch 16 — no longer alive at the peak)
-    checkpoint_blocks: bool = True
+    #: the activations of one batch — ≈ 1.4 W on ViT-B/32, batch 16 — no longer alive at the peak).
+    #: auto: iteration 0 runs checkpointed except its first layer, whose saved activations are
+    #: measured; the rest run checkpointed only if layers × that size (+ optimiser states still to
+    #: come) would not fit memory_budget_mb (recorded in steps.jsonl) | true | false: always | never
+    checkpoint_blocks: Any = "auto"
+    #: checkpoint_blocks=auto's budget for the whole process (MB; CUDA allocated / CPU RSS); null: what
+    #: the device has free now (CPU: available RAM) minus max(1 GiB, 10 % of the total)
+    memory_budget_mb: float | None = None
     #: the masks' Adam steps taken inside the backward, one transformer layer's mask tensors at a
     #: time as soon as their gradients are complete (post-accumulate-grad hooks; gradients freed at
     #: once), so no whole mask gradient (1 W) is alive at the end of the backward. Fused Adam's
@@ -112,8 +120,11 @@ class OTMFConfig:
     backward_chunk: int | None = None
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
     l1: float = 0.0
-    #: batches per side for the OT loss and plan matching reported before/after training (0: off)
-    eval_batches: int = 4
+    #: OT loss and plan matching per side before/after training. null: read off the training
+    #: iterations (each side's first and lowest-loss iteration; no extra forward, ≈ 0.1 % of a step) |
+    #: k >= 1: on the first k batches per side, before and after training, with the selected masks
+    #: (2·2·k more student forwards; 4 was the default before the cheap ones) | 0: off
+    eval_batches: int | None = None
     head_tuning: HeadTuningConfig = field(default_factory=HeadTuningConfig)
 
 
@@ -123,7 +134,7 @@ _CHOICES = {
     "schedule": ("alternate", "joint"),
     "pre_data": ("previous_task", "current_task"),
     "select": ("authors", "last"),
-    "best_masks": ("copy", "replay"),
+    "best_masks": ("copy", "replay", "on_write"),
     "student_weights": ("layerwise", "all"),
     "head_tuning.which": ("authors", "current", "previous", "all_seen"),
     "head_tuning.split": ("train", "validation", "test"),
@@ -152,7 +163,15 @@ class OTMF(MergeMethod):
             (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
             (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
             (
-                not cfg.checkpoint_blocks or cfg.student_weights == "layerwise",
+                cfg.checkpoint_blocks in (True, False, "auto"),
+                f"method.checkpoint_blocks must be auto, true or false, got {cfg.checkpoint_blocks!r}",
+            ),
+            (
+                cfg.memory_budget_mb is None or cfg.memory_budget_mb > 0,
+                f"method.memory_budget_mb must be > 0 or null, got {cfg.memory_budget_mb}",
+            ),
+            (
+                cfg.checkpoint_blocks is not True or cfg.student_weights == "layerwise",
                 "method.checkpoint_blocks=true needs method.student_weights=layerwise "
                 "(set method.checkpoint_blocks=false to use student_weights=all)",
             ),

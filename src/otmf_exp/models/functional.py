@@ -88,12 +88,22 @@ class ComputedParams:
     activation checkpointing (``torch.utils.checkpoint``) with its weights made inside, so autograd
     keeps only each layer's inputs, and the backward re-runs one layer at a time (weights re-made)
     — the same values bit for bit, one more forward per backward. Only where grad is enabled.
+
+    ``probe``: a list; with ``checkpoint_blocks`` the first layer then runs *without* checkpointing
+    and the bytes of the activations autograd saves inside it (distinct storages, computed weights
+    excluded) are appended to ``probe`` with the number of layers, ``(bytes, layers)`` — one layer's
+    activation size, measured, for deciding whether the next forwards can skip checkpointing.
     """
 
     def __init__(
-        self, make: Callable[[str, bool], Tensor], names: Iterable[str], checkpoint_blocks: bool = False
+        self,
+        make: Callable[[str, bool], Tensor],
+        names: Iterable[str],
+        checkpoint_blocks: bool = False,
+        probe: list[tuple[int, int]] | None = None,
     ) -> None:
         self.make, self.names, self.checkpoint_blocks = make, set(names), checkpoint_blocks
+        self.probe = probe
 
 
 #: modules whose forward reads a child's parameters without calling the child
@@ -225,17 +235,31 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
     layers of :func:`layer_blocks` run checkpointed (their own hooks, inside the checkpoint)."""
     owned = _owned(module, params.names)
     blocks = layer_blocks(module, owned) if params.checkpoint_blocks else []
+    probe = blocks.pop(0) if blocks and params.probe is not None and torch.is_grad_enabled() else None
     inside = {b: [m for m in b.modules() if m in owned] for b in blocks}
     in_blocks = {m for mods in inside.values() for m in mods}
     live: dict[int, str] = {}  # storage address of a computed weight -> its name, while it is in place
     windows = _Windows(params, owned, live)
+    probed: dict[int, int] | None = None  # storage address -> bytes, saved inside the probe layer
 
     def pack(x: Tensor) -> Any:
         if live and x.layout == torch.strided and x.device.type != "meta":
             name = live.get(x.untyped_storage().data_ptr())
             if name is not None:
                 return _Recipe(name, x)
+        if probed is not None and isinstance(x, Tensor) and x.layout == torch.strided:
+            probed[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return x
+
+    def probe_in(mod: nn.Module, args: Any = ()) -> None:
+        nonlocal probed
+        probed = {}
+
+    def probe_out(mod: nn.Module, args: Any = (), out: Any = None) -> None:
+        nonlocal probed
+        if probed is not None:
+            params.probe.append((sum(probed.values()), len(blocks) + 1))
+        probed = None
 
     def unpack(x: Any) -> Tensor:
         if isinstance(x, _Recipe):
@@ -251,6 +275,9 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
                 orig.shape
             )
         handles = windows.hook(m for m in owned if m not in in_blocks)
+        if probe is not None:
+            handles.append(probe.register_forward_pre_hook(probe_in))
+            handles.append(probe.register_forward_hook(probe_out, always_call=True))
         for b in blocks:
             b.forward = _checkpointed(b, params, owned, inside[b])  # an instance attribute shadows the method
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
