@@ -37,16 +37,20 @@ case "$WHAT" in
     ;;
   rest)
     part b32_levers --device cuda --quick --only step \
-      --methods "otmf,otmf (checkpoint_blocks=false),otmf (adam_in_backward=false),otmf (best_masks=copy),otmf (student_weights=all)"
+      --methods "otmf,otmf (checkpoint_blocks=true),otmf (checkpoint_blocks=false),otmf (adam_in_backward=false),otmf (best_masks=copy),otmf (student_weights=all),otmf (eval_batches=4)"
     part b32_methods --device cuda --quick --only step \
-      --methods "averaging,task_arithmetic,ties,magmax,adamerging (layer),mingle"
-    part b32_tf32 --device cuda --quick --only tf32
+      --methods "averaging,task_arithmetic,ties,magmax,adamerging (layer),c_adamerging,mingle,dop,consensus,wemoe,continual_finetune"
+    echo "== tf32"; mkdir -p "$OUT/tf32"
+    timeout $((BUDGET - ($(date +%s) - START))) "$PY" scripts/gpu/tf32.py --out "$OUT/tf32" --device cuda --iterations 100 \
+      || echo "tf32 ended with $?"
     part l14 --device cuda --quick --arch vit_l14 --only step --methods "otmf,opcm"
     ;;
   smoke)
     BUDGET=${BUDGET:-600}
     part smoke_step --device cpu --quick --arch tiny --only step --methods "otmf,opcm,adamerging (task)"
     part smoke_ratio --device cpu --quick --arch tiny --only ratio
+    mkdir -p "$OUT/smoke_tf32"
+    "$PY" scripts/gpu/tf32.py --out "$OUT/smoke_tf32" --device cpu --arch tiny --iterations 2 --tasks 2
     ;;
   *) echo "error: unknown part $WHAT; use main, rest or smoke"; exit 2 ;;
 esac

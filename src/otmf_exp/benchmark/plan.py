@@ -21,6 +21,7 @@ LEVER_ROWS = (
     "otmf (student_weights=all)",
     "otmf (checkpoint_blocks=false)",
     "otmf (adam_in_backward=false)",
+    "otmf (matmul_precision=medium)",
 )
 #: step-part row -> its (info) ratio to joint AdaMerging's peak memory
 LEVER_RATIOS = {
@@ -97,6 +98,17 @@ def method_runs(iterations: int) -> dict[str, tuple[str, dict]]:
             "otmf",
             its | {"adam_in_backward": False},
         ),
+        # the authors' TF32 setting (scripts/_common.py); a top-level key ("/"), not a method field
+        "otmf (matmul_precision=medium)": ("otmf", its | {"/matmul_precision": "medium"}),
         # the authors' 50 adaptation steps at most (memory does not depend on the count)
         "mingle": ("mingle", {"max_steps": min(iterations, 50)}),
+        # the methods added for the compared tables (issue 22 / 28); learned loops at equal iterations
+        "dop": ("dop", {"steps": iterations}),
+        "consensus": ("consensus", {}),
+        "wemoe": ("wemoe", {"max_steps": min(iterations, 50)}),
+        "continual_finetune": ("continual_finetune", {"steps": iterations}),
+        "c_adamerging": (
+            "adamerging",
+            {"continual": "current_only", "granularity": "layer", "steps": iterations},
+        ),
     }

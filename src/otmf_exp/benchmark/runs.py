@@ -50,7 +50,10 @@ def run_overrides(spec: dict, out_dir: Path) -> list[str]:
     ]
     if spec.get("merged_to"):
         ovr.append("save_merged=true")
-    return ovr + [f"method.{k}={v}" for k, v in spec["overrides"].items()]
+    # a key starting with "/" is a top-level override (e.g. "/matmul_precision"), the rest are method.*
+    return ovr + [
+        f"{k[1:]}={v}" if k.startswith("/") else f"method.{k}={v}" for k, v in spec["overrides"].items()
+    ]
 
 
 def _env(spec: dict) -> dict:
