@@ -74,7 +74,8 @@ def _cmd(out, *extra):
 
 
 def _strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not k.startswith(("time", "wall", "peak", "baseline", "eval_time"))}
+    skip = ("time", "wall", "peak", "baseline", "eval_time", "provenance")  # provenance: the command line
+    return {k: v for k, v in d.items() if not k.startswith(skip)}
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, zoo):

@@ -14,7 +14,9 @@ import pytest
 
 ORDER = "task_order=[rot90,rot180,flip,invert]"
 FAST = ("method.iterations=20", "method.head_tuning.steps=3", "progress=false")
-TIMING = {"wall_time_s", "peak_memory_mb", "baseline_memory_mb"}
+#: what differs between two runs of the same experiment by design: timings and the provenance (the
+#: command line, e.g. resume=true)
+TIMING = {"wall_time_s", "peak_memory_mb", "baseline_memory_mb", "provenance"}
 STEP_TIMING = {"time_s", "eval_time_s", "peak_memory_mb"}
 
 

@@ -283,7 +283,9 @@ class FusionStep:
             early = adam_in_backward_exact(
                 cfg
             )  # one backward per step: decided before it, last one skippable
-            cow = BestOnWrite({"pre": self.m_pre, "post": self.m_post}, n - 1, skip_last=early)
+            # skip_last=False: skipping the last backward left its graph (and the step's θ_t, through the
+            # saved-tensor hooks) alive after the step (tests/test_bounded_memory.py); it saved one backward
+            cow = BestOnWrite({"pre": self.m_pre, "post": self.m_post}, n - 1, skip_last=False)
             if early:
                 self.before_backward = lambda i, v: cow.before_step(
                     i, v, ("pre",) if i % 2 == 0 else ("post",)

@@ -86,7 +86,7 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     plain = {
         k: v.item() if isinstance(v, np.generic) else v
         for k, v in settings.items()
-        if not is_missing(v) and k not in _NOT_IDENTITY and not k.startswith(("logger.", "_"))
+        if not is_missing(v) and k not in _NOT_IDENTITY and not k.startswith(("logger.", "provenance.", "_"))
     }
     return hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -99,7 +99,7 @@ def _finish(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     if is_missing(rec.get("protocol")):
         rec["protocol"] = "continual"
     rec["settings_hash"] = settings_hash({**settings, **{k: rec.get(k) for k in _IDENTITY}})
-    rec["_config_keys"] = sorted(settings)
+    rec["config_keys"] = sorted(settings)
     return rec
 
 
@@ -109,7 +109,9 @@ def result_keys(config_keys: Iterable[str]) -> list[str]:
     return sorted(
         k
         for k in config_keys
-        if k not in NO_RESULT and k not in REPLICATE and not k.startswith(("logger.", "hydra.", "_"))
+        if k not in NO_RESULT
+        and k not in REPLICATE
+        and not k.startswith(("logger.", "hydra.", "provenance.", "_"))
     )
 
 

@@ -213,7 +213,7 @@ def label_runs(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     df["_extra"] = [", ".join(f"{k}={py(r[k])}" for k in by) for _, r in df.iterrows()]
     method_cols = sorted(c for c in df if c.startswith("method.") and c != "method.name")
     # every other result-relevant setting (eval_split, backbone options, ...) must agree too
-    keys_of = df["_config_keys"] if "_config_keys" in df else pd.Series([[]] * len(df), index=df.index)
+    keys_of = df["config_keys"] if "config_keys" in df else pd.Series([[]] * len(df), index=df.index)
     other = {"method", "task_seq", "backbone", "protocol", "task_seq.tasks", *by}
     other_cols = sorted(
         {k for ks in keys_of if isinstance(ks, list) for k in result_keys(ks)}
