@@ -86,8 +86,8 @@ class OTMFConfig:
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
     select: str = "authors"
     #: how select=authors gets the best masks back, all bit-identical: on_write (a side's masks are
-    #: copied only when a step that does not improve the loss is about to change them, and the last
-    #: step is skipped when it does not improve: usually 1 W more than replay, for one iteration at a
+    #: copied only when a step that does not improve the loss is about to change them: usually 1 W
+    #: more than replay, for one iteration at a
     #: time, and no replay) | replay (no buffers: the seeded, deterministic optimisation is re-run
     #: from the initial masks up to the best iteration — up to one more training loop of time) | copy
     #: (two mask-sized buffers refreshed on every improvement: 2 W more)
