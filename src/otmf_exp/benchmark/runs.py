@@ -103,38 +103,32 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
     }
 
 
-def run_fusionbench(spec: dict, python: str, log: Callable[[str], None]) -> dict:
-    """FusionBench's own OPCM on the same synthetic towers, with ``python`` (an env with fusion-bench)."""
+def _run_reference(module: str, what: str, spec: dict, python: str, log: Callable[[str], None]) -> dict:
+    """``python -m module SPEC`` in a reference's own env (this package on its path); the result is
+    its last ``MARK`` line. A failed run ends the bench with one line naming the command."""
     import otmf_exp
 
     env = _env(spec)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(otmf_exp.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [python, "-m", "otmf_exp.benchmark.fusionbench", json.dumps(spec)]
+    cmd = [python, "-m", module, json.dumps(spec)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: the FusionBench OPCM run failed ({last}); rerun it: {shlex.join(cmd)}")
-    log(f"fusionbench opcm: {time.perf_counter() - t0:.0f}s")
+        raise SystemExit(f"error: the {what} run failed ({last}); rerun it: {shlex.join(cmd)}")
+    log(f"{spec.get('label', what)}: {time.perf_counter() - t0:.0f}s")
     return json.loads(lines[-1][len(MARK) :])
+
+
+def run_fusionbench(spec: dict, python: str, log: Callable[[str], None]) -> dict:
+    """FusionBench's own OPCM on the same synthetic towers, with ``python`` (an env with fusion-bench)."""
+    return _run_reference("otmf_exp.benchmark.fusionbench", "FusionBench OPCM", spec, python, log)
 
 
 def run_authors(spec: dict, python: str, log: Callable[[str], None]) -> dict:
     """The OTMF authors' compute_sr_mask (``otmf_exp.benchmark.authors``) with ``python`` (their env)."""
-    import otmf_exp
-
-    env = _env(spec)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(otmf_exp.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [python, "-m", "otmf_exp.benchmark.authors", json.dumps(spec)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: the authors' OTMF run failed ({last}); rerun it: {shlex.join(cmd)}")
-    log(f"{spec.get('label', 'authors')}: {time.perf_counter() - t0:.0f}s")
-    return json.loads(lines[-1][len(MARK) :])
+    return _run_reference("otmf_exp.benchmark.authors", "authors' OTMF", spec, python, log)
 
 
 def run_throughput(spec: dict, log: Callable[[str], None]) -> dict:
