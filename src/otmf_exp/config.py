@@ -7,10 +7,8 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +17,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from otmf_exp.errors import UserError
+from otmf_exp.schema import SEED_MAX, SPLITS, checked_by, choice, declarations, num
+from otmf_exp.schema import check as check_declared
 
 
 @dataclass
@@ -35,23 +35,23 @@ class BackboneConfig:
     #: a local directory that replaces the hub (``<local_dir>/<id>``), for offline use
     local_dir: str | None = None
     #: full | lora (Flan-T5)
-    variant: str = "full"
+    variant: str = choice("full", ("full", "lora"))
     #: open_clip architecture name and pretrained tag; directory of per-task state-dict files
     arch: str | None = None
     pretrained_tag: str | None = None
     checkpoint_dir: str | None = None
     #: OTMF features for text models: mean_pool (encoder states over non-pad tokens) | first_token
-    features: str = "mean_pool"
+    features: str = choice("mean_pool", ("mean_pool", "first_token"))
     #: inputs per batch for evaluation and feature extraction, and data-loader workers
-    batch_size: int = 128
-    num_workers: int = 0
+    batch_size: int = num(128, ge=1)
+    num_workers: int = num(0, ge=0)
     #: float32 | bfloat16 | float16 autocast for forward passes on GPU (merging maths stays fp32)
-    autocast: str = "float32"
+    autocast: str = choice("float32", ("float32", "bfloat16", "float16"))
     #: text-to-text models: answer length for evaluation (greedy generate) and prompt truncation
-    max_new_tokens: int = 10
-    max_input_length: int = 512
+    max_new_tokens: int = num(10, ge=1)
+    max_input_length: int = num(512, ge=1)
     #: synthetic (benchmark stand-in): θ_t = θ₀ + noise · N(0, 1), seeded per task
-    noise: float = 1e-3
+    noise: float = num(1e-3, ge=0)
 
 
 @dataclass
@@ -63,14 +63,14 @@ class TaskSeqConfig:
     #: a local directory replacing the hub for datasets (``<local_dir>/<dataset id>``)
     local_dir: str | None = None
     #: synthetic (benchmark stand-in): examples per split, e.g. {train: 64, validation: 16, test: 64}
-    split_sizes: dict[str, int] = field(default_factory=dict)
+    split_sizes: dict[str, int] = num({}, ge=0, keys=SPLITS)
 
 
 @dataclass
 class LoggerConfig:
     name: str = "none"
     #: online | offline | disabled; null = $WANDB_MODE, else online
-    mode: str | None = "disabled"
+    mode: str | None = choice("disabled", ("online", "offline", "disabled"))
     #: null = $WANDB_PROJECT, else otmf_exp
     project: str | None = None
     entity: str | None = None
@@ -83,18 +83,19 @@ class LoggerConfig:
 class RunConfig:
     backbone: BackboneConfig = MISSING
     task_seq: TaskSeqConfig = MISSING
-    method: Any = MISSING
+    #: the method's own ``Config`` (``merging.METHODS[name].Config``), checked by its declarations
+    method: Any = checked_by(MISSING, "the method's Config")
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     #: overrides the method's main coefficient (OTMF α, OPCM α, λ of TA/TIES/MagMax); null = default
-    alpha: float | None = None
-    seed: int = 0
+    alpha: float | None = num(None, ge=0, le=1)
+    seed: int = num(0, ge=0, le=SEED_MAX)
     #: given | shuffled | an explicit list of task names
-    task_order: Any = "given"
-    order_seed: int = 0
+    task_order: Any = checked_by("given", "resolve_order")
+    order_seed: int = num(0, ge=0, le=SEED_MAX)
     #: continual | joint
-    protocol: str = "continual"
+    protocol: str = choice("continual", ("continual", "joint"))
     save_merged: bool = False
-    eval_split: str = "test"
+    eval_split: str = choice("test", SPLITS)
     #: evaluate each fine-tuned model on its task (needed for normalized ACC)
     eval_individual: bool = True
     #: auto | cpu | cuda | cuda:N
@@ -105,18 +106,18 @@ class RunConfig:
     #: continue from the last completed step's checkpoint in out_dir
     resume: bool = False
     #: last | all | none
-    keep_checkpoints: str = "last"
+    keep_checkpoints: str = choice("last", ("last", "all", "none"))
     #: use deterministic torch algorithms
     deterministic: bool = True
     #: torch intra-op threads: auto (the CPUs this process may use, divided by a joblib sweep's
     #: concurrent jobs; 1 for the tiny digits tower) or an integer >= 1; recorded in metrics.json
-    threads: Any = "auto"
+    threads: Any = num("auto", ge=1, integer=True, also=("auto",))
     #: resume=true normally refuses a checkpoint written by another code version (git sha)
     resume_across_versions: bool = False
     #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
     #: float32, default) | high | medium (TF32 on CUDA; bf16 on CPUs with bf16 instructions such as
     #: AVX512-BF16; the OTMF authors' scripts/_common.py sets medium)
-    matmul_precision: str = "highest"
+    matmul_precision: str = choice("highest", ("highest", "high", "medium"))
 
 
 def _stamp() -> str:
@@ -158,6 +159,8 @@ def register_configs() -> None:
     from otmf_exp.merging import METHODS
 
     register_resolvers()
+    for schema in (RunConfig, *(cls.Config for cls in METHODS.values())):
+        declarations(schema)  # a numeric field without a declared range is refused here
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema", name="backbone", node=BackboneConfig)
@@ -262,120 +265,48 @@ def method_config(cfg: DictConfig) -> Any:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
+    check_values(cfg)
     mcfg = OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True))
     OmegaConf.set_struct(mcfg, True)
     if cfg.alpha is not None:
         a = float(cfg.alpha)
-        if not 0.0 <= a <= 1.0:
-            raise UserError(f"alpha must be in [0, 1], got {a}")
         if cls.main_coef is None:
             raise UserError(f"method {name!r} has no coefficient for alpha to set; remove alpha={a}")
         with open_dict(mcfg):
             mcfg[cls.main_coef] = a
-    cls.validate(mcfg)
+        check_declared(cls.Config, OmegaConf.to_container(mcfg), "method.")
+    cls.validate(mcfg)  # the cross-field rules (each value's range is declared in cls.Config)
     return mcfg
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Every check of a composed config that needs no model or data: the generic value rules
-    (:func:`check_values`), the top-level choices and the device. One :class:`UserError` line."""
+    """Every check of a composed config that needs no model or data: every declared value
+    (:func:`check_values`), protocol support and the device. One :class:`UserError` line."""
     from otmf_exp.merging import METHODS
     from otmf_exp.runtime.session import check_device
 
     check_values(cfg)
-    if cfg.protocol not in ("continual", "joint"):
-        raise UserError(f"protocol must be 'continual' or 'joint', got {cfg.protocol!r}")
     cls = METHODS.get(cfg.method.name)
     if cls is not None and cfg.protocol not in cls.protocols:
         raise UserError(
             f"method {cfg.method.name!r} supports protocol {list(cls.protocols)}, not {cfg.protocol!r}"
         )
-    if cfg.keep_checkpoints not in ("last", "all", "none"):
-        raise UserError(f"keep_checkpoints must be last, all or none, got {cfg.keep_checkpoints!r}")
-    for key, allowed in _CHOICES.items():
-        v = OmegaConf.select(cfg, key)
-        if v not in allowed:
-            raise UserError(f"{key} must be one of {[a for a in allowed if a is not None]}, got {v!r}")
     check_device(str(cfg.device))
-    threads = cfg.get("threads", "auto")
-    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UserError(f"threads must be auto or an integer >= 1, got {threads!r}")
 
 
-#: top-level / group choices not covered by a method's ``validate`` (None = "not set")
-_CHOICES = {
-    "backbone.autocast": ("float32", "bfloat16", "float16"),
-    "backbone.features": ("mean_pool", "first_token"),
-    "backbone.variant": ("full", "lora"),
-    "logger.mode": ("online", "offline", "disabled", None),
-    "matmul_precision": ("highest", "high", "medium"),
-}
-
-
-# ---- the value rules, by field name (one walk over the composed config) ---------------------------
-#: split names every task-data loader knows (``data.base.SPLITS``)
-SPLITS = ("train", "validation", "test")
-#: seeds: numpy's range (torch accepts it too; the per-step seed ``seed·1000 + step`` stays in range)
-SEED_MAX = 2**32 - 1
-_COUNTS = ("steps", "iterations", "epochs")
-_COUNT_SUFFIXES = ("_steps", "_iterations", "_epochs", "_batches")
-
-
-def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted path, value)`` of every leaf of a plain container (lists index as ``key[i]``)."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _leaves(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, node
-
-
-def value_problem(name: str, value: Any) -> str | None:
-    """What is wrong with leaf ``name`` = ``value`` under the rules by name (README
-    "Configuration": finite floats, ``*split``, ``*_seed``, counts, ``*_lr``, coefficients ≥ 0), or None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number, got {value}"
-    if name.endswith("split"):
-        return None if value in SPLITS else f"must be one of {list(SPLITS)}, got {value!r}"
-    if not isinstance(value, (int, float)):
-        return None
-    if name == "seed" or name.endswith("_seed"):
-        ok = isinstance(value, int) and 0 <= value <= SEED_MAX
-        return None if ok else f"must be an integer in [0, {SEED_MAX}], got {value}"
-    if name.endswith("batch_size"):
-        return None if value >= 1 else f"must be >= 1, got {value}"
-    if name.endswith("workers") or name in _COUNTS or name.endswith(_COUNT_SUFFIXES):
-        return None if value >= 0 else f"must be >= 0, got {value}"
-    if name.startswith("max_") and isinstance(value, int):
-        return None if value >= 1 else f"must be >= 1, got {value}"
-    if name == "lr" or name.endswith("_lr"):
-        return None if value > 0 else f"must be > 0, got {value}"
-    if name in ("scaling", "alpha") or name.endswith("_scaling"):
-        return None if value >= 0 else f"must be >= 0 (coefficients are never negative), got {value}"
-    return None
-
-
+# ---- the values, by the schemas' declarations (otmf_exp.schema) ----------------------------------
 def check_values(cfg: DictConfig) -> None:
-    """One walk over the whole composed config (top level, ``backbone``, ``task_seq``, ``logger``,
-    ``method.*`` at any depth): the first leaf breaking a rule of :func:`value_problem` is a UserError
-    naming its dotted key. Rules go by field name, so a new method's fields are covered as soon
-    as they follow the naming (``*_batch_size``, ``*_split``, ``*_seed``, ...)."""
+    """Enforce every declared range and choice (``otmf_exp.schema``) on the composed config: the
+    top level, ``backbone``, ``task_seq``, ``logger`` and the method's ``Config`` at any depth. The
+    first offence is one :class:`UserError` line naming the dotted key, the value and the range."""
+    from otmf_exp.merging import METHODS
+
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
-    for path, value in _leaves(plain):
-        problem = value_problem(path.rsplit(".", 1)[-1], value)
-        if problem:
-            raise UserError(f"{path} {problem}")
-    sizes = plain.get("task_seq", {}).get("split_sizes") or {}
-    for split, n in sizes.items():
-        if split not in SPLITS:
-            raise UserError(f"task_seq.split_sizes.{split}: not a split name; use {list(SPLITS)}")
-        if not isinstance(n, int) or n < 0:
-            raise UserError(f"task_seq.split_sizes.{split} must be >= 0, got {n}")
+    check_declared(RunConfig, plain)
+    method = plain.get("method")
+    cls = METHODS.get(method.get("name")) if isinstance(method, dict) else None
+    if cls is not None:
+        check_declared(cls.Config, method, "method.")

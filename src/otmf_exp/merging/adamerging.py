@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging_pools import (
     CHOICES,
+    CLAMP_BOOLS,
     CLAMPS,
     adaptation_pool,
     batch_streams,
@@ -43,6 +44,7 @@ from otmf_exp.merging.adamerging_pools import (
 )
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -55,45 +57,45 @@ MAX_CURVE_POINTS = 100
 class AdaMergingConfig:
     name: str = "adamerging"
     #: task: one coefficient per task vector | layer: one per parameter tensor per task vector
-    granularity: str = "task"
+    granularity: str = choice("task", GRANULARITIES)
     #: initial coefficient of every task vector
-    init: float = 0.3
+    init: float = num(0.3, ge=0)
     #: continual only: initial coefficient of the merged vector τᵐ_{t−1}; null = init
-    init_merged: float | None = None
-    lr: float = 1e-3
+    init_merged: float | None = num(None, ge=0)
+    lr: float = num(1e-3, gt=0)
     #: Adam steps per merge (FusionBench uses 1000)
-    steps: int = 500
+    steps: int = num(500, ge=0)
     #: unlabeled inputs per task per step
-    batch_size: int = 16
+    batch_size: int = num(16, ge=1)
     #: none | merge: merge with clamp(λ, 0, 1), the raw λ stays free (FusionBench's and the OTMF
     #: authors' wrappers, MINGLE) | project: λ projected onto [0, 1] after every optimiser step.
     #: The old booleans still work: true = project, false = none
-    clamp: str = "none"
+    clamp: str = choice("none", CLAMPS, aliases=(*CLAMP_BOOLS, "True", "False"))
     #: split of the unlabeled adaptation pool (test = the AdaMerging convention)
-    adapt_split: str = "test"
+    adapt_split: str = choice("test", CHOICES["adapt_split"])
     #: per_task: backward after each pool's batch, gradients accumulated (activations of one batch
     #: alive at a time; FusionBench 0.2.33 also backs up once per task, with retain_graph) | summed:
     #: one backward of the summed entropy (the OTMF authors' scripts; activations of every pool's
     #: batch alive at once). Same gradient up to float summation order.
-    backward: str = "per_task"
+    backward: str = choice("per_task", BACKWARDS)
     #: continual protocol: pairwise (λ_a ⊙ τᵐ_{t−1} + λ_b ⊙ τ_t on the current + previous pool) |
     #: current_only (MINGLE's C. AdaMerging: θ₀ + λ ⊙ τ_t on the current pool, nothing carried)
-    continual: str = "pairwise"
+    continual: str = choice("pairwise", CHOICES["continual"])
     #: per_step: a fresh seeded stream per (step, pool), reshuffled each pass | per_step_cycle: fresh per
     #: step, the first pass replayed (the OTMF authors' layer-wise script) | per_task_cycle: one stream
     #: per task across all steps, the first pass replayed (their task-wise script's itertools.cycle)
-    stream: str = "per_step"
+    stream: str = choice("per_step", CHOICES["stream"])
     #: adapt on this many samples per class of adapt_split instead of the whole split (MINGLE's
     #: seed_sample_number; on the test split it is flagged as test leakage); null = the whole split
-    seed_samples: int | None = None
+    seed_samples: int | None = num(None, ge=1)
     #: entropy −Σ p·log(p + eps): 0 = exact (log-softmax) | 1e-8 = MINGLE's entropy_loss
-    entropy_eps: float = 0.0
+    entropy_eps: float = num(0.0, ge=0)
     #: none | ties: AdaMerging++ (TIES trim to ties_density + sign election on the task vectors
     #: before the coefficients are learned; continual: on [τᵐ_{t−1}, τ_t] at each step)
-    tv_prune: str = "none"
+    tv_prune: str = choice("none", CHOICES["tv_prune"])
     #: AdaMerging++: fraction of entries kept (the authors' K = 20 %) and trim scope (merging/ties.py)
-    ties_density: float = 0.2
-    ties_topk_scope: str = "global"
+    ties_density: float = num(0.2, gt=0, le=1)
+    ties_topk_scope: str = choice("global", CHOICES["ties_topk_scope"])
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -157,30 +159,6 @@ class AdaMerging(MergeMethod):
     Config = AdaMergingConfig
     protocols = ("continual", "joint")
     main_coef = None
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        for key, allowed in {**CHOICES, "granularity": GRANULARITIES, "backward": BACKWARDS}.items():
-            if cfg[key] not in allowed:
-                raise UserError(f"method.{key} must be one of {list(allowed)}, got {cfg[key]!r}")
-        checks = [
-            (
-                clamp_mode(cfg.clamp) in CLAMPS,
-                f"method.clamp must be one of {list(CLAMPS)}, got {cfg.clamp!r}",
-            ),
-            (0.0 < cfg.ties_density <= 1.0, f"method.ties_density must be in (0, 1], got {cfg.ties_density}"),
-            (
-                cfg.seed_samples is None or cfg.seed_samples >= 1,
-                f"method.seed_samples must be >= 1 or null, got {cfg.seed_samples}",
-            ),
-            (cfg.entropy_eps >= 0, f"method.entropy_eps must be >= 0, got {cfg.entropy_eps}"),
-            (cfg.steps >= 0, f"method.steps must be >= 0, got {cfg.steps}"),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
 
     def __init__(self, cfg: Any, ctx: Any, protocol: str = "continual") -> None:
         super().__init__(cfg, ctx, protocol)

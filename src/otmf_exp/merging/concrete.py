@@ -45,6 +45,7 @@ from otmf_exp.merging.adamerging import (
 )
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +60,32 @@ class ConcreteConfig:
     name: str = "concrete"
     #: task_arithmetic: fixed λ = scaling_factor (clip_concrete_task_arithmetic) | adamerging: learned
     #: coefficients, meta-learned mask then AdaMerging (clip_concrete_{task,layer}_wise_adamerging)
-    merge: str = "task_arithmetic"
+    merge: str = choice("task_arithmetic", MERGES)
     #: merge=adamerging only: task (one coefficient per task vector) | layer (one per tensor per vector)
-    granularity: str = "task"
+    granularity: str = choice("task", GRANULARITIES)
     #: λ of task_arithmetic; initial coefficient of adamerging (FusionBench scaling_factor)
-    scaling_factor: float = 0.3
+    scaling_factor: float = num(0.3, ge=0)
     #: initial value of every mask logit (σ(0) = 0.5)
-    initial_logits: float = 0.0
+    initial_logits: float = num(0.0, unbounded=True)  # a logit: any real
     #: temperature T of the relaxed Bernoulli
-    temperature: float = 0.5
+    temperature: float = num(0.5, gt=0)
     #: Adam learning rate of the mask logits
-    lr: float = 1e-3
+    lr: float = num(1e-3, gt=0)
     #: mask-learning steps; null = FusionBench's value for the merge (2000 task_arithmetic, 1000 adamerging)
-    max_steps: int | None = None
+    max_steps: int | None = num(None, ge=0)
     #: adamerging only: Adam learning rate of the inner coefficient step during mask learning
-    base_lr: float = 1.0
+    base_lr: float = num(1.0, gt=0)
     #: adamerging only: Adam learning rate and steps of the final AdaMerging on the masked vectors
-    adamerging_lr: float = 1e-3
-    max_adamerging_steps: int = 1000
+    adamerging_lr: float = num(1e-3, gt=0)
+    max_adamerging_steps: int = num(1000, ge=0)
     #: unlabeled inputs per task per forward (FusionBench batch_size)
-    batch_size: int = 16
+    batch_size: int = num(16, ge=1)
     #: mask of the final model, one draw: continuous (relaxed sample) | discrete (Bernoulli(σ(x)) sample)
-    eval_mask_type: str = "continuous"
+    eval_mask_type: str = choice("continuous", MASK_TYPES)
     #: clamp the coefficients to [0, 1] inside the weighted sum (differentiable clamp, as FusionBench)
     clamp_weights: bool = False
     #: split of the unlabeled pool (test = FusionBench's shuffled test loader)
-    adapt_split: str = "test"
+    adapt_split: str = choice("test", SPLITS)
     #: adamerging: FusionBench's order in the meta step (merge with the coefficients left by the
     #: previous inner step, then reset them): the inner gradient is taken at the stale coefficients.
     #: false = reset first (the inner step starts from scaling_factor as intended)
@@ -141,28 +142,10 @@ class Concrete(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        choices = {
-            "merge": MERGES,
-            "granularity": GRANULARITIES,
-            "eval_mask_type": MASK_TYPES,
-            "adapt_split": SPLITS,
-        }
-        for k, allowed in choices.items():
-            if getattr(cfg, k) not in allowed:
-                raise UserError(f"method.{k} must be one of {list(allowed)}, got {getattr(cfg, k)!r}")
         if cfg.granularity == "layer" and cfg.merge != "adamerging":
             raise UserError(
                 "method.granularity=layer needs method.merge=adamerging (task arithmetic has one λ)"
             )
-        for k in ("temperature", "lr", "base_lr", "adamerging_lr"):
-            if not getattr(cfg, k) > 0:
-                raise UserError(f"method.{k} must be > 0, got {getattr(cfg, k)}")
-        for k, lo in (("max_steps", 0), ("max_adamerging_steps", 0), ("batch_size", 1)):
-            v = getattr(cfg, k)
-            if v is not None and v < lo:
-                raise UserError(
-                    f"method.{k} must be >= {lo}{' or null' if k == 'max_steps' else ''}, got {v}"
-                )
 
     @property
     def steps(self) -> int:

@@ -31,7 +31,6 @@ compression) passes θ₀ and τ_i where θ₀ and θ_i belong, i.e. m_i = |θ�
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, check_compatible, scale
+from otmf_exp.schema import choice, num
 
 MERGED_MASKS = ("ones", "tall")
 #: protocol defaults of the null options: (λ, λ_t)
@@ -52,17 +52,17 @@ DEFAULTS = {"joint": (0.3, 0.6), "continual": (0.1, 0.2)}
 class ConsensusConfig:
     name: str = "consensus"
     #: λ of the final task arithmetic; null = the protocol default (0.3 joint, 0.1 continual = MINGLE)
-    scaling: float | None = None
+    scaling: float | None = num(None, ge=0)
     #: λ_t of the TALL masks; null = 0.6 joint (FusionBench tall_mask yaml), 0.2 continual (MINGLE yaml)
-    tall_mask_lambda: float | None = None
+    tall_mask_lambda: float | None = num(None, ge=0)
     #: consensus threshold: keep an entry when at least k masks keep it (2: the paper; 0: plain TA)
-    k: int = 2
+    k: int = num(2, ge=0)
     #: false: strict > (FusionBench / TALL / MINGLE code) | true: >= (the paper's formula)
     inclusive: bool = False
     #: FusionBench tall_mask/task_arithmetic.py's rule |θ₀ − τ_i| > λ_t·|τ_MTL − τ_i| (a bug; off by default)
     fusionbench_mask_bug: bool = False
     #: continual only: mask of the merged vector, ones (MINGLE: all ones, never updated) | tall
-    merged_mask: str = "ones"
+    merged_mask: str = choice("ones", MERGED_MASKS)
 
 
 def tall_mask(theta0: Tensor, theta_i: Tensor, multi: Tensor, lam: float, inclusive: bool = False) -> Tensor:
@@ -146,19 +146,6 @@ class Consensus(MergeMethod):
         super().__init__(cfg, ctx, protocol)
         if protocol != "continual" and cfg.merged_mask != "ones":
             raise UserError("method.merged_mask applies to the continual protocol only; remove it")
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        for field in ("scaling", "tall_mask_lambda"):
-            v = getattr(cfg, field)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise UserError(f"method.{field} must be a finite number >= 0 or null, got {v}")
-        if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or cfg.k < 0:
-            raise UserError(f"method.k must be an integer >= 0, got {cfg.k!r}")
-        if cfg.merged_mask not in MERGED_MASKS:
-            raise UserError(
-                f"method.merged_mask must be one of {list(MERGED_MASKS)}, got {cfg.merged_mask!r}"
-            )
 
     def _coefs(self) -> tuple[float, float]:
         d_scaling, d_lam = DEFAULTS[self.protocol]

@@ -33,6 +33,7 @@ from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging import subsample
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ PREFIX = "lora/"
 class LoRAConfig:
     #: train peft LoRA adapters on θ₀ instead of every weight of the tower (the reference's use_lora)
     enabled: bool = False
-    r: int = 16
-    alpha: float = 32.0
+    r: int = num(16, ge=1)
+    alpha: float = num(32.0, gt=0)
     #: dropout on the adapters' input during training (the reference: 0.1)
-    dropout: float = 0.1
+    dropout: float = num(0.1, ge=0, lt=1)
     #: module names the adapters wrap; null = q_proj/v_proj (CLIP) or q/v (Flan-T5)
     target_modules: list[str] | None = None
 
@@ -58,17 +59,17 @@ class LoRAConfig:
 @dataclass
 class ContinualFinetuneConfig:
     name: str = "continual_finetune"
-    lr: float = 1e-5
+    lr: float = num(1e-5, gt=0)
     #: Adam's (L2) weight decay (torch.optim.Adam, not AdamW, as the reference)
-    weight_decay: float = 0.0
+    weight_decay: float = num(0.0, ge=0)
     #: optimiser steps per task, one batch each (MINGLE / FusionBench: 4000)
-    steps: int = 4000
+    steps: int = num(4000, ge=0)
     #: labelled inputs per step (MINGLE's config: 16; FusionBench's own yaml: 128)
-    batch_size: int = 16
+    batch_size: int = num(16, ge=1)
     #: labelled split trained on
-    split: str = "train"
+    split: str = choice("train", SPLITS)
     #: cosine: CosineAnnealingLR(T_max=steps) from lr to 0, reset per task (the reference) | constant
-    scheduler: str = "cosine"
+    scheduler: str = choice("cosine", SCHEDULERS)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -80,27 +81,9 @@ class ContinualFinetune(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        lc = cfg.lora
-        checks = [
-            (cfg.split in SPLITS, f"method.split must be one of {list(SPLITS)}, got {cfg.split!r}"),
-            (
-                cfg.scheduler in SCHEDULERS,
-                f"method.scheduler must be one of {list(SCHEDULERS)}, got {cfg.scheduler!r}",
-            ),
-            (cfg.steps >= 0, f"method.steps must be >= 0, got {cfg.steps}"),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
-            (cfg.weight_decay >= 0, f"method.weight_decay must be >= 0, got {cfg.weight_decay}"),
-            (lc.r >= 1, f"method.lora.r must be >= 1, got {lc.r}"),
-            (0.0 <= lc.dropout < 1.0, f"method.lora.dropout must be in [0, 1), got {lc.dropout}"),
-            (
-                lc.target_modules is None or len(lc.target_modules) > 0,
-                "method.lora.target_modules must be null or a non-empty list",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        targets = cfg.lora.target_modules
+        if targets is not None and len(targets) == 0:
+            raise UserError("method.lora.target_modules must be null or a non-empty list")
 
     # ---- the loss ------------------------------------------------------------------------------
     def loss(self, params: StateDict, head: Tensor | None, batch: dict[str, Any]) -> Tensor:

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,24 @@ SVD_RANKS = ("reach", "below")
 class DOPConfig:
     name: str = "dop"
     #: Adam learning rate of each Linear weight's optimisation
-    lr: float = 1e-4
+    lr: float = num(1e-4, gt=0)
     #: Adam steps per Linear weight (0: the pairwise mean)
-    steps: int = 200
+    steps: int = num(200, ge=0)
     #: weight the two losses by MGDA's min-norm point (else fixed alpha, 1 - alpha)
     mgda: bool = True
     #: weight of the merged model's loss: fixed (mgda=false) or the EMA's start (mgda, ema)
-    alpha: float = 0.8
+    alpha: float = num(0.8, ge=0, le=1)
     #: smooth the MGDA weights by an exponential moving average started at (alpha, 1 - alpha)
     ema: bool = True
     #: EMA decay of the MGDA weights
-    ema_beta: float = 0.999
+    ema_beta: float = num(0.999, ge=0, le=1)
     #: fraction of the sum of singular values the projection bases keep, in [0, 1]
-    svd_epsilon: float = 0.99999
+    svd_epsilon: float = num(0.99999, ge=0, le=1)
     #: projection space of the loss: uv (both sides) | u (left, S Uᵀ Δ) | v (right, Δ V S)
-    svd_proj_space: str = "uv"
+    svd_proj_space: str = choice("uv", PROJ_SPACES)
     #: truncation rank: reach (smallest r whose cumulative fraction reaches svd_epsilon) | below
     #: (FusionBench: the count of fractions below svd_epsilon, one fewer)
-    svd_rank: str = "reach"
+    svd_rank: str = choice("reach", SVD_RANKS)
     #: FusionBench's leaf-module walk: parameters owned by non-leaf modules (CLIP class token) stay θ₀
     fusionbench_compat: bool = False
 
@@ -167,23 +168,6 @@ class DOP(MergeMethod):
     Config = DOPConfig
     protocols = ("continual",)
     main_coef = "alpha"
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        for key in ("alpha", "ema_beta", "svd_epsilon"):
-            value = getattr(cfg, key)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise UserError(f"method.{key} must be in [0, 1], got {value}")
-        if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-            raise UserError(f"method.lr must be a finite number > 0, got {cfg.lr}")
-        if cfg.steps < 0:
-            raise UserError(f"method.steps must be >= 0, got {cfg.steps}")
-        if cfg.svd_proj_space not in PROJ_SPACES:
-            raise UserError(
-                f"method.svd_proj_space must be one of {list(PROJ_SPACES)}, got {cfg.svd_proj_space!r}"
-            )
-        if cfg.svd_rank not in SVD_RANKS:
-            raise UserError(f"method.svd_rank must be one of {list(SVD_RANKS)}, got {cfg.svd_rank!r}")
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         if state.step == 0:

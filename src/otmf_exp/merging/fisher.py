@@ -32,6 +32,7 @@ from otmf_exp.data.base import SPLITS, example_batches
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, global_norm
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +44,20 @@ class FisherConfig:
     name: str = "fisher"
     #: examples per task the Fisher is estimated on (FusionBench num_fisher_examples); whole batches,
     #: so ceil(num_examples / batch_size) of them (fewer when the split is smaller)
-    num_examples: int = 256
+    num_examples: int = num(256, ge=1)
     #: examples per forward/backward (FusionBench dataloader batch_size)
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     #: split the examples come from (FusionBench: the task's train split)
-    split: str = "train"
+    split: str = choice("train", SPLITS)
     #: true: a random subset in random order, drawn with `seed` | false: the split's first examples in
     #: order (FusionBench's Fisher loader does not shuffle: on a class-sorted split that is a few classes)
     shuffle: bool = True
     #: c_i ∝ 1 / (‖F_i‖₂ + min_weight), the global L2 norm of task i's Fisher (FusionBench normalize_fisher_weight)
     normalize: bool = True
     #: ε added to every Fisher entry and to the norm (FusionBench minimal_fisher_weight)
-    min_weight: float = 1e-6
+    min_weight: float = num(1e-6, ge=0)
     #: batch: squared gradient of the batch's Σ_b Σ_c √p·log p (FusionBench/MergeLM) | exact: Σ_x Σ_c p_c (∇ log p_c)²
-    estimate: str = "batch"
+    estimate: str = choice("batch", ESTIMATES)
 
 
 def fisher_weighted_mean(
@@ -101,22 +102,6 @@ class Fisher(MergeMethod):
     Config = FisherConfig
     protocols = ("joint",)
     modalities = ("vision",)
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        checks = [
-            (cfg.num_examples >= 1, f"method.num_examples must be >= 1, got {cfg.num_examples}"),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.split in SPLITS, f"method.split must be one of {list(SPLITS)}, got {cfg.split!r}"),
-            (cfg.min_weight >= 0, f"method.min_weight must be >= 0, got {cfg.min_weight}"),
-            (
-                cfg.estimate in ESTIMATES,
-                f"method.estimate must be one of {list(ESTIMATES)}, got {cfg.estimate!r}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
 
     def batches(self, task: TaskInput) -> Iterator[dict[str, Any]]:
         cfg = self.cfg

@@ -12,10 +12,8 @@ stays exact for λ = 0 and keeps the running vector free of a (·/λ)·λ round 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,13 +21,14 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, scale
+from otmf_exp.schema import num
 
 
 @dataclass
 class MagMaxConfig:
     name: str = "magmax"
     #: λ, the scale of the max-abs task vector
-    scaling: float = 0.5
+    scaling: float = num(0.5, ge=0)
 
 
 def maxabs(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> StateDict:
@@ -47,11 +46,6 @@ class MagMax(MergeMethod):
     Config = MagMaxConfig
     protocols = ("continual", "joint")
     main_coef = "scaling"
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        if not (math.isfinite(cfg.scaling) and cfg.scaling >= 0):
-            raise UserError(f"method.scaling must be a finite number >= 0, got {cfg.scaling}")
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         merged = magmax_step(state.merged, task.task_vector(pretrained), float(self.cfg.scaling))

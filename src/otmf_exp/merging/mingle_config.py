@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from otmf_exp.errors import UserError
+from otmf_exp.schema import SPLITS, choice, num
 
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: the authors' per-backbone defaults (config/method/mingle/mingle.yaml, mingle_nlp.yaml, mingle_nlp.py)
@@ -45,57 +46,47 @@ class MINGLEConfig:
     #: MINGLE*: [q_proj, k_proj, v_proj, fc1]
     lora_layer: list[str] | None = None
     #: expert rank r (capped at min(O, C))
-    lora_r: int = 64
+    lora_r: int = num(64, ge=1)
     #: one routing per batch (gates averaged over the batch) | false: per sample
     batch_reduce: bool = True
     #: Adam learning rate and batch of the adaptation; null = 1e-4 / 16 (CLIP) | 1e-3 / 8 (T5)
-    lr: float | None = None
-    batch_size: int | None = None
+    lr: float | None = num(None, gt=0)
+    batch_size: int | None = num(None, ge=1)
     #: Adam steps per task
-    max_steps: int = 50
+    max_steps: int = num(50, ge=0)
     #: seed samples: null = 5 per class (CLIP) | 100 in total (T5)
-    seed_samples: int | None = None
+    seed_samples: int | None = num(None, ge=1)
     #: per_class | total; null = per_class (CLIP) | total (T5)
-    seed_sampling: str | None = None
+    seed_sampling: str | None = choice(None, ("per_class", "total"))
     #: split the seed samples come from: test (the authors' code; test leakage, flagged) | validation | train
-    seed_split: str = "test"
+    seed_split: str = choice("test", SPLITS)
     #: input directions per task added to U; grow (3t columns, CLIP code and paper) | keep_first (T5 code:
     #: U keeps the first task's k directions); null = grow (CLIP) | keep_first (T5)
-    subspace_k: int = 3
-    subspace: str | None = None
+    subspace_k: int = num(3, ge=0)
+    subspace: str | None = choice(None, ("grow", "keep_first"))
     #: soft null-space projection of the new gate row's weight gradient: λ_i = exp(−γ·h_i), h EMA with β
     constraint_gate: bool = True
-    gamma: float = 1.0
-    beta: float = 0.99
+    gamma: float = num(1.0, ge=0)
+    beta: float = num(0.99, ge=0, le=1)
     #: new gate row: weight normal(0, gate_init_std²) (code) | zeros (paper Alg. 1); bias init_lambda
-    gate_init: str = "normal"
-    gate_init_std: float = 0.01
-    init_lambda: float = 0.0
+    gate_init: str = choice("normal", ("normal", "zeros"))
+    gate_init_std: float = num(0.01, ge=0)
+    init_lambda: float = num(0.0, unbounded=True)  # a gate bias: any real
     #: also zero the diagonal of P = uᵀΔv (the code's `P.diag().fill_(0)` is a no-op on a copy)
     zero_diag: bool = False
     #: dtype of the SVDs of the expert construction: float32 (code) | float64
-    svd_dtype: str = "float32"
+    svd_dtype: str = choice("float32", SVD_DTYPES)
     #: distillation temperature; multiply the loss by T²: null = false (CLIP) | true (T5)
-    kd_temperature: float = 2.0
+    kd_temperature: float = num(2.0, gt=0)
     kd_t_squared: bool | None = None
     #: student in train mode (dropout) during adaptation; null = false (CLIP) | true (T5)
     dropout: bool | None = None
     #: T5: length of the teacher's greedy answers; decoder input of the covariance pass:
     #: labels (gold answers, code) | teacher (the teacher's answers: no label use)
-    max_new_tokens: int = 32
-    cov_decoder: str = "labels"
+    max_new_tokens: int = num(32, ge=1)
+    cov_decoder: str = choice("labels", ("labels", "teacher"))
     #: the 0-sample "static" variant: every gate fixed at this value (paper: 0.3), no adaptation, no data
-    static_gate: float | None = None
-
-
-CHOICES = {
-    "seed_sampling": ("per_class", "total", None),
-    "seed_split": ("train", "validation", "test"),
-    "subspace": ("grow", "keep_first", None),
-    "gate_init": ("normal", "zeros"),
-    "svd_dtype": tuple(SVD_DTYPES),
-    "cov_decoder": ("labels", "teacher"),
-}
+    static_gate: float | None = num(None, unbounded=True)  # a gate value: any real
 
 
 @dataclass
@@ -130,36 +121,9 @@ class Options:
 
 
 def validate_config(cfg: Any) -> None:
-    """One-line :class:`UserError` for a bad ``method.*`` value (before any heavy work)."""
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise UserError(f"method.{key} must be one of {[a for a in allowed if a]}, got {cfg[key]!r}")
-    checks = [
-        (
-            cfg.lora_layer is None or len(cfg.lora_layer) > 0,
-            "method.lora_layer must name at least one layer",
-        ),
-        (cfg.lora_r >= 1, f"method.lora_r must be >= 1, got {cfg.lora_r}"),
-        (cfg.lr is None or cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
-        (
-            cfg.batch_size is None or cfg.batch_size >= 1,
-            f"method.batch_size must be >= 1, got {cfg.batch_size}",
-        ),
-        (cfg.max_steps >= 0, f"method.max_steps must be >= 0, got {cfg.max_steps}"),
-        (
-            cfg.seed_samples is None or cfg.seed_samples >= 1,
-            f"method.seed_samples must be >= 1, got {cfg.seed_samples}",
-        ),
-        (cfg.subspace_k >= 0, f"method.subspace_k must be >= 0, got {cfg.subspace_k}"),
-        (cfg.gamma >= 0, f"method.gamma must be >= 0, got {cfg.gamma}"),
-        (0.0 <= cfg.beta <= 1.0, f"method.beta must be in [0, 1], got {cfg.beta}"),
-        (cfg.gate_init_std >= 0, f"method.gate_init_std must be >= 0, got {cfg.gate_init_std}"),
-        (cfg.kd_temperature > 0, f"method.kd_temperature must be > 0, got {cfg.kd_temperature}"),
-        (cfg.max_new_tokens >= 1, f"method.max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    """One-line :class:`UserError` for a rule no declaration of MINGLEConfig states."""
+    if cfg.lora_layer is not None and len(cfg.lora_layer) == 0:
+        raise UserError("method.lora_layer must name at least one layer")
 
 
 def resolve_options(cfg: Any, modality: str) -> Options:

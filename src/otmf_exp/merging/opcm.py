@@ -32,17 +32,15 @@ parameter (FusionBench rescales all ``named_parameters``). Default: merge them a
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, global_norm
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +53,12 @@ AUTO_MARGIN = 1e-4
 class OPCMConfig:
     name: str = "opcm"
     #: split-rank threshold on the cumulative singular-value fraction (≥ 1: only the diagonal is removed)
-    alpha: float = 0.5
+    alpha: float = num(0.5, ge=0)
     #: keep parameters owned directly by non-leaf modules (CLIP class token) out of the per-layer rule
     fusionbench_compat: bool = False
     #: SVD precision: auto (float32, a layer whose split rank is within AUTO_MARGIN of α is redone in
     #: float64) | float32 (FusionBench: the model dtype) | float64 (the exact reference)
-    svd_dtype: str = "auto"
+    svd_dtype: str = choice("auto", SVD_DTYPES)
 
 
 def split_rank(s: Tensor, alpha: float) -> int:
@@ -171,13 +169,6 @@ class OPCM(MergeMethod):
     Config = OPCMConfig
     protocols = ("continual",)
     main_coef = "alpha"
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
-            raise UserError(f"method.alpha must be a finite number >= 0, got {cfg.alpha}")
-        if cfg.svd_dtype not in SVD_DTYPES:
-            raise UserError(f"method.svd_dtype must be one of {list(SVD_DTYPES)}, got {cfg.svd_dtype!r}")
 
     def _layer_sets(self, keys: set[str]) -> tuple[set[str], set[str]]:
         bb = self.ctx.backbone

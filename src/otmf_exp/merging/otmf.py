@@ -28,27 +28,35 @@ from otmf_exp.merging.head_tuning import FeatureStream, train_head
 from otmf_exp.merging.ot_fusion import FusionStep, adam_in_backward_exact
 from otmf_exp.merging.ot_masks import masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
+from otmf_exp.schema import SPLITS, choice, need, num
 
 log = logging.getLogger(__name__)
+
+KEOPS = ("pykeops", "pip install pykeops")
+#: geomloss backends that need pykeops (geomloss/_legacy/samples_loss.py: online and multiscale are
+#: KeOps routines; auto picks one of them above 5000² point pairs, AUTO_KEOPS_PAIRS)
+BACKEND_NEEDS = {"online": KEOPS, "multiscale": KEOPS}
+AUTO_KEOPS_PAIRS = 5000**2
 
 
 @dataclass
 class MaskConfig:
     enabled: bool = True
     #: identity: M = m (init 1, unconstrained) | sigmoid: M = 2·sigmoid(logit) (init logit 0, M in (0, 2))
-    param: str = "identity"
+    param: str = choice("identity", ("identity", "sigmoid"))
     #: element: one value per weight | tensor: one scalar per parameter tensor (low-memory variant)
-    granularity: str = "element"
+    granularity: str = choice("element", ("element", "tensor"))
 
 
 @dataclass
 class SinkhornConfig:
-    p: int = 2
-    blur: float = 0.05
-    scaling: float = 0.5
+    p: int = choice(2, (1, 2))
+    blur: float = num(0.05, gt=0)
+    scaling: float = num(0.5, gt=0, lt=1)
     debias: bool = True
-    #: geomloss backend: tensorized (default; exact on small batches) | online | multiscale | auto
-    backend: str = "tensorized"
+    #: geomloss backend: tensorized (default; exact on small batches) | online | multiscale (both need
+    #: pykeops) | auto (geomloss picks: tensorized up to 5000 points per side, else a pykeops one)
+    backend: str = choice("tensorized", ("tensorized", "online", "multiscale", "auto"), needs=BACKEND_NEEDS)
 
 
 @dataclass
@@ -56,47 +64,47 @@ class HeadTuningConfig:
     enabled: bool = True
     #: authors: at step t >= 2 the head of task t-1, and at the last step also task t's; none at
     #: step 1 (the authors' code) | current | previous | all_seen (revisits earlier tasks' labelled data)
-    which: str = "authors"
+    which: str = choice("authors", ("authors", "current", "previous", "all_seen"))
     #: fixed random subset of the split that the batch stream draws from
-    fraction: float = 0.25
+    fraction: float = num(0.25, gt=0, le=1)
     #: train | validation | test (test + fraction 1.0 = the authors' code; reported as test-set leakage)
-    split: str = "train"
-    lr: float = 1e-2
+    split: str = choice("train", SPLITS)
+    lr: float = num(1e-2, gt=0)
     #: Adam steps per head, one batch each (the authors' budget: 100 batches of 16)
-    steps: int = 100
-    batch_size: int = 16
+    steps: int = num(100, ge=0)
+    batch_size: int = num(16, ge=1)
 
 
 @dataclass
 class OTMFConfig:
     name: str = "otmf"
-    alpha: float = 0.8
+    alpha: float = num(0.8, ge=0, le=1)
     mask: MaskConfig = field(default_factory=MaskConfig)
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     #: alternate: even iterations train M_pre on pre-side data, odd ones M_post | joint: both terms, both masks
-    schedule: str = "alternate"
+    schedule: str = choice("alternate", ("alternate", "joint"))
     #: previous_task: unlabeled pool of task t−1 (authors' code) | current_task: never touch earlier tasks
-    pre_data: str = "previous_task"
+    pre_data: str = choice("previous_task", ("previous_task", "current_task"))
     #: split of the unlabeled adaptation pool (test = AdaMerging convention)
-    adapt_split: str = "test"
-    lr: float = 1e-2
-    iterations: int = 100
-    batch_size: int = 16
+    adapt_split: str = choice("test", SPLITS)
+    lr: float = num(1e-2, gt=0)
+    iterations: int = num(100, ge=0)
+    batch_size: int = num(16, ge=1)
     #: authors: one best over both sides (the summed loss for joint): after each iteration's step, if
     #: its loss is the lowest so far, both masks are saved as they are after the step | last
-    select: str = "authors"
+    select: str = choice("authors", ("authors", "last"))
     #: how select=authors gets the best masks back, all bit-identical: on_write (a side's masks are
     #: copied only when a step that does not improve the loss is about to change them: usually 1 W
     #: more than replay, for one iteration at a
     #: time, and no replay) | replay (no buffers: the seeded, deterministic optimisation is re-run
     #: from the initial masks up to the best iteration — up to one more training loop of time) | copy
     #: (two mask-sized buffers refreshed on every improvement: 2 W more)
-    best_masks: str = "on_write"
+    best_masks: str = choice("on_write", ("copy", "replay", "on_write"))
     #: layerwise: each student weight is made when its module runs and re-made in the backward, so
     #: one module's weights are alive instead of a whole copy (bit-identical results, 1 W less at
     #: the step's peak, one more pair of fused ops per weight and iteration) | all: one dict of
     #: every weight, built before the forward and kept by autograd for the backward
-    student_weights: str = "layerwise"
+    student_weights: str = choice("layerwise", ("layerwise", "all"))
     #: with student_weights=layerwise: each transformer layer of the student runs under activation
     #: checkpointing (its weights made inside), so the forward keeps only the layers' inputs and the
     #: backward re-runs one layer at a time (bit-identical results, one more forward per iteration,
@@ -104,10 +112,10 @@ class OTMFConfig:
     #: auto: iteration 0 runs checkpointed except its first layer, whose saved activations are
     #: measured; the rest run checkpointed only if layers × that size (+ optimiser states still to
     #: come) would not fit memory_budget_mb (recorded in steps.jsonl) | true | false: always | never
-    checkpoint_blocks: Any = "auto"
+    checkpoint_blocks: Any = choice("auto", ("auto", True, False))
     #: checkpoint_blocks=auto's budget for the whole process (MB; CUDA allocated / CPU RSS); null: what
     #: the device has free now (CPU: available RAM) minus max(1 GiB, 10 % of the total)
-    memory_budget_mb: float | None = None
+    memory_budget_mb: float | None = num(None, gt=0)
     #: the masks' Adam steps taken inside the backward, one transformer layer's mask tensors at a
     #: time as soon as their gradients are complete (post-accumulate-grad hooks; gradients freed at
     #: once), so no whole mask gradient (1 W) is alive at the end of the backward. Fused Adam's
@@ -117,30 +125,15 @@ class OTMFConfig:
     adam_in_backward: bool | None = None
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration
-    backward_chunk: int | None = None
+    backward_chunk: int | None = num(None, ge=1)
     #: λ·mean|M| regulariser (the paper's L_λ); 0 disables
-    l1: float = 0.0
+    l1: float = num(0.0, ge=0)
     #: OT loss and plan matching per side before/after training. null: read off the training
     #: iterations (each side's first and lowest-loss iteration; no extra forward, ≈ 0.1 % of a step) |
     #: k >= 1: on the first k batches per side, before and after training, with the selected masks
     #: (2·2·k more student forwards; 4 was the default before the cheap ones) | 0: off
-    eval_batches: int | None = None
+    eval_batches: int | None = num(None, ge=0)
     head_tuning: HeadTuningConfig = field(default_factory=HeadTuningConfig)
-
-
-_CHOICES = {
-    "mask.param": ("identity", "sigmoid"),
-    "mask.granularity": ("element", "tensor"),
-    "schedule": ("alternate", "joint"),
-    "pre_data": ("previous_task", "current_task"),
-    "select": ("authors", "last"),
-    "best_masks": ("copy", "replay", "on_write"),
-    "student_weights": ("layerwise", "all"),
-    "head_tuning.which": ("authors", "current", "previous", "all_seen"),
-    "head_tuning.split": ("train", "validation", "test"),
-    "adapt_split": ("train", "validation", "test"),
-    "sinkhorn.backend": ("tensorized", "online", "multiscale", "auto"),
-}
 
 
 class OTMF(MergeMethod):
@@ -151,25 +144,8 @@ class OTMF(MergeMethod):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        from omegaconf import OmegaConf
-
-        for key, allowed in _CHOICES.items():
-            v = OmegaConf.select(cfg, key)
-            if v not in allowed:
-                raise UserError(f"method.{key} must be one of {list(allowed)}, got {v!r}")
+        """The cross-field rules (every value's range and choices are declared in OTMFConfig)."""
         checks = [
-            (0.0 <= cfg.alpha <= 1.0, f"method.alpha must be in [0, 1], got {cfg.alpha}"),
-            (cfg.iterations >= 0, f"method.iterations must be >= 0, got {cfg.iterations}"),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.lr > 0, f"method.lr must be > 0, got {cfg.lr}"),
-            (
-                cfg.checkpoint_blocks in (True, False, "auto"),
-                f"method.checkpoint_blocks must be auto, true or false, got {cfg.checkpoint_blocks!r}",
-            ),
-            (
-                cfg.memory_budget_mb is None or cfg.memory_budget_mb > 0,
-                f"method.memory_budget_mb must be > 0 or null, got {cfg.memory_budget_mb}",
-            ),
             (
                 cfg.checkpoint_blocks is not True or cfg.student_weights == "layerwise",
                 "method.checkpoint_blocks=true needs method.student_weights=layerwise "
@@ -180,30 +156,17 @@ class OTMF(MergeMethod):
                 "method.adam_in_backward=true needs one backward per optimiser step: schedule=alternate, "
                 "l1=0 and backward_chunk=null (or leave it null: on where it is exact)",
             ),
-            (cfg.l1 >= 0, f"method.l1 must be >= 0, got {cfg.l1}"),
-            (cfg.sinkhorn.blur > 0, f"method.sinkhorn.blur must be > 0, got {cfg.sinkhorn.blur}"),
-            (cfg.sinkhorn.p in (1, 2), f"method.sinkhorn.p must be 1 or 2, got {cfg.sinkhorn.p}"),
-            (
-                0.0 < cfg.sinkhorn.scaling < 1.0,
-                f"method.sinkhorn.scaling must be in (0, 1), got {cfg.sinkhorn.scaling}",
-            ),
-            (
-                0.0 < cfg.head_tuning.fraction <= 1.0,
-                f"method.head_tuning.fraction must be in (0, 1], got {cfg.head_tuning.fraction}",
-            ),
-            (
-                cfg.head_tuning.steps >= 0,
-                f"method.head_tuning.steps must be >= 0, got {cfg.head_tuning.steps}",
-            ),
-            (
-                cfg.head_tuning.batch_size >= 1,
-                f"method.head_tuning.batch_size must be >= 1, got {cfg.head_tuning.batch_size}",
-            ),
-            (cfg.head_tuning.lr > 0, f"method.head_tuning.lr must be > 0, got {cfg.head_tuning.lr}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        if cfg.sinkhorn.backend == "auto" and cfg.batch_size**2 > AUTO_KEOPS_PAIRS:
+            missing = need(*KEOPS)
+            if missing:
+                raise UserError(
+                    f"method.sinkhorn.backend=auto with batch_size={cfg.batch_size} picks a KeOps backend, "
+                    f"which {missing}; or use sinkhorn.backend=tensorized"
+                )
 
     def __init__(self, cfg: Any, ctx: Any, protocol: str = "continual") -> None:
         super().__init__(cfg, ctx, protocol)

@@ -34,6 +34,7 @@ from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.mha import mha_forward
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,16 @@ class RegMeanConfig:
     name: str = "regmean"
     #: examples per task the Gram matrices are computed on (FusionBench num_regmean_examples); whole
     #: batches, so ceil(num_examples / batch_size) of them (fewer when the split is smaller)
-    num_examples: int = 256
+    num_examples: int = num(256, ge=1)
     #: examples per forward (FusionBench dataloader batch_size)
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     #: split the examples come from (FusionBench: the task's train split)
-    split: str = "train"
+    split: str = choice("train", SPLITS)
     #: true: a random subset in random order, drawn with `seed` (FusionBench's loader shuffles) | false:
     #: the split's first examples in order
     shuffle: bool = True
     #: α: off-diagonal Gram entries are multiplied by α, the diagonal is kept (FusionBench clip_regmean 0.95)
-    reduce_non_diagonal_ratio: float = 0.95
+    reduce_non_diagonal_ratio: float = num(0.95, ge=0, le=1)
 
 
 def reduce_non_diagonal(gram: Tensor, alpha: float) -> Tensor:
@@ -172,19 +173,6 @@ class RegMean(MergeMethod):
     Config = RegMeanConfig
     protocols = ("joint",)
     modalities = ("vision",)
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        a = cfg.reduce_non_diagonal_ratio
-        checks = [
-            (cfg.num_examples >= 1, f"method.num_examples must be >= 1, got {cfg.num_examples}"),
-            (cfg.batch_size >= 1, f"method.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.split in SPLITS, f"method.split must be one of {list(SPLITS)}, got {cfg.split!r}"),
-            (0.0 <= a <= 1.0, f"method.reduce_non_diagonal_ratio must be in [0, 1], got {a}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
 
     def grams(self, theta: StateDict, batches: Iterable[dict[str, Any]], what: str) -> dict[str, Tensor]:
         """Mean-over-tokens Gram matrices of the recorded weights' inputs while ``theta`` runs ``batches``."""

@@ -5,19 +5,17 @@ Continual: θᵗ = θᵗ⁻¹ + λ·τ_t -- the same result as the joint rule, s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
-from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, add
+from otmf_exp.schema import num
 
 
 @dataclass
 class TaskArithmeticConfig:
     name: str = "task_arithmetic"
-    scaling: float = 0.3
+    scaling: float = num(0.3, ge=0)
 
 
 def task_arithmetic_step(merged_tv: StateDict, new_tv: StateDict, scaling: float) -> StateDict:
@@ -29,11 +27,6 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     Config = TaskArithmeticConfig
     main_coef = "scaling"
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        if not (math.isfinite(cfg.scaling) and cfg.scaling >= 0):
-            raise UserError(f"method.scaling must be a finite number >= 0, got {cfg.scaling}")
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         merged = task_arithmetic_step(state.merged, task.task_vector(pretrained), self.cfg.scaling)

@@ -26,10 +26,8 @@ Protocols (``scaling`` λ; ``null`` = 0.3 joint, 0.5 continual):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +35,7 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, add, scale, task_vector
+from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +48,13 @@ DEFAULT_SCALING = {"joint": 0.3, "continual": 0.5}
 class TiesConfig:
     name: str = "ties"
     #: λ; null = the protocol default (0.3 joint, 0.5 continual)
-    scaling: float | None = None
+    scaling: float | None = num(None, ge=0)
     #: fraction of entries kept by the trim step, in (0, 1]
-    density: float = 0.2
+    density: float = num(0.2, gt=0, le=1)
     #: global: top-k over the flattened task vector (FusionBench) | per_tensor (peft / mergekit)
-    topk_scope: str = "global"
+    topk_scope: str = choice("global", SCOPES)
     #: sum (FusionBench) | mean (original paper) | max
-    merge: str = "sum"
+    merge: str = choice("sum", MERGES)
 
 
 def kth_threshold(magnitudes: Tensor, density: float) -> Tensor:
@@ -141,18 +140,6 @@ class Ties(MergeMethod):
     protocols = ("continual", "joint")
     main_coef = "scaling"
 
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        if cfg.scaling is not None and not (math.isfinite(cfg.scaling) and cfg.scaling >= 0):
-            raise UserError(f"method.scaling must be a finite number >= 0 or null, got {cfg.scaling}")
-        if not 0.0 < cfg.density <= 1.0:
-            raise UserError(f"method.density must be a fraction in (0, 1], got {cfg.density}")
-        if cfg.topk_scope not in SCOPES:
-            raise UserError(f"method.topk_scope must be one of {list(SCOPES)}, got {cfg.topk_scope!r}")
-        if cfg.merge not in MERGES:
-            raise UserError(f"method.merge must be one of {list(MERGES)}, got {cfg.merge!r}")
-
-    @property
     def scaling(self) -> float:
         s = self.cfg.scaling
         return DEFAULT_SCALING.get(self.protocol, 0.5) if s is None else float(s)

@@ -22,10 +22,8 @@ cast back to the parameter's dtype. All T task vectors are held at once (memory 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +31,7 @@ from torch import Tensor
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.schema import choice, num
 
 MATRICES = ("all_2d", "linear")
 SVD_DTYPES = ("auto", "float64")
@@ -42,14 +41,14 @@ SVD_DTYPES = ("auto", "float64")
 class TSVMConfig:
     name: str = "tsvm"
     #: α, the scale of the merged task vector (FusionBench alpha: 1)
-    alpha: float = 1.0
+    alpha: float = num(1.0, ge=0)
     #: parameters merged by the SVD rule: all_2d (FusionBench: every 2-D tensor, embeddings too) |
     #: linear (nn.Linear weights only); the others take the mean of the task vectors
-    matrices: str = "all_2d"
+    matrices: str = choice("all_2d", MATRICES)
     #: parameter names that take the mean instead of the SVD rule (FusionBench exclude_keys)
     exclude_keys: list[str] | None = None
     #: SVD precision: auto (FusionBench: float64 tensors in float64, others in float32) | float64
-    svd_dtype: str = "auto"
+    svd_dtype: str = choice("auto", SVD_DTYPES)
 
 
 def tsv_rank(k: int, tasks: int) -> int:
@@ -103,15 +102,6 @@ class TSVM(MergeMethod):
     Config = TSVMConfig
     protocols = ("joint",)
     main_coef = "alpha"
-
-    @classmethod
-    def validate(cls, cfg: Any) -> None:
-        if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
-            raise UserError(f"method.alpha must be a finite number >= 0, got {cfg.alpha}")
-        if cfg.matrices not in MATRICES:
-            raise UserError(f"method.matrices must be one of {list(MATRICES)}, got {cfg.matrices!r}")
-        if cfg.svd_dtype not in SVD_DTYPES:
-            raise UserError(f"method.svd_dtype must be one of {list(SVD_DTYPES)}, got {cfg.svd_dtype!r}")
 
     def matrix_names(self, pretrained: StateDict) -> set[str]:
         """The parameters merged by the SVD rule for this backbone; an unknown ``exclude_keys``

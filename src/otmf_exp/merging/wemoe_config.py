@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from otmf_exp.errors import UserError
+from otmf_exp.schema import SPLITS, choice, num
 
 _BOTH = dict(
     moe_module={"vision": "mlp", "text": "DenseReluDense"}, attn={"vision": "attn.", "text": "Attention."}
@@ -36,36 +37,36 @@ class WEMoEConfig:
     name: str = "wemoe"
     #: experts of the routed blocks: full (task vectors, FusionBench WEMoE) | lora (rank-r SVD of each
     #: Linear weight delta, biases dropped: MINGLE's C. LoRA-WEMoE); null = full (joint) | lora (continual)
-    experts: str | None = None
+    experts: str | None = choice(None, ("full", "lora"))
     #: router depth 0 | 1 | 2; null = 2 (joint, FusionBench) | 1 (continual, c_wemoe.yaml)
-    router_hidden_layers: int | None = None
+    router_hidden_layers: int | None = choice(None, (0, 1, 2))
     #: bias of every new router output (depth 0: its weight); the top-level alpha sets it
-    init_lambda: float = 0.3
+    init_lambda: float = num(0.3, unbounded=True)  # a router bias: any real
     #: task-arithmetic coefficient of the parameters outside the routed blocks; null = init_lambda (both refs)
-    scaling: float | None = None
+    scaling: float | None = num(None, ge=0)
     #: which parameters outside the routed blocks are task-arithmetic merged (the others stay θ₀):
     #: all (FusionBench) | attn (attention only, the MINGLE authors' continual code) | none;
     #: null = all (joint) | attn (continual)
-    rest: str | None = None
+    rest: str | None = choice(None, ("all", "attn", "none"))
     #: expert rank of the lora experts; the first task's (continual): the authors' CLIP code uses 64 for
     #: the first expert and 16 after; null = 16 / 64 (CLIP) | 32 / 32 (T5); joint: both = lora_rank
-    lora_rank: int | None = None
-    lora_rank_first: int | None = None
+    lora_rank: int | None = num(None, ge=1)
+    lora_rank_first: int | None = num(None, ge=1)
     #: Adam lr, batch and steps of the test-time adaptation; null = joint 1e-4, 16 (T5: 4), 1000 (T5: 200);
     #: continual 1e-4, 16, 50 (T5: 1e-3, 8, 100)
-    lr: float | None = None
-    batch_size: int | None = None
-    max_steps: int | None = None
+    lr: float | None = num(None, gt=0)
+    batch_size: int | None = num(None, ge=1)
+    max_steps: int | None = num(None, ge=0)
     #: routing averaged over the batch during adaptation (both references: true)
     batch_reduce: bool = True
     #: ... and during evaluation; null = false (joint: FusionBench routes per sample after adaptation) |
     #: true (continual: the MINGLE authors' code keeps the batch routing)
     eval_batch_reduce: bool | None = None
     #: split of the unlabeled adaptation data (both references: test)
-    adapt_split: str = "test"
+    adapt_split: str = choice("test", SPLITS)
     #: samples of the task adapted on; null = joint 0 (the whole split) | continual 5 per class
     #: (CLIP; the authors' select_seed_subset) | 100 in total (T5)
-    seed_samples: int | None = None
+    seed_samples: int | None = num(None, ge=0)
     #: continual: the rebuilt router keeps every row trainable (the authors' code: old rows are copied into
     #: a fresh trainable Linear) | false: only the new row
     train_old_rows: bool = True
@@ -74,13 +75,6 @@ class WEMoEConfig:
     entropy_batch_mean: bool | None = None
     #: the last name component of the blocks upscaled to MoE; null = mlp (CLIP) | DenseReluDense (T5)
     moe_module: str | None = None
-
-
-CHOICES = {
-    "experts": ("full", "lora", None),
-    "rest": ("all", "attn", "none", None),
-    "router_hidden_layers": (0, 1, 2, None),
-}
 
 
 @dataclass
@@ -108,17 +102,7 @@ class Options:
 
 
 def validate_config(cfg: Any) -> None:
-    """One-line :class:`UserError` for a bad ``method.*`` value (before any heavy work)."""
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise UserError(
-                f"method.{key} must be one of {[a for a in allowed if a is not None]}, got {cfg[key]!r}"
-            )
-    for key in ("lora_rank", "lora_rank_first", "batch_size"):
-        if cfg[key] is not None and cfg[key] < 1:
-            raise UserError(f"method.{key} must be >= 1, got {cfg[key]}")
-    if cfg.seed_samples is not None and cfg.seed_samples < 0:
-        raise UserError(f"method.seed_samples must be >= 0 (0 = the whole split), got {cfg.seed_samples}")
+    """One-line :class:`UserError` for a rule no declaration of WEMoEConfig states."""
     if cfg.moe_module is not None and not str(cfg.moe_module):
         raise UserError("method.moe_module must name a module, e.g. mlp")
 
