@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging import (
     AdaMerging,
@@ -68,7 +69,7 @@ def digits(zoo):
 
 def _method(bb, rec, **kw):
     cfg = OmegaConf.merge(OmegaConf.structured(AdaMergingConfig), kw)
-    AdaMerging.validate(cfg)
+    validate_method(AdaMerging, cfg)
     ctx = MethodContext(
         bb,
         torch.device("cpu"),
@@ -161,7 +162,7 @@ def test_validate_rejects_bad_values(key, value):
     cfg = OmegaConf.structured(AdaMergingConfig)
     cfg[key] = value
     with pytest.raises(UserError, match=key):
-        AdaMerging.validate(cfg)
+        validate_method(AdaMerging, cfg)
 
 
 @pytest.mark.parametrize("granularity", ["task", "layer"])
@@ -184,4 +185,4 @@ def test_per_task_backward_equals_summed_backward(digits, granularity):
 def test_backward_mode_is_validated():
     cfg = OmegaConf.merge(OmegaConf.structured(AdaMergingConfig), {"backward": "sometimes"})
     with pytest.raises(UserError, match="method.backward"):
-        AdaMerging.validate(cfg)
+        validate_method(AdaMerging, cfg)

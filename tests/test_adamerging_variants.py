@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import UserError
 from otmf_exp.merging import adamerging as am
@@ -43,7 +44,7 @@ def _toy_task(name="a", n=12, seed=0):
 
 def _method(bb, rec=None, protocol="continual", **kw):
     cfg = OmegaConf.merge(OmegaConf.structured(AdaMergingConfig), kw)
-    AdaMerging.validate(cfg)
+    validate_method(AdaMerging, cfg)
     rec = {} if rec is None else rec
     ctx = MethodContext(bb, torch.device("cpu"), torch.Generator(), progress=False, record=rec.__setitem__)
     return AdaMerging(cfg, ctx, protocol=protocol)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.adamerging import entropy
 from otmf_exp.merging.base import MethodContext, TaskInput
@@ -50,7 +51,7 @@ def _toy(n_tasks: int = 3, d: int = 6, c: int = 4):
 def _run(seed: int = 0, **over):
     pre, tasks = _toy()
     cfg = ConcreteConfig(**{"max_steps": 5, "max_adamerging_steps": 5, "batch_size": 8, **over})
-    Concrete.validate(cfg)
+    validate_method(Concrete, cfg)
     rec: dict = {}
     ctx = MethodContext(
         ToyBackbone(),
@@ -167,7 +168,7 @@ def test_adamerging_coefficients_and_the_stale_inner_quirk():
 )
 def test_bad_options_are_one_line_user_errors(over, match):
     with pytest.raises(UserError, match=match):
-        Concrete.validate(ConcreteConfig(**over))
+        validate_method(Concrete, ConcreteConfig(**over))
 
 
 def test_text_backbones_and_continual_are_refused():

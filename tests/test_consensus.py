@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.consensus import Consensus, ConsensusConfig, tall_mask
@@ -93,7 +94,7 @@ def test_protocol_defaults_and_recorded_values():
 def test_bad_values_are_one_line_errors(override, match):
     cfg = OmegaConf.merge(OmegaConf.structured(ConsensusConfig), override)
     with pytest.raises(UserError, match=match):
-        Consensus.validate(cfg)
+        validate_method(Consensus, cfg)
 
 
 def test_merged_mask_is_refused_in_joint():

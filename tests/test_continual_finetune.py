@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from _hub_fixtures import seq_cfg, t5_cfg
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.data import build_task_data
 from otmf_exp.data.digits import build_task
 from otmf_exp.errors import NonFiniteLossError, UserError
@@ -26,7 +27,7 @@ def _method(bb, seed: int = 0, records: dict | None = None, **kw) -> ContinualFi
     cfg = OmegaConf.structured(ContinualFinetuneConfig)
     for k, v in kw.items():
         OmegaConf.update(cfg, k, v)
-    ContinualFinetune.validate(cfg)
+    validate_method(ContinualFinetune, cfg)
     rec = (lambda k, v: records.__setitem__(k, v)) if records is not None else (lambda k, v: None)
     ctx = MethodContext(bb, torch.device("cpu"), torch.Generator(), progress=False, record=rec, seed=seed)
     return ContinualFinetune(cfg, ctx)

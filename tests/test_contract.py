@@ -118,13 +118,14 @@ from dataclasses import dataclass
 
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, add
+from otmf_exp.schema import num
 
 
 @dataclass
 class ToyConfig:
     name: str = "toy"
     #: weight of each new task vector
-    scale: float = 0.25
+    scale: float = num(0.25, ge=0)
 
 
 class Toy(MergeMethod):
@@ -162,8 +163,11 @@ def test_toy_method_through_the_extending_steps(tmp_path, monkeypatch, zoo):
         assert cfg.method.scale == 0.25
         m = run_experiment(cfg, tmp_path / "run")
         cfg_alpha = compose("run", overrides=[search, "method=toy", "alpha=0.5", "progress=false"])
+        cfg_bad = compose("run", overrides=[search, "method=toy", "method.scale=-1", "progress=false"])
     assert m["method"] == "toy" and len(m["acc_matrix"]) == 2 and 0 <= m["acc"] <= 100
     assert config.method_config(cfg_alpha).scale == 0.5  # main_coef: the top-level alpha sets it
+    with pytest.raises(UserError, match=r"^method\.scale must be >= 0, got -1\.0$"):  # its declared range
+        config.check_values(cfg_bad)
 
 
 def test_check_state_default_accepts_theta0_plus_modules_and_names_a_mismatch():

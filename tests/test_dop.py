@@ -8,6 +8,7 @@ import _hub_fixtures as fx
 import pytest
 import torch
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.dop import (
@@ -144,7 +145,7 @@ def test_non_finite_weights_and_losses_are_user_errors():
 def _method(**options):
     bb = SimpleNamespace(linear_weight_names=lambda: {"lin.weight"}, direct_params_of_nonleaf=lambda: {"cls"})
     cfg = replace(DOPConfig(), **{"steps": 3, **options})
-    DOP.validate(cfg)
+    validate_method(DOP, cfg)
     return DOP(cfg, MethodContext(bb, torch.device("cpu"), torch.Generator(), progress=False))
 
 
@@ -217,7 +218,7 @@ def test_zero_steps_is_the_pairwise_mean():
 )
 def test_bad_values_are_one_line_user_errors(key, value):
     with pytest.raises(UserError, match=f"method.{key}"):
-        DOP.validate(replace(DOPConfig(), **{key: value}))
+        validate_method(DOP, replace(DOPConfig(), **{key: value}))
 
 
 def test_runs_on_the_open_clip_fixture(hub_root):

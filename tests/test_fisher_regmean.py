@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from otmf_exp.config import validate_method
 from otmf_exp.data.base import TensorTaskData, example_batches
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
@@ -251,7 +252,7 @@ def test_multihead_attention_projections_are_recorded_and_unchanged():
 )
 def test_bad_values_are_one_line_user_errors(cls, key, value):
     with pytest.raises(UserError, match=f"method.{key}") as e:
-        cls.validate(_cfg(cls, **{key: value}))
+        validate_method(cls, _cfg(cls, **{key: value}))
     assert "\n" not in str(e.value)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.magmax import MagMax, MagMaxConfig, maxabs
@@ -66,4 +67,4 @@ def test_validate_rejects_negative_scaling():
     cfg = OmegaConf.structured(MagMaxConfig)
     cfg.scaling = -0.5
     with pytest.raises(UserError, match="scaling"):
-        MagMax.validate(cfg)
+        validate_method(MagMax, cfg)

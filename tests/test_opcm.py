@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.opcm import OPCM, OPCMConfig, project_out, split_rank
@@ -247,10 +248,10 @@ def test_validate_rejects_bad_values():
     cfg = OmegaConf.structured(OPCMConfig)
     cfg.alpha = -0.1
     with pytest.raises(UserError, match="alpha"):
-        OPCM.validate(cfg)
+        validate_method(OPCM, cfg)
     cfg.alpha, cfg.svd_dtype = 0.5, "float16"
     with pytest.raises(UserError, match="svd_dtype"):
-        OPCM.validate(cfg)
+        validate_method(OPCM, cfg)
 
 
 # ---- precision: auto (float32 SVD, float64 where the split is close) vs the exact float64 result -----

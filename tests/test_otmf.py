@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from otmf_exp.config import validate_method
 from otmf_exp.data import digits
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.otmf import OTMF, OTMFConfig
@@ -28,7 +29,7 @@ def _method(bb, **over):
     cfg = OmegaConf.merge(OmegaConf.structured(OTMFConfig), {"iterations": 4, "head_tuning": {"steps": 2}})
     for k, v in over.items():
         OmegaConf.update(cfg, k, v)
-    OTMF.validate(cfg)
+    validate_method(OTMF, cfg)
     ctx = MethodContext(bb, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
     records = {}
     ctx.record = records.__setitem__

@@ -36,7 +36,7 @@ def _check(p: subprocess.CompletedProcess, root) -> None:
     assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     # reported when it fails, and listed at the end
-    assert "error: job #1: method.scaling must be a finite number, got nan" in p.stderr
+    assert "error: job #1: method.scaling must be a finite number >= 0, got nan" in p.stderr
     tail = p.stderr.strip().splitlines()[-2:]
     assert (
         tail[0].startswith("sweep finished with 1 failed job(s)")

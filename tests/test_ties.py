@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.ties import Ties, TiesConfig, elect_signs, kth_threshold, ties_merge, trim
@@ -120,4 +121,4 @@ def test_validate_rejects_bad_values(key, value):
     cfg = OmegaConf.structured(TiesConfig)
     cfg[key] = value
     with pytest.raises(UserError, match=key):
-        Ties.validate(cfg)
+        validate_method(Ties, cfg)

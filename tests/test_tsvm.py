@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.tsvm import TSVM, TSVMConfig, tsv_merge_matrix, tsv_rank
@@ -78,7 +79,7 @@ def test_joint_matrices_means_and_alpha(kw, svd_e):
 )
 def test_bad_values_are_one_line_errors(override, match):
     with pytest.raises(UserError, match=match):
-        TSVM.validate(OmegaConf.merge(OmegaConf.structured(TSVMConfig), override))
+        validate_method(TSVM, OmegaConf.merge(OmegaConf.structured(TSVMConfig), override))
 
 
 def test_unknown_exclude_key_is_refused():

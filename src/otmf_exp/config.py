@@ -6,6 +6,7 @@ Each method's schema is the ``Config`` dataclass in its own module (registered h
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -88,10 +89,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     #: overrides the method's main coefficient (OTMF α, OPCM α, λ of TA/TIES/MagMax); null = default
     alpha: float | None = num(None, ge=0, le=1)
-    seed: int = num(0, ge=0, le=SEED_MAX)
+    seed: int = num(0, ge=0, le=SEED_MAX, integer=True)
     #: given | shuffled | an explicit list of task names
     task_order: Any = checked_by("given", "resolve_order")
-    order_seed: int = num(0, ge=0, le=SEED_MAX)
+    order_seed: int = num(0, ge=0, le=SEED_MAX, integer=True)
     #: continual | joint
     protocol: str = choice("continual", ("continual", "joint"))
     save_merged: bool = False
@@ -258,9 +259,9 @@ def resolve_order(cfg: DictConfig) -> list[str]:
 
 
 def method_config(cfg: DictConfig) -> Any:
+    """The method's config with the top-level ``alpha`` applied to its main coefficient, checked."""
     from otmf_exp.merging import METHODS
 
-    """The method's config with the top-level ``alpha`` applied to its main coefficient."""
     name = cfg.method.name
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; known: {sorted(METHODS)}")
@@ -274,9 +275,22 @@ def method_config(cfg: DictConfig) -> Any:
             raise UserError(f"method {name!r} has no coefficient for alpha to set; remove alpha={a}")
         with open_dict(mcfg):
             mcfg[cls.main_coef] = a
-        check_declared(cls.Config, OmegaConf.to_container(mcfg), "method.")
-    cls.validate(mcfg)  # the cross-field rules (each value's range is declared in cls.Config)
+    validate_method(cls, mcfg)
     return mcfg
+
+
+def validate_method(cls: Any, cfg: Any) -> None:
+    """A method's config (DictConfig, dict or ``cls.Config`` instance): every value against the
+    declarations of ``cls.Config`` (errors name ``method.<key>``), then ``cls.validate``, the rules
+    across fields. One :class:`UserError` line."""
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    elif dataclasses.is_dataclass(cfg):
+        plain = dataclasses.asdict(cfg)
+    else:
+        plain = dict(cfg)
+    check_declared(cls.Config, plain, "method.")
+    cls.validate(cfg)
 
 
 def check_run_config(cfg: DictConfig) -> None:

@@ -50,6 +50,7 @@ class Rule:
     #: old spellings still accepted, not advertised (AdaMerging ``clamp: true``)
     aliases: tuple[Any, ...] = ()
     null: bool = False  # filled from the annotation by declarations()
+    int_typed: bool = False  # annotated int: an integer, enforced without saying so in messages
 
     @property
     def numeric(self) -> bool:
@@ -192,8 +193,8 @@ def declarations(cls: type, prefix: str = "") -> tuple[tuple[str, Rule, Any], ..
             raise SchemaError(f"{cls.__name__}.{f.name}: a bool field needs no declaration")
         if rule.numeric and tp not in (int, float, Any) and not _is_numeric(tp):
             raise SchemaError(f"{cls.__name__}.{f.name}: a range on a non-numeric field")
-        integer = rule.integer or tp is int or typing.get_args(tp)[-1:] == (int,)
-        rule = dataclasses.replace(rule, null=optional, integer=integer and rule.numeric)
+        int_typed = rule.numeric and (tp is int or typing.get_args(tp)[-1:] == (int,))
+        rule = dataclasses.replace(rule, null=optional, int_typed=int_typed)
         out.append((path, rule, tp))
     return tuple(out)
 
@@ -228,7 +229,7 @@ def problem(rule: Rule, value: Any) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return bad
-    if rule.integer and not isinstance(value, int):
+    if (rule.integer or rule.int_typed) and not isinstance(value, int):
         return bad
     if not math.isfinite(value):
         text = rule.describe()

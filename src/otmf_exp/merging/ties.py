@@ -140,6 +140,7 @@ class Ties(MergeMethod):
     protocols = ("continual", "joint")
     main_coef = "scaling"
 
+    @property
     def scaling(self) -> float:
         s = self.cfg.scaling
         return DEFAULT_SCALING.get(self.protocol, 0.5) if s is None else float(s)
