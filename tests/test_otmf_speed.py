@@ -161,35 +161,3 @@ def test_bench_authors_part_min_over_rounds_and_target_rows():
     md = render(res)
     assert "OTMF step time / authors' step time" in md and "peak / authors' peak" in md
     assert "authors' compute_sr_mask" in md and "0.625" in md
-
-
-def test_on_write_lazy_copy_is_taken_per_group_just_before_its_in_backward_step():
-    """best_masks=on_write with Adam in the backward: a copy is marked, and each layer group's tensors
-    are copied right before that group's step (not before the backward): the copy holds exactly the
-    pre-step values, grows group by group, and load_best restores the masks bit for bit."""
-    from otmf_exp.merging.ot_masks import BackwardAdam, Masks
-
-    g = torch.Generator().manual_seed(0)
-    like = {f"layers.{i}.w": torch.randn(4, 3, generator=g) for i in range(3)}
-    m = Masks(like, "identity", "element")
-    before = {k: r.detach().clone() for k, r in m.raw.items()}
-    m.save_best(lazy=True)
-    assert m.has_best and m._best == {}
-    sizes: list[int] = []
-
-    def copy(side: str, names: list[str]) -> None:
-        m.copy_keys(names)
-        sizes.append(len(m._best))
-
-    x = torch.randn(5, 3, generator=g)
-    with BackwardAdam({"pre": m.raw}, 0.1, copy) as ba:
-        loss = sum(((x @ (r * like[k]).T) ** 2).sum() for k, r in m.raw.items())
-        loss.backward()
-        ba.flush()
-    assert sorted(sizes) == [1, 2, 3]  # one group (layer) copied at a time
-    assert all(not torch.equal(m.raw[k], before[k]) for k in like)  # every mask was stepped
-    assert all(torch.equal(m._best[k], before[k]) for k in like)  # the copies: the pre-step values
-    m.load_best()
-    assert all(torch.equal(m.raw[k], before[k]) for k in like) and not m.has_best
-    m.copy_keys(like)  # no copy marked: nothing is copied
-    assert not m.has_best

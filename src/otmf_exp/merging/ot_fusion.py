@@ -260,11 +260,7 @@ class FusionStep:
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
         if self.adam_in_backward:  # Adam per (side, layer) group, stepped inside the iteration's backward
-
-            def before(side: str, names: list[str]) -> None:  # best_masks=on_write's lazy copies
-                sides[side].copy_keys(names)
-
-            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr, before) as in_backward:
+            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr) as in_backward:
                 return self._loop(n, track, lambda side: in_backward.flush())
         # the optimiser states are freed on return, before the result is built
         opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
@@ -289,11 +285,7 @@ class FusionStep:
             )  # one backward per step: decided before it, last one skippable
             # skip_last=False: skipping the last backward left its graph (and the step's θ_t, through the
             # saved-tensor hooks) alive after the step (tests/test_bounded_memory.py); it saved one backward
-            # lazy (Adam in the backward): each layer's copy just before its step, while the backward
-            # frees the activations (bit-identical; up to 1 W less at the peak)
-            cow = BestOnWrite(
-                {"pre": self.m_pre, "post": self.m_post}, n - 1, skip_last=False, lazy=self.adam_in_backward
-            )
+            cow = BestOnWrite({"pre": self.m_pre, "post": self.m_post}, n - 1, skip_last=False)
             if early:
                 self.before_backward = lambda i, v: cow.before_step(
                     i, v, ("pre",) if i % 2 == 0 else ("post",)

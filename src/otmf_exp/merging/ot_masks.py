@@ -4,7 +4,7 @@ after the backward or inside it (:class:`BackwardAdam`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -41,9 +41,6 @@ class Masks:
             for k, v in like.items()
         }
         self._best: StateDict | None = None
-        #: a copy-on-write copy (``save_best(lazy=True)``) whose tensors are copied one group at a
-        #: time, just before an in-backward Adam step first changes them (:meth:`copy_keys`)
-        self._lazy = False
 
     def values(self, grad: bool = True) -> StateDict:
         """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
@@ -54,13 +51,8 @@ class Masks:
         r = self.raw[k] if grad else self.raw[k].detach()
         return 2.0 * torch.sigmoid(r) if self.sigmoid else r
 
-    def save_best(self, lazy: bool = False) -> None:
-        """Copy the current masks into one preallocated buffer (no new allocation per improvement).
-        ``lazy``: only mark the copy; each tensor is copied by :meth:`copy_keys` right before it
-        changes (bit-identical, and the copy grows while the backward frees the activations)."""
-        if lazy:
-            self._best, self._lazy = {}, True
-            return
+    def save_best(self) -> None:
+        """Copy the current masks into one preallocated buffer (no new allocation per improvement)."""
         with torch.no_grad():
             if self._best is None:
                 self._best = {k: r.detach().clone() for k, r in self.raw.items()}
@@ -68,28 +60,19 @@ class Masks:
                 for k, r in self.raw.items():
                     self._best[k].copy_(r)
 
-    def copy_keys(self, keys: Iterable[str]) -> None:
-        """Under a lazy copy: copy the tensors ``keys`` not copied yet (they are about to change)."""
-        if self._lazy and self._best is not None:
-            with torch.no_grad():
-                for k in keys:
-                    if k not in self._best:
-                        self._best[k] = self.raw[k].detach().clone()
-
     @property
     def has_best(self) -> bool:
         return self._best is not None
 
     def drop_best(self) -> None:
-        self._best, self._lazy = None, False
+        self._best = None
 
     def load_best(self) -> None:
-        """The copy back into the masks (a lazy copy's tensors never copied have not changed)."""
         if self._best is not None:
             with torch.no_grad():
-                for k, b in self._best.items():
-                    self.raw[k].copy_(b)
-        self._best, self._lazy = None, False
+                for k, r in self.raw.items():
+                    r.copy_(self._best[k])
+        self._best = None
 
     def mean_abs(self) -> Tensor:
         vals = self.values()
@@ -115,13 +98,11 @@ class BestOnWrite:
     are dropped and :attr:`replay` is set (the best pair is then re-derived by replaying the seeded
     optimisation up to the best iteration, as ``best_masks=replay``) until the next improvement. The
     last iteration's step is skipped when it does not improve (``skip_last``: nothing returned
-    depends on it). ``lazy`` (Adam inside the backward): a copy is taken one layer group at a time
-    just before that group's step (:meth:`Masks.copy_keys`, called by :class:`BackwardAdam`), so
-    it grows while the backward frees the activations instead of adding 1 W on top of them. Memory: ≤ 1 W (alternate schedule, the usual pattern — pre losses improve, post
+    depends on it). Memory: ≤ 1 W (alternate schedule, the usual pattern — pre losses improve, post
     ones do not — 1 W from a post step to the next pre forward, no replay)."""
 
-    def __init__(self, sides: Mapping[str, Masks], last: int, skip_last: bool, lazy: bool = False) -> None:
-        self.sides, self.last, self.skip_last, self.lazy = sides, last, skip_last, lazy
+    def __init__(self, sides: Mapping[str, Masks], last: int, skip_last: bool) -> None:
+        self.sides, self.last, self.skip_last = sides, last, skip_last
         self.best = float("inf")
         #: the held copies were dropped: the best pair must be replayed
         self.replay = False
@@ -142,7 +123,7 @@ class BestOnWrite:
             self.replay = True
             return True
         for s in need:
-            self.sides[s].save_best(lazy=self.lazy)
+            self.sides[s].save_best()
         return True
 
     def _drop(self) -> None:
@@ -181,22 +162,12 @@ class BackwardAdam:
     gradient. Fused Adam's arithmetic is per tensor, so the masks equal those of one Adam stepped
     after the backward, bit for bit. Use as a context manager (the hooks are removed on exit)."""
 
-    def __init__(
-        self,
-        sides: Mapping[str, Mapping[str, Tensor]],
-        lr: float,
-        before_step: Callable[[str, list[str]], None] | None = None,
-    ) -> None:
+    def __init__(self, sides: Mapping[str, Mapping[str, Tensor]], lr: float) -> None:
         groups: dict[tuple[str, str], list[Tensor]] = {}
-        names: dict[tuple[str, str], list[str]] = {}
         for side, raw in sides.items():
             for name, p in raw.items():
                 groups.setdefault((side, layer_key(name)), []).append(p)
-                names.setdefault((side, layer_key(name)), []).append(name)
         self.groups = list(groups.values())
-        #: (side, parameter names) of each group; ``before_step(side, names)`` runs before its step
-        self.names = [(side, ns) for (side, _), ns in names.items()]
-        self.before_step = before_step
         self.opts = [adam(g, lr) for g in self.groups]
         self.group_of = {p: i for i, g in enumerate(self.groups) for p in g}
         self.ready = [0] * len(self.groups)
@@ -209,8 +180,6 @@ class BackwardAdam:
             self._step(i)
 
     def _step(self, i: int) -> None:
-        if self.before_step is not None:
-            self.before_step(*self.names[i])
         self.opts[i].step()
         self.opts[i].zero_grad(set_to_none=True)
         self.ready[i] = 0
