@@ -70,7 +70,18 @@ def interrupted() -> bool:
 EXIT_OK, EXIT_CRASH = 0, 1
 
 #: what the ASCII fallback writes for the few non-ASCII characters our tables and lines use
-_ASCII = {"±": "+-", "Δ": "d", "—": "-", "–": "-", "…": "...", "×": "x", "→": "->", "θ": "theta", "↓": "v", "↑": "^"}
+_ASCII = {
+    "±": "+-",
+    "Δ": "d",
+    "—": "-",
+    "–": "-",
+    "…": "...",
+    "×": "x",
+    "→": "->",
+    "θ": "theta",
+    "↓": "v",
+    "↑": "^",
+}
 _ASCII |= {"─": "-", "━": "-", "│": "|", "┃": "|", "·": ".", "≤": "<=", "≥": ">=", "✓": "ok", "✗": "x"}
 
 
@@ -84,7 +95,12 @@ def _ascii_fallback(e: UnicodeError) -> tuple[str, int]:
 codecs.register_error("otmf_ascii", _ascii_fallback)
 
 #: skipped when a config error is put on one line
-_CONFIG_NOISE = ("full_key:", "object_type=", "reference_type=", "Set the environment variable HYDRA_FULL_ERROR")
+_CONFIG_NOISE = (
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "Set the environment variable HYDRA_FULL_ERROR",
+)
 
 
 def one_line(e: BaseException) -> str:
@@ -162,6 +178,9 @@ def cli_main(
     * a closed stdout (``| head``): exit 0 and no message, the output was written before printing;
     * anything else is a real crash: the traceback, exit 1.
     """
+    for name in ("stdout", "stderr"):  # started with a closed stream (`>&-`): Python made it None
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
     ascii_safe_stdout()
     try:
         rc = fn(argv) if argv is not None else fn()
