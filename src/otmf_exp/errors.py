@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from types import FrameType
 
@@ -176,7 +177,7 @@ def cli_main(
       ``error: <line>``, exit 2;
     * Ctrl-C: ``interrupted`` (or ``interrupted_line(e)``), exit 130, no traceback;
     * a closed stdout (``| head``): exit 0 and no message, the output was written before printing;
-    * anything else is a real crash: the traceback, exit 1.
+    * anything else is a real crash (a bug): its traceback, exit 1.
     """
     for name in ("stdout", "stderr"):  # started with a closed stream (`>&-`): Python made it None
         if getattr(sys, name) is None:
@@ -190,13 +191,16 @@ def cli_main(
         rc = _fail(interrupted_line(e) if interrupted_line else "interrupted", EXIT_INTERRUPTED, prefix="")
     except BrokenPipeError:
         rc = EXIT_OK
+    except SystemExit as e:  # argparse, or a CLI that exits itself: its code (a message is printed)
+        rc = e.code if isinstance(e.code, int) or e.code is None else _fail(str(e.code), EXIT_CRASH, "")
     except Exception as e:
         if is_config_error(e):  # before OSError: Hydra's MissingConfigException is one
             rc = _fail(one_line(e), EXIT_USER_ERROR)
         elif isinstance(e, OSError):
             rc = _fail(os_error_line(e), EXIT_USER_ERROR)
-        else:
-            raise
+        else:  # a real crash (a bug): its traceback, exit 1
+            traceback.print_exc()
+            rc = EXIT_CRASH
     quiet_closed_stdout()
     return int(rc or 0)
 

@@ -180,8 +180,13 @@ def _cli() -> int:
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so
     # cli_main turns it into one `error:` line, exit 2 (HYDRA_FULL_ERROR=1 set by the user keeps Hydra's)
+    user_choice = os.environ.get("HYDRA_FULL_ERROR")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    _main()
+    try:
+        _main()
+    finally:
+        if user_choice is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
 
 
