@@ -112,6 +112,9 @@ NO_WANDB_KEY = {"WANDB_API_KEY": "", "WANDB_MODE": "online", "NETRC": "/nonexist
 @pytest.fixture
 def no_wandb_key(monkeypatch, tmp_path: Path) -> None:
     """No W&B key anywhere (env, ~/.netrc, settings): an online W&B start must fail."""
+    from otmf_exp.offline.zoo import cache_root
+
+    monkeypatch.setenv("OTMF_EXP_CACHE", str(cache_root()))  # the zoo stays where it is (HOME moves)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
