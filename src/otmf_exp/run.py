@@ -131,7 +131,10 @@ class SweepReport(Callback):
     """Lists a sweep's failed jobs when it ends and exits non-zero (2: bad input only, 1: a crash)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep.reset(config.hydra.sweep.dir)
+        try:
+            sweep.reset(config.hydra.sweep.dir)
+        except OSError:  # an uncreatable sweep dir: the launcher's mkdir says so in one line next
+            pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = sweep.failures(config.hydra.sweep.dir)

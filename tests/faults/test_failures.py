@@ -127,6 +127,15 @@ def test_unwritable_hydra_run_dir_is_one_line(run_main, tmp_path):
     one_error(err, 2, rc, f"{planted}")
 
 
+def test_uncreatable_sweep_dir_is_one_line(run_main, tmp_path):
+    planted = tmp_path / "afile"
+    planted.write_text("mine")
+    with untouched(planted):
+        rc, _, err = run_main("-m", *RUN, f"hydra.sweep.dir={planted}/sweep")
+    assert err == [f"error: {planted}/sweep: Not a directory"], err  # no callback warning before it
+    assert rc == 2
+
+
 def test_out_dir_naming_a_file_is_one_line(run_main, tmp_path):
     planted = tmp_path / "afile"
     planted.write_text("mine")
@@ -285,6 +294,7 @@ def test_a_bad_run_dir_is_skipped_with_one_warning_and_the_table_written(
         (["--wandb-export", "{tmp}/bad.json"], "bad.json is not a W&B runs export"),
         (["--wandb-export", "{tmp}/list.json"], "list.json is not a W&B runs export"),
         (["--wandb-export", "{tmp}/missing.csv"], "missing.csv: No such file or directory"),
+        (["--wandb-export", "{tmp}/empty.csv"], "empty.csv is not a W&B runs export"),
         (["{runs}", "--out", "{planted}/sub"], "{planted}/sub"),
     ],
     ids=[
@@ -293,6 +303,7 @@ def test_a_bad_run_dir_is_skipped_with_one_warning_and_the_table_written(
         "export_not_json",
         "export_not_runs",
         "export_missing",
+        "export_empty_csv",
         "out_under_a_file",
     ],
 )
@@ -302,6 +313,7 @@ def test_make_tables_failures_are_one_line(run_cli, finished_run, tmp_path, argv
     planted.write_text("mine")
     (tmp_path / "bad.json").write_text('{"a": 1')
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "empty.csv").write_text("")
     fmt = {"runs": runs, "planted": planted, "tmp": tmp_path}
     with untouched(planted, runs):
         rc, _, err = run_cli(_tables_main(), *[a.format(**fmt) for a in argv])
