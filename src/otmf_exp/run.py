@@ -158,7 +158,9 @@ def interrupted_line(e: KeyboardInterrupt, overrides: list[str]) -> str:
 def main() -> None:
     """Console script ``otmf-exp`` (= ``python -m otmf_exp.run``); every failure is one line
     (:func:`otmf_exp.errors.cli_main`): bad input / config errors exit 2, Ctrl-C 130, a crash 1."""
-    sys.exit(cli_main(_cli, interrupted_line=lambda e: interrupted_line(e, _CURRENT.get("overrides", []))))
+    code = cli_main(_cli, interrupted_line=lambda e: interrupted_line(e, _CURRENT.get("overrides", [])))
+    if code:
+        sys.exit(code)
 
 
 def _cli() -> int:
@@ -171,7 +173,7 @@ def _cli() -> int:
         try:
             lines = sweep.dry_run_lines(args, show)
         except Exception as e:  # a bad override or preset: one line
-            raise UserError(one_line(e)) from None
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         print("\n".join(lines))
         return 0
     if {"-m", "--multirun"} & set(argv) and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
