@@ -184,11 +184,15 @@ def _cli() -> int:
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so
-    # cli_main turns it into one `error:` line, exit 2 (HYDRA_FULL_ERROR=1 set by the user keeps Hydra's)
+    # cli_main turns it into one `error:` line, exit 2 (a crash still prints its whole traceback)
     user_choice = os.environ.get("HYDRA_FULL_ERROR")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _main()
+    except ValueError as e:  # Hydra's own flags combined wrongly (e.g. -m with --info)
+        if not str(e).startswith("Only one of --run, --multirun"):
+            raise
+        raise UserError(str(e).splitlines()[0]) from None
     finally:
         if user_choice is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

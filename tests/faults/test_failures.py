@@ -94,6 +94,7 @@ def test_config_errors_are_one_line():
         (["method=task_arithmetic", "alpha=???"], "Missing mandatory value: alpha"),
         (["method=task_arithmetic", "method.alpha=1"], "Key 'alpha' not in 'TaskArithmeticConfig'"),
         (["-m", "--cfg", "job"], "--cfg prints the config of one run and cannot be combined with -m"),
+        (["-m", "--info", "config"], "Only one of --run, --multirun, --cfg, --info"),
         (
             ["-m", "hydra/launcher=nope"],
             "Could not find 'hydra/launcher/nope' Available options in 'hydra/launcher': basic",
@@ -105,6 +106,7 @@ def test_config_errors_are_one_line():
         "missing_value",
         "unknown_key",
         "multirun_cfg",
+        "multirun_info",
         "bad_launcher",
     ],
 )
@@ -112,7 +114,7 @@ def test_config_errors_of_a_run_are_one_line(run_main, tmp_path, zoo, overrides,
     out, sweep = tmp_path / "o", tmp_path / "sweep"
     (tmp_path / "mine.txt").write_text("planted")
     with untouched(tmp_path / "mine.txt"):
-        flags = [o for o in overrides if o.startswith("-") or o == "job"]  # before the overrides
+        flags = [o for o in overrides if o.startswith("-") or o in ("job", "config")]  # first
         rest = [o for o in overrides if o not in flags]
         rc, _, err = run_main(*flags, *RUN, *rest, f"out_dir={out}", f"hydra.sweep.dir={sweep}")
     one_error(err, 2, rc, text)
