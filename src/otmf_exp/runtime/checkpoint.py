@@ -78,7 +78,7 @@ def latest_doc(
     d = found[-1]
     try:
         doc = json.loads((d / DOC).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
         raise UserError(broken_message(d / DOC, _reason(e))) from None
     problem = _doc_problem(doc) or (check(doc) if check is not None else None)
     if problem:
