@@ -21,11 +21,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from otmf_exp.errors import cli_main
 from otmf_exp.reporting import render, tables
 from otmf_exp.reporting.runs import load_runs
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI through the shared wrapper: every failure is one ``error:`` line (exit 2), Ctrl-C
+    exit 130, a closed stdout after the tables were written exit 0."""
+    return cli_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help="run dirs or trees containing metrics.json files")
     p.add_argument(

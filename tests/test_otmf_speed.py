@@ -161,3 +161,29 @@ def test_bench_authors_part_min_over_rounds_and_target_rows():
     md = render(res)
     assert "OTMF step time / authors' step time" in md and "peak / authors' peak" in md
     assert "authors' compute_sr_mask" in md and "0.625" in md
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
+def test_copy_of_a_mask_still_at_its_initial_value_holds_no_tensor(granularity):
+    """A best-mask copy taken before a side's first step is its initial value: nothing is copied, and
+    load_best restores the initial bits; once stepped, the copy is a real one (and restores it)."""
+    from otmf_exp.merging.ot_masks import Masks
+
+    for param, init in (("identity", 1.0), ("sigmoid", 0.0)):
+        m = Masks({"a": torch.zeros(4, 3), "b": torch.zeros(5)}, param, granularity)
+        m.save_best()
+        assert m.has_best and m._best == {}  # no tensor held
+        with torch.no_grad():
+            m.raw["a"].add_(0.5)
+        m.load_best()
+        assert all(torch.equal(r, torch.full_like(r, init)) for r in m.raw.values()) and not m.has_best
+        with torch.no_grad():
+            m.raw["b"].sub_(0.25)
+        stepped = {k: r.detach().clone() for k, r in m.raw.items()}
+        assert not m.at_init()
+        m.save_best()
+        assert set(m._best) == {"a", "b"}
+        with torch.no_grad():
+            m.raw["b"].mul_(3.0)
+        m.load_best()
+        assert all(torch.equal(m.raw[k], stepped[k]) for k in stepped)

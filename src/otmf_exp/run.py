@@ -15,6 +15,7 @@ python -m otmf_exp.run -m experiment=paper/continual_vision --dry-run   # list t
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,10 +25,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from otmf_exp.config import check_registry, register_configs
-from otmf_exp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RunInterrupted, UserError, watch_interrupts
+from otmf_exp.errors import (
+    EXIT_USER_ERROR,
+    RunInterrupted,
+    UserError,
+    cli_main,
+    is_config_error,
+    one_line,
+    watch_interrupts,
+)
 from otmf_exp.reporting.summary import print_summary
 from otmf_exp.runner import run_experiment
 from otmf_exp.runtime import sweep
@@ -67,7 +76,8 @@ def concurrent_jobs(hc: Any) -> int:
 def _main(cfg: DictConfig) -> Any:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    overrides = [str(o) for o in hc.overrides.task]
+    # the override strings as typed: iterating the ListConfig would resolve an `x=${...}` override
+    overrides = [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
     _CURRENT["overrides"] = overrides
     job_dir = Path(hc.runtime.output_dir)
     try:
@@ -77,22 +87,23 @@ def _main(cfg: DictConfig) -> Any:
                 "(each job gets <sweep dir>/<job>) or run that job alone"
             )
         result = run_experiment(cfg, _out_dir(cfg), concurrent_jobs(hc) if multirun else 1)
-    except UserError as e:
-        print(f"error: job #{hc.job.num}: {e}" if multirun else f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, UserError) and not is_config_error(e):
+            if not multirun:
+                raise  # a crash in a single run is a bug: its traceback, exit 1
+            log.exception("job #%s crashed", hc.job.num)  # a crash in one job must not end the sweep
+            first = (str(e).splitlines() or [""])[0]
+            sweep.record_failure(
+                hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
+            )
+            return None
+        line = str(e) if isinstance(e, UserError) else one_line(e)  # bad input, a config error included
+        print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
         if not cfg.out_dir or multirun:
             _drop_if_empty(job_dir)
         if not multirun:
             sys.exit(EXIT_USER_ERROR)
-        sweep.record_failure(hc.sweep.dir, int(hc.job.num), overrides, str(e), "UserError")
-        return None
-    except Exception as e:  # a crash in one job must not end the sweep; in a single run it is a bug
-        if not multirun:
-            raise
-        log.exception("job #%s crashed", hc.job.num)
-        first = (str(e).splitlines() or [""])[0]
-        sweep.record_failure(
-            hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
-        )
+        sweep.record_failure(hc.sweep.dir, int(hc.job.num), overrides, line, "UserError")
         return None
     finally:
         if multirun and cfg.out_dir:
@@ -120,7 +131,10 @@ class SweepReport(Callback):
     """Lists a sweep's failed jobs when it ends and exits non-zero (2: bad input only, 1: a crash)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep.reset(config.hydra.sweep.dir)
+        try:
+            sweep.reset(config.hydra.sweep.dir)
+        except OSError:  # an uncreatable sweep dir: the launcher's mkdir says so in one line next
+            pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rows = sweep.failures(config.hydra.sweep.dir)
@@ -142,45 +156,47 @@ def interrupted_line(e: KeyboardInterrupt, overrides: list[str]) -> str:
 
 
 def main() -> None:
-    """Console script ``otmf-exp`` (= ``python -m otmf_exp.run``)."""
-    try:
-        check_registry()  # a method YAML without a registered class (or the reverse): one line, not Hydra's
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    dry = [a for a in sys.argv[1:] if a == "--dry-run" or a.startswith("--dry-run=")]
+    """Console script ``otmf-exp`` (= ``python -m otmf_exp.run``); every failure is one line
+    (:func:`otmf_exp.errors.cli_main`): bad input / config errors exit 2, Ctrl-C 130, a crash 1."""
+    code = cli_main(_cli, interrupted_line=lambda e: interrupted_line(e, _CURRENT.get("overrides", [])))
+    if code:
+        sys.exit(code)
+
+
+def _cli() -> int:
+    check_registry()  # a method YAML without a registered class (or the reverse): one line, not Hydra's
+    argv = sys.argv[1:]
+    dry = [a for a in argv if a == "--dry-run" or a.startswith("--dry-run=")]
     if dry:  # list a sweep's jobs without running any (nothing written)
-        args = [a for a in sys.argv[1:] if a not in dry and a not in ("-m", "--multirun")]
+        args = [a for a in argv if a not in dry and a not in ("-m", "--multirun")]
         show = None if dry[-1] == "--dry-run=all" else 20
         try:
-            print("\n".join(sweep.dry_run_lines(args, show)))
-        except BrokenPipeError:
-            _quiet_closed_stdout()
+            lines = sweep.dry_run_lines(args, show)
         except Exception as e:  # a bad override or preset: one line
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        return
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        print("\n".join(lines))
+        return 0
+    if {"-m", "--multirun"} & set(argv) and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
+        raise UserError(
+            "--cfg prints the config of one run and cannot be combined with -m/--multirun; drop -m to "
+            "see one job's config, or use --dry-run to list the sweep's jobs"
+        )
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
+    # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so
+    # cli_main turns it into one `error:` line, exit 2 (a crash still prints its whole traceback)
+    user_choice = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _main()
-    except KeyboardInterrupt as e:
-        print(interrupted_line(e, _CURRENT.get("overrides", [])), file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    except ValueError as e:  # Hydra's own flags combined wrongly (e.g. -m with --info)
+        if not str(e).startswith("Only one of --run, --multirun"):
+            raise
+        raise UserError(str(e).splitlines()[0]) from None
     finally:
-        _quiet_closed_stdout()
-
-
-def _quiet_closed_stdout() -> None:
-    """Flush stdout now; when its reader is gone (``| head``), point it at /dev/null so the
-    interpreter's exit-time flush does not turn a completed run into a failure."""
-    import os
-
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        if user_choice is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return 0
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def _download(refs: list[Ref], local_dir: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI, through the shared wrapper (otmf_exp.errors.cli_main): a bad override, an
+    unwritable ``--local-dir`` or a hub failure is one ``error:`` line, Ctrl-C exit 130."""
+    from otmf_exp.errors import cli_main
+
+    return cli_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="List / check / download the hub ids of a configuration.")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task_seq=vit8 backbone=clip_vit_b16")
     ap.add_argument("--download", action="store_true")

@@ -29,7 +29,7 @@ class Masks:
 
     def __init__(self, like: StateDict, param: str, granularity: str) -> None:
         self.sigmoid = param == "sigmoid"
-        init = 0.0 if self.sigmoid else 1.0
+        self.init = init = 0.0 if self.sigmoid else 1.0
         self.raw = {
             k: torch.full(
                 v.shape if granularity == "element" else (),
@@ -41,6 +41,8 @@ class Masks:
             for k, v in like.items()
         }
         self._best: StateDict | None = None
+        #: the held copy is the initial value (the mask was untouched): no tensor is kept
+        self._best_is_init = False
 
     def values(self, grad: bool = True) -> StateDict:
         """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
@@ -51,10 +53,21 @@ class Masks:
         r = self.raw[k] if grad else self.raw[k].detach()
         return 2.0 * torch.sigmoid(r) if self.sigmoid else r
 
+    def at_init(self) -> bool:
+        """Whether every entry still has the initial value's exact bits (never stepped since reset)."""
+        bits = torch.tensor(self.init, dtype=torch.float32).view(torch.int32)
+        return all(bool((r.detach().view(torch.int32) == bits).all()) for r in self.raw.values())
+
     def save_best(self) -> None:
-        """Copy the current masks into one preallocated buffer (no new allocation per improvement)."""
+        """Copy the current masks into one preallocated buffer (no new allocation per improvement);
+        masks still at their initial value are not copied (:meth:`load_best` refills them: −1 W
+        while ``best_masks=on_write`` holds the copy of a side not yet stepped)."""
         with torch.no_grad():
-            if self._best is None:
+            self._best_is_init = self.at_init()
+            if self._best_is_init:
+                if self._best is None:
+                    self._best = {}
+            elif not self._best:
                 self._best = {k: r.detach().clone() for k, r in self.raw.items()}
             else:
                 for k, r in self.raw.items():
@@ -65,14 +78,17 @@ class Masks:
         return self._best is not None
 
     def drop_best(self) -> None:
-        self._best = None
+        self._best, self._best_is_init = None, False
 
     def load_best(self) -> None:
         if self._best is not None:
-            with torch.no_grad():
-                for k, r in self.raw.items():
-                    r.copy_(self._best[k])
-        self._best = None
+            if self._best_is_init:
+                self.reset()
+            else:
+                with torch.no_grad():
+                    for k, r in self.raw.items():
+                        r.copy_(self._best[k])
+        self._best, self._best_is_init = None, False
 
     def mean_abs(self) -> Tensor:
         vals = self.values()
@@ -99,7 +115,8 @@ class BestOnWrite:
     optimisation up to the best iteration, as ``best_masks=replay``) until the next improvement. The
     last iteration's step is skipped when it does not improve (``skip_last``: nothing returned
     depends on it). Memory: ≤ 1 W (alternate schedule, the usual pattern — pre losses improve, post
-    ones do not — 1 W from a post step to the next pre forward, no replay)."""
+    ones do not — 1 W from a post step to the next pre forward, no replay; 0 W for the copy
+    before a side's first step, which is its initial value: :meth:`Masks.save_best`)."""
 
     def __init__(self, sides: Mapping[str, Masks], last: int, skip_last: bool) -> None:
         self.sides, self.last, self.skip_last = sides, last, skip_last

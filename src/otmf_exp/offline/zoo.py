@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from otmf_exp.data import digits
 from otmf_exp.data.base import TensorTaskData
-from otmf_exp.errors import EXIT_USER_ERROR, UserError
+from otmf_exp.errors import UserError, cli_main
 from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.offline import tiny_clip as tiny
 from otmf_exp.runtime.files import replace_dir, temp_file, write_error, write_json
@@ -290,6 +290,17 @@ def _task_list(text: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m otmf_exp.offline.zoo``, through the shared wrapper: bad input / unwritable files
+    are one ``error:`` line (exit 2), Ctrl-C is ``interrupted`` (exit 130; no half-built file is
+    left, files are written beside their name and renamed)."""
+    return cli_main(
+        _main,
+        argv,
+        interrupted_line=lambda e: "interrupted; the models built so far are kept, rerun to build the rest",
+    )
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m otmf_exp.offline.zoo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     tasks_help = f"comma-separated task names (default: the {SUITE} task_seq's tasks)"
@@ -301,12 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--force", action="store_true", help="replace DIR when it exists and is not empty")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        zoo, tasks = DigitsZoo(), _task_list(args.tasks)
-        result = zoo.build(tasks) if args.cmd == "build" else zoo.export(args.dir, tasks, force=args.force)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    zoo, tasks = DigitsZoo(), _task_list(args.tasks)
+    result = zoo.build(tasks) if args.cmd == "build" else zoo.export(args.dir, tasks, force=args.force)
     print(result)
     return 0
 

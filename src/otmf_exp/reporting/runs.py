@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from otmf_exp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: the scalar metrics every run reports (floats, in % for the accuracies)
@@ -130,6 +132,10 @@ def _run_record(metrics_file: Path) -> dict[str, Any] | None:
     if not isinstance(m, dict) or "acc" not in m or not isinstance(raw or {}, dict):
         log.warning("skipping %s: not a run's metrics.json / config.yaml", metrics_file.parent)
         return None
+    problem = _metrics_problem(m)
+    if problem:
+        log.warning("skipping %s: metrics.json %s", metrics_file.parent, problem)
+        return None
     rec = flatten(raw or {})
     rec.update(flatten(m.pop("method_config", None) or {}, "method."))  # what the method really ran
     settings = dict(rec)
@@ -141,6 +147,20 @@ def _run_record(metrics_file: Path) -> dict[str, Any] | None:
     rec["run_dir"] = str(metrics_file.parent)
     rec["finished_at"] = pd.Timestamp(metrics_file.stat().st_mtime, unit="s", tz="UTC")
     return _finish(rec, settings)
+
+
+def _metrics_problem(m: dict[str, Any]) -> str | None:
+    """What makes a metrics.json inconsistent (an ``acc_matrix`` that does not fit ``order``), or None."""
+    order, mat = m.get("order"), m.get("acc_matrix")
+    if not isinstance(order, list) or mat is None:
+        return None
+    t = len(order)
+    if not isinstance(mat, list) or not all(isinstance(r, list) for r in mat):
+        return "has an acc_matrix that is not a list of rows"
+    if len(mat) > t or any(len(r) != t for r in mat):
+        shape = f"{len(mat)} rows of {sorted({len(r) for r in mat})} values"
+        return f"has an acc_matrix of {shape}, not (at most) {t} rows of {t} for its {t} tasks"
+    return None
 
 
 def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -280,16 +300,24 @@ def load_wandb_export(path: str | Path) -> pd.DataFrame:
     ``{"name", "config", "summary"}`` objects (see the README for the export)."""
     path = Path(path)
     rows: list[tuple[dict[str, Any], list[str] | None]] = []
-    if path.suffix == ".json":
-        for it in json.loads(path.read_text()):
-            if "config" in it:
-                cfg = flatten(it["config"])
-                rows.append(({**cfg, **flatten(it.get("summary", {})), "Name": it.get("name")}, list(cfg)))
-            else:
-                rows.append((it, None))
-    else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-        rows = [({k: _value(v) for k, v in r.items()}, None) for r in raw.to_dict("records")]
+    try:
+        if path.suffix == ".json":
+            for it in json.loads(path.read_text()):
+                if "config" in it:
+                    cfg = flatten(it["config"])
+                    rows.append(
+                        ({**cfg, **flatten(it.get("summary", {})), "Name": it.get("name")}, list(cfg))
+                    )
+                else:
+                    rows.append((dict(it), None))
+        else:
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+            rows = [({k: _value(v) for k, v in r.items()}, None) for r in raw.to_dict("records")]
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # not JSON / CSV, or not of runs
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{path} is not a W&B runs export (a .csv, or a .json list of runs): {first}"
+        ) from None
     done = [(r, c) for r, c in rows if r.get("State") in (None, "finished") and not is_missing(r.get("acc"))]
     return _frame([_export_record(r, path, c) for r, c in done])
 

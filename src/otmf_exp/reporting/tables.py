@@ -279,6 +279,7 @@ def aggregate(
     df = label_runs(runs, by)
     metric_cols = [*METRICS, *(c for c in df if c.startswith("per_task."))]
     df = df.reindex(columns=[*df.columns, *(m for m in METRICS if m not in df)])
+    df[metric_cols] = df[metric_cols].replace([np.inf, -np.inf], np.nan)  # ±inf: in no n, no mean
     keys = ["protocol", "backbone", "task_seq", "table_seq", "_task_set", "method", "variant"]
     df["_row"] = df.groupby(keys, dropna=False, sort=False).ngroup()
     g = df.groupby("_row")

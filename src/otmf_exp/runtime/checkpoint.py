@@ -33,6 +33,24 @@ def steps(out_dir: Path) -> list[Path]:
     return sorted(ckpt_root(out_dir).glob("step_[0-9][0-9][0-9]"))
 
 
+def remove_steps(out_dir: Path) -> None:
+    """Remove the step dirs a run of ours wrote (``step_XXX`` and their ``.step_XXX.*`` temp dirs),
+    never anything else under ``checkpoints/`` (a user's own files there stay), and the dir itself
+    when that leaves it empty. A symbolic link is never followed (refused up front by the runner)."""
+    root = ckpt_root(out_dir)
+    if not root.is_dir() or root.is_symlink():
+        return
+    for d in [*root.glob("step_[0-9][0-9][0-9]"), *root.glob(".step_[0-9][0-9][0-9].*")]:
+        if d.is_symlink():
+            d.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+    try:
+        root.rmdir()
+    except OSError:  # not empty: the user's files
+        pass
+
+
 def save(out_dir: Path, step: int, tensors: dict[str, Tensor], doc: dict[str, Any], keep: str) -> None:
     """Write the checkpoint after ``step``: ``tensors`` (safetensors) and ``doc`` (strict JSON).
     ``keep``: last | all | none. A failed write is a :class:`UserError` naming the file; the
@@ -78,7 +96,7 @@ def latest_doc(
     d = found[-1]
     try:
         doc = json.loads((d / DOC).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
         raise UserError(broken_message(d / DOC, _reason(e))) from None
     problem = _doc_problem(doc) or (check(doc) if check is not None else None)
     if problem:

@@ -174,8 +174,50 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+#: the names a run writes in its directory (README "Outputs"); none may be a symbolic link
+RUN_NAMES = (
+    ".lock",
+    "run.log",
+    "config.yaml",
+    "steps.jsonl",
+    "acc_matrix.csv",
+    "metrics.json",
+    "merged.safetensors",
+    "checkpoints",
+)
+
+
+def refuse_links(out_dir: Path) -> None:
+    """One :class:`UserError` line when a name the run writes in ``out_dir`` (:data:`RUN_NAMES`, and
+    each ``checkpoints/step_XXX``) is a symbolic link: a run never writes, appends or deletes through
+    a link (it would truncate the link's target, or delete files outside ``out_dir``)."""
+    names = [out_dir / n for n in RUN_NAMES]
+    ckpt = out_dir / "checkpoints"
+    if ckpt.is_dir() and not ckpt.is_symlink():
+        names += sorted(ckpt.glob("step_*"))
+    for path in names:
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); a run never writes through links: "
+                "remove the link or choose another out_dir"
+            )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` with ``O_NOFOLLOW``: a symbolic link at ``path`` is a :class:`UserError`, never followed."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(
+                f"{path} is a symbolic link; a run never writes through links: remove it or choose another out_dir"
+            ) from None
+        raise
+
+
 def check_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove a file can be written there."""
+    """Create ``out_dir``, refuse links among the names the run writes (:func:`refuse_links`) and
+    prove a file can be written there."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
@@ -187,3 +229,4 @@ def check_writable(out_dir: Path) -> None:
         ) from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"output directory {out_dir} is not writable; set out_dir= or hydra.run.dir=")
+    refuse_links(out_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from otmf_exp.errors import UserError
+from otmf_exp.runtime.files import open_nofollow
 
 LOCK_NAME = ".lock"
 
@@ -29,7 +30,7 @@ class RunDirLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # a planted link: one line
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

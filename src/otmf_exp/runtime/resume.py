@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +183,8 @@ def start(
 ) -> tuple[Any, dict[str, Any]] | None:
     """Where a run starts. With ``resume=true``: the checkpointed state and progress when they
     match this run (else one-line :class:`UserError`), or None with a warning that it starts fresh.
-    A fresh continual run clears ``out_dir``'s checkpoints, so it never mixes with another run's."""
+    A fresh continual run removes ``out_dir``'s checkpoint step dirs (only those: other files under
+    ``checkpoints/`` are the user's), so it never mixes with another run's."""
     from otmf_exp.runtime import checkpoint
 
     found = None
@@ -197,5 +197,5 @@ def start(
         elif found[1]["order"] != order or found[1]["method"] != cfg.method.name:
             raise UserError(f"checkpoint in {out_dir} is for another order or method; use a new out_dir")
     if found is None and cfg.protocol == "continual":
-        shutil.rmtree(checkpoint.ckpt_root(out_dir), ignore_errors=True)
+        checkpoint.remove_steps(out_dir)
     return found

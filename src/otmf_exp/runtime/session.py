@@ -111,6 +111,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """A ``FileHandler`` (append) that never opens its file through a symbolic link."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        from otmf_exp.runtime.files import open_nofollow
+
+        fd = open_nofollow(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def attach_log_file(out_dir: Path) -> logging.Handler | None:
     """Log to ``<out_dir>/run.log`` (INFO and up) until the handler is removed; None when a handler
     for that file is attached already."""
@@ -118,7 +128,7 @@ def attach_log_file(out_dir: Path) -> logging.Handler | None:
     path = (out_dir / "run.log").resolve()
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
         return None
-    h = logging.FileHandler(path)
+    h = _NoFollowFileHandler(out_dir / "run.log")
     h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(h)
     if root.level > logging.INFO or root.level == logging.NOTSET:

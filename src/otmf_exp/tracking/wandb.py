@@ -110,6 +110,9 @@ class WandbTracker:
         mode = settings(logger_cfg, {}, ".")["mode"]  # checked before the run's heavy work
         if mode not in ("online", "offline", "disabled"):
             raise UserError(f"WANDB_MODE must be online, offline or disabled, got {mode!r}")
+        wdir = logger_cfg.get("dir") or os.environ.get("WANDB_DIR")
+        if wdir and Path(wdir).exists() and not Path(wdir).is_dir():
+            raise UserError(f"logger.dir / WANDB_DIR {wdir} is a file; give a directory for W&B's files")
 
     def start(self, config: dict[str, Any], out_dir: str) -> None:
         args = settings(self.cfg, config, out_dir)
@@ -118,7 +121,12 @@ class WandbTracker:
             return
         import wandb
 
-        Path(args["dir"]).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args["dir"]).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"cannot create W&B's directory {args['dir']} ({e.strerror or e}); set logger.dir to a writable directory"
+            ) from None
         try:
             self.run = wandb.init(**args, config=config, reinit="finish_previous")
         except Exception as e:  # no API key, no network, bad entity: one clear line, not a traceback
