@@ -316,7 +316,7 @@ def check_values(cfg: DictConfig) -> None:
     from otmf_exp.merging import METHODS
 
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
     check_declared(RunConfig, plain)
