@@ -116,6 +116,24 @@ def openclip_cfg(root: Path, **kw):
     )
 
 
+def openclip_overrides(root: Path, *tasks: str) -> list[str]:
+    """CLI overrides of a vit8 run on the tiny open_clip hub fixture (task_order = ``tasks``)."""
+    from otmf_exp.offline import tiny_hub
+
+    return [
+        "task_seq=vit8",
+        "backbone=openclip_vit_b32",
+        f"backbone.arch={root / f'{tiny_hub.OPENCLIP_ARCH}.json'}",
+        "backbone.pretrained_tag=null",
+        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
+        f"backbone.local_dir={root}",
+        f"backbone.checkpoint_dir={root / 'checkpoints'}",
+        f"task_seq.local_dir={root}",
+        f"task_order=[{','.join(tasks or ('mnist', 'svhn'))}]",
+        "backbone.num_workers=0",
+    ]
+
+
 def seq_cfg(name: str, kind: str, root: Path | None):
     return OmegaConf.create(
         {"name": name, "kind": kind, "tasks": [], "local_dir": str(root) if root else None}

@@ -10,7 +10,7 @@ from pathlib import Path
 import _hub_fixtures as fx
 import pytest
 import torch
-from _hub_fixtures import openclip_cfg, seq_cfg
+from _hub_fixtures import openclip_cfg, openclip_overrides, seq_cfg
 
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import UserError
@@ -133,17 +133,8 @@ def test_end_to_end_in_process(hub_root, tmp_path, make_cfg, method):
     from otmf_exp.runner import run_experiment
 
     cfg = make_cfg(
-        "task_seq=vit8",
-        "backbone=openclip_vit_b32",
-        f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
-        "backbone.pretrained_tag=null",
-        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
-        f"backbone.local_dir={hub_root}",
-        f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
-        f"task_seq.local_dir={hub_root}",
-        "task_order=[mnist,svhn]",
+        *openclip_overrides(hub_root),
         *method,
-        "backbone.num_workers=0",
         "backbone.batch_size=8",
     )
     m = run_experiment(cfg, tmp_path / "run")

@@ -271,23 +271,13 @@ _one_thread, _private_cache, hub_root = fx._one_thread, fx._private_cache, fx.hu
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_open_clip_end_to_end(hub_root, tmp_path, make_cfg, method):
-    from otmf_exp.offline import tiny_hub
     from otmf_exp.runner import run_experiment
 
     cfg = make_cfg(
-        "task_seq=vit8",
-        "backbone=openclip_vit_b32",
-        f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
-        "backbone.pretrained_tag=null",
-        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
-        f"backbone.local_dir={hub_root}",
-        f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
-        f"task_seq.local_dir={hub_root}",
-        "task_order=[mnist,svhn]",
+        *fx.openclip_overrides(hub_root),
         f"method={method}",
         "protocol=joint",
         "method.batch_size=8",
-        "backbone.num_workers=0",
         "backbone.batch_size=8",
     )
     m = run_experiment(cfg, tmp_path / "run")

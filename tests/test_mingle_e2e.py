@@ -12,7 +12,7 @@ import time
 
 import _hub_fixtures as fx
 import torch
-from _hub_fixtures import openclip_cfg, seq_cfg, t5_cfg
+from _hub_fixtures import openclip_cfg, openclip_overrides, seq_cfg, t5_cfg
 
 from otmf_exp.config import method_config
 from otmf_exp.data import build_task_data
@@ -180,18 +180,9 @@ def test_open_clip_sites_and_run(hub_root, tmp_path, make_cfg, monkeypatch):
             got = oc.features(pre, x)
         assert torch.allclose(got, oc.features(want, x), atol=1e-4)
     cfg = make_cfg(
-        "task_seq=vit8",
-        "backbone=openclip_vit_b32",
-        f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
-        "backbone.pretrained_tag=null",
-        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
-        f"backbone.local_dir={hub_root}",
-        f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
-        f"task_seq.local_dir={hub_root}",
-        "task_order=[mnist,svhn]",
+        *openclip_overrides(hub_root),
         "method=mingle",
         "method.max_steps=2",
-        "backbone.num_workers=0",
         "backbone.batch_size=8",
     )
     m = run_experiment(cfg, tmp_path / "run")

@@ -16,7 +16,6 @@ from otmf_exp.merging import METHODS, MethodContext, TaskInput
 from otmf_exp.merging.lora_moe import Site
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.merging.wemoe_moe import Experts, MoEBlock, attached, entropy_loss, init_router, route
-from otmf_exp.offline import tiny_hub
 from otmf_exp.offline.synthetic import SyntheticBackbone
 
 _one_thread = fx._one_thread
@@ -228,18 +227,9 @@ def test_open_clip_blocks_and_run(hub_root, tmp_path, make_cfg, monkeypatch):
         for b in m.blocks()
     )
     cfg = make_cfg(
-        "task_seq=vit8",
-        "backbone=openclip_vit_b32",
-        f"backbone.arch={hub_root / 'otmf-tiny-ViT.json'}",
-        "backbone.pretrained_tag=null",
-        f"backbone.model_id={tiny_hub.OPENCLIP_ID}",
-        f"backbone.local_dir={hub_root}",
-        f"backbone.checkpoint_dir={hub_root / 'checkpoints'}",
-        f"task_seq.local_dir={hub_root}",
-        "task_order=[mnist,svhn]",
+        *fx.openclip_overrides(hub_root),
         "method=wemoe",
         "method.max_steps=2",
-        "backbone.num_workers=0",
         "backbone.batch_size=8",
     )
     metrics = run_experiment(cfg, tmp_path / "run")
