@@ -99,7 +99,7 @@ def save_run_model(exp: Any, state: Any, weights: dict[str, Tensor], metrics: di
         "eval_split": str(exp.cfg.eval_split),
         "per_task": metrics["per_task"],
         "acc": metrics["acc"],
-        "code_version": (metrics.get("provenance") or {}).get("git_sha"),
+        "code_version": (metrics.get("provenance") or {}).get("code_version"),
         "routed": routed,
     }
     if routed:
