@@ -4,6 +4,7 @@ open_clip), never through our backbone code, it reproduces the run's recorded ac
 from __future__ import annotations
 
 import json
+import os
 
 import _hub_fixtures as fx
 import pytest
@@ -20,16 +21,17 @@ _one_thread = fx._one_thread
 _private_cache = fx._private_cache
 hub_root = fx.hub_root
 
+SHARED_CACHE = os.environ.get("OTMF_EXP_CACHE")  # the session zoo's (the autouse fixture hides it)
 VISION = ("task_seq=vit8", "task_order=[mnist,svhn]", "backbone.batch_size=8", "backbone.num_workers=0")
 
 
-def _run(make_cfg, tmp_path, *overrides):
-    cfg = make_cfg(*overrides, "method=task_arithmetic", "save_merged=true")
+def _run(make_cfg, tmp_path, *overrides, method=("method=task_arithmetic",)):
+    cfg = make_cfg(*overrides, *method, "save_merged=true")
     metrics = run_experiment(cfg, tmp_path / "run")
     model_dir = tmp_path / "run" / "merged_model"
     card = json.loads((model_dir / "otmf_exp.json").read_text())
     assert card["per_task"] == metrics["per_task"] and card["order"] == metrics["order"]
-    assert card["method"] == "task_arithmetic" and len(card["config_hash"]) == 64
+    assert card["method"] == cfg.method.name and len(card["config_hash"]) == 64 and not card["routed"]
     assert not list((tmp_path / "run").glob(".merged_model.*"))  # the staging dir is gone
     return cfg, metrics, model_dir, card
 
@@ -54,16 +56,27 @@ def _head_accuracy(embed, model_dir, task, data, split):
     return 100.0 * correct / total
 
 
-def test_tiny_digits_tower_loads_with_from_pretrained(make_cfg, tmp_path, zoo):
+def test_tiny_digits_tower_loads_with_from_pretrained(make_cfg, tmp_path, zoo, monkeypatch):
     from transformers import CLIPVisionModelWithProjection
 
-    cfg, metrics, model_dir, card = _run(make_cfg, tmp_path, "task_order=[rot90,flip]")
+    if SHARED_CACHE is None:  # the digits zoo the session built, not a private rebuild
+        monkeypatch.delenv("OTMF_EXP_CACHE")
+    else:
+        monkeypatch.setenv("OTMF_EXP_CACHE", SHARED_CACHE)
+
+    otmf = ("method=otmf", "method.iterations=2", "method.head_tuning.steps=2")  # tunes the heads
+    cfg, metrics, model_dir, card = _run(
+        make_cfg, tmp_path, "task_order=[rot90,flip]", "eval_split=validation", method=otmf
+    )
+    dim = CLIPVisionModelWithProjection.config_class.from_pretrained(model_dir).projection_dim
+    assert load_file(str(model_dir / "heads.safetensors"))["flip"].shape[1] == dim + 1  # tuned: bias column
     tower = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
     merged = load_file(str(tmp_path / "run" / "merged.safetensors"))
     assert all(torch.equal(tower.state_dict()[k], v) for k, v in merged.items())
     acc = _head_accuracy(
         lambda x: tower(pixel_values=x).image_embeds, model_dir, "flip", _data(cfg, "flip"), cfg.eval_split
     )
+    print(f"round trip {card['backbone_kind']} flip: recorded {metrics['per_task']['flip']}, reloaded {acc}")
     assert acc == pytest.approx(metrics["per_task"]["flip"], abs=1e-9)
 
 
@@ -77,6 +90,7 @@ def test_hf_clip_tower_and_processor_load_with_from_pretrained(make_cfg, tmp_pat
     acc = _head_accuracy(
         lambda x: tower(pixel_values=x).image_embeds, model_dir, "svhn", _data(cfg, "svhn"), cfg.eval_split
     )
+    print(f"round trip {card['backbone_kind']} svhn: recorded {metrics['per_task']['svhn']}, reloaded {acc}")
     assert acc == pytest.approx(metrics["per_task"]["svhn"], abs=1e-9)
 
 
@@ -99,6 +113,9 @@ def test_open_clip_state_dict_loads_into_create_model(make_cfg, tmp_path, hub_ro
     model.load_state_dict(load_file(str(model_dir / "open_clip_model.safetensors")))  # strict: full keys
     model.eval()
     acc = _head_accuracy(model.encode_image, model_dir, "mnist", _data(cfg, "mnist"), cfg.eval_split)
+    print(
+        f"round trip {card['backbone_kind']} mnist: recorded {metrics['per_task']['mnist']}, reloaded {acc}"
+    )
     assert acc == pytest.approx(metrics["per_task"]["mnist"], abs=1e-9)
 
 
@@ -122,4 +139,5 @@ def test_flan_t5_loads_with_auto_seq2seq(make_cfg, tmp_path, hub_root, variant):
             preds += tok.batch_decode(out, skip_special_tokens=True)
             targets += batch["targets"]
     acc = score(preds, targets, getattr(data, "metric", "exact_match"))
+    print(f"round trip {card['backbone_kind']} cola: recorded {metrics['per_task']['cola']}, reloaded {acc}")
     assert acc == pytest.approx(metrics["per_task"]["cola"], abs=1e-9)
