@@ -3,7 +3,7 @@
 ``run_experiment(cfg, out_dir)`` is the whole experiment; the Hydra entry point (``run.py``)
 only composes the config and calls it. Output contract (in ``out_dir``): ``config.yaml``,
 ``steps.jsonl``, ``acc_matrix.csv``, ``metrics.json`` (written last: its presence means the run
-completed), ``run.log``, optional ``merged.safetensors`` and ``checkpoints/``.
+completed), ``run.log``, optional ``merged.safetensors`` + ``merged_model/`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from otmf_exp.data import build_task_data
 from otmf_exp.errors import RunInterrupted, UserError, interrupted
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
-from otmf_exp.models import build_backbone
+from otmf_exp.models import build_backbone, export
 from otmf_exp.reporting import metrics
 from otmf_exp.runtime import checkpoint, files, resume
 from otmf_exp.runtime.files import check_writable
@@ -319,6 +319,7 @@ class Experiment:
             files.write_safetensors(
                 self.out_dir / "merged.safetensors", {k: v.cpu() for k, v in merged.items()}
             )
+            export.save_run_model(self, state, merged, out)  # merged_model/: the backbone's own format
         files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
         files.write_json(self.out_dir / "metrics.json", out)
         return out

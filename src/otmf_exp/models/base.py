@@ -100,6 +100,12 @@ class Backbone(ABC):
                 raise UserError(f"checkpoint for task {task!r} ({source}) has non-finite values in {k!r}")
         return out
 
+    # ---- export -----------------------------------------------------------------------------
+    def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
+        """Write the model with ``weights`` (mergeable parameters) into ``out_dir`` in the format of the
+        backbone's own loader; return what the card records (``loader``, ``files``, notes)."""
+        raise UserError(f"save_merged: backbone {self.name!r} has no loadable model format")
+
     # ---- heads and forward ----------------------------------------------------------------
     def zero_shot_head(self, task: Any) -> Tensor | None:
         """Zero-shot head ``[C, D]`` (logit scale folded in), or None for text-to-text models."""

@@ -36,3 +36,13 @@ class ClipVisionBackbone(Backbone):
 
     def features(self, params: StateDict, inputs: Tensor) -> Tensor:
         return self.call(params, pixel_values=inputs).image_embeds
+
+    def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
+        """``CLIPVisionModelWithProjection.save_pretrained``: the merged tower + the pre-trained projection."""
+        from otmf_exp.models.export import with_weights
+
+        with_weights(self.module, weights).save_pretrained(out_dir)
+        return {
+            "loader": "transformers.CLIPVisionModelWithProjection.from_pretrained(dir)",
+            "features": "image_embeds",
+        }

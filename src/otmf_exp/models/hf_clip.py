@@ -126,3 +126,25 @@ class HFClipBackbone(ClipVisionBackbone):
         vm = getattr(tower, "vision_model", tower)  # transformers 4: .vision_model; 5: the model itself
         sd = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}
         return self.validate_finetuned(task, sd, repo)
+
+    # ---- export (save_merged) -------------------------------------------------------------------
+    def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
+        """A ``CLIPVisionModelWithProjection`` (merged vision tower, pre-trained visual projection) + the
+        image processor, loadable with ``from_pretrained(dir)`` (``image_embeds`` = our features)."""
+        import copy
+
+        from transformers import CLIPVisionModelWithProjection
+
+        vc = copy.deepcopy(self.clip.config.vision_config)
+        vc.projection_dim = self.clip.config.projection_dim
+        tower = CLIPVisionModelWithProjection(vc).eval()
+        sd = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        sd.update({k: v.detach().cpu() for k, v in weights.items()})
+        tower.load_state_dict(sd, strict=True)
+        tower.save_pretrained(out_dir)
+        self.image_transform.processor.save_pretrained(out_dir)
+        return {
+            "loader": "transformers.CLIPVisionModelWithProjection.from_pretrained(dir)",
+            "features": "image_embeds",
+            "preprocessing": "AutoImageProcessor.from_pretrained(dir)",
+        }

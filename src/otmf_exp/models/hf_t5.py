@@ -185,3 +185,19 @@ class T5Backbone(Backbone):
             base = self._auto.from_pretrained(self.path, dtype=torch.float32)
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         return self.validate_finetuned(task, dict(model.state_dict()), repo)
+
+    # ---- export (save_merged) -------------------------------------------------------------------
+    def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
+        """The whole seq2seq model with the merged weights + its tokenizer, for
+        ``AutoModelForSeq2SeqLM.from_pretrained(dir)``. ``variant: lora``: the merged weights are dense
+        (the adapters were folded in when loaded), so this is a full model, not a peft adapter dir."""
+        from otmf_exp.models.export import with_weights
+
+        with_weights(self.module, weights).save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        return {
+            "loader": "transformers.AutoModelForSeq2SeqLM.from_pretrained(dir) + AutoTokenizer.from_pretrained(dir)",
+            "variant": self.variant,
+            "lora": "folded into a full model (dense weights)" if self.variant == "lora" else None,
+            "generation": {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_beams": 1},
+        }

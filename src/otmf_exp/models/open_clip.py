@@ -233,3 +233,27 @@ class OpenClipBackbone(Backbone):
         path = find_checkpoint(self.checkpoint_dir, task)
         sd = normalise_keys(load_state_dict_file(path))
         return self.validate_finetuned(task, sd, str(path))
+
+    # ---- export (save_merged) -------------------------------------------------------------------
+    def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
+        """The full open_clip model's state dict (merged ``visual.*``, text tower and logit scale from
+        θ₀) in ``open_clip_model.safetensors``, + the architecture's config as ``open_clip_config.json``."""
+        import open_clip
+        from safetensors.torch import save_file
+
+        from otmf_exp.runtime import files
+
+        sd = {k: v.detach().cpu().clone().contiguous() for k, v in self.clip.state_dict().items()}
+        sd.update({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()})
+        save_file(sd, str(Path(out_dir) / "open_clip_model.safetensors"))
+        files.write_json(
+            Path(out_dir) / "open_clip_config.json", {"model_cfg": open_clip.get_model_config(self.arch)}
+        )
+        return {
+            "loader": (
+                f"m = open_clip.create_model({self.arch!r}); "
+                "m.load_state_dict(safetensors.torch.load_file(dir/'open_clip_model.safetensors'))"
+            ),
+            "arch": self.arch,
+            "features": "model.encode_image(images)",
+        }

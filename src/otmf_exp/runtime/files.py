@@ -183,6 +183,7 @@ RUN_NAMES = (
     "acc_matrix.csv",
     "metrics.json",
     "merged.safetensors",
+    "merged_model",
     "checkpoints",
 )
 
