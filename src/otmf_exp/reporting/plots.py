@@ -359,7 +359,8 @@ def plot_all(
         ]
         for run_dir in row["run_dirs"][: per_run_limit or None]:
             m, rd = by_dir.loc[run_dir], Path(run_dir)
-            name = _slug(f"{row['method']}_{py(row['variant']) or ''}__{rd.parent.name}_{rd.name}")
+            variant = py(row["variant"])
+            name = _slug(f"{row['method']}{'_' + variant if variant else ''}__{rd.parent.name}_{rd.name}")
             run_steps = steps[steps["run_dir"] == run_dir]
             try:
                 written += heatmap(m, out / "heatmap" / name, row["variant"], formats, dpi)
