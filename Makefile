@@ -42,12 +42,13 @@ format: setup ## ruff format + autofix
 
 RUNS ?= multirun outputs
 REPORTS ?= reports
+ARGS ?=
 
 tables: setup ## tables (markdown, LaTeX, CSV) from run dirs into reports/tables (RUNS="dir ..." to choose)
-	$(BIN)/python scripts/make_tables.py $(RUNS) --out $(REPORTS)/tables
+	$(BIN)/python scripts/make_tables.py $(RUNS) --out $(REPORTS)/tables $(ARGS)
 
-plots: setup ## PNG figures from run dirs into reports/plots (RUNS="dir ..." to choose)
-	$(BIN)/python scripts/plot.py $(RUNS) --out $(REPORTS)/plots
+plots: setup ## PNG+PDF figures from run dirs into reports/plots (RUNS="dir ...", ARGS="--format png,svg --dpi 300")
+	$(BIN)/python scripts/plot.py $(RUNS) --out $(REPORTS)/plots $(ARGS)
 
 bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if present) -> BENCHMARKS.md, benchmarks.json
 	$(BIN)/python scripts/bench.py

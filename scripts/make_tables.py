@@ -5,6 +5,7 @@
     python scripts/make_tables.py outputs/a outputs/b --out reports/tables   # several run dirs
     python scripts/make_tables.py --wandb-export runs.csv                     # an exported W&B project
     python scripts/make_tables.py multirun --by eval_split --decimals 2 --published-only
+    python scripts/make_tables.py multirun --columns acc,bwt,time,memory --label tab:digits --no-bold
 
 Rows are grouped by (protocol, backbone, task_seq, method, varying method_config fields); cells
 are mean ± std over task orders and seeds (n shown), next to the published numbers
@@ -52,7 +53,31 @@ def _main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep-duplicates", action="store_true", help="count identical runs separately")
     p.add_argument("--quiet", action="store_true", help="do not print the markdown")
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="comma-separated summary columns to show, in order: "
+        + ", ".join(render.COLUMNS)
+        + " (default: every column not empty for all rows)",
+    )
+    p.add_argument("--no-bold", action="store_true", help="do not set the best value per column in bold")
+    p.add_argument(
+        "--label",
+        default=render.TableOptions.label,
+        help="LaTeX \\label of each summary table, {block} = the block's slug (default: %(default)s)",
+    )
+    p.add_argument(
+        "--caption",
+        default=render.TableOptions.caption,
+        help="LaTeX caption of each summary table, {block} = the block's title (default: %(default)s)",
+    )
     args = p.parse_args(argv)
+    options = render.TableOptions(
+        columns=args.columns.split(",") if args.columns is not None else None,
+        bold=not args.no_bold,
+        label=args.label,
+        caption=args.caption,
+    )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if not args.paths and not args.wandb_export:
@@ -76,7 +101,7 @@ def _main(argv: list[str] | None = None) -> int:
         summary = tables.sort_rows(pd.concat([summary, extra], ignore_index=True))
     notes += tables.table_notes(runs)
     try:
-        files = render.write_all(summary, reference, out, args.decimals, notes)
+        files = render.write_all(summary, reference, out, args.decimals, notes, options)
     except OSError as e:
         print(f"error: cannot write the tables into {out}: {e.strerror or e}", file=sys.stderr)
         return 2

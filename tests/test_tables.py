@@ -96,7 +96,8 @@ def test_runs_dataframe_one_row_per_run(digits_multirun):
 def test_tables_cell_by_cell(digits_multirun, tmp_path):
     ms = _metrics(digits_multirun)
     out = tmp_path / "tables"
-    assert _cli([str(digits_multirun), "--out", str(out), "--quiet", "--decimals", "2"]) == 0
+    every = ["--columns", ",".join(render.COLUMNS), "--no-bold"]  # the full layout, cells as computed
+    assert _cli([str(digits_multirun), "--out", str(out), "--quiet", "--decimals", "2", *every]) == 0
     with (out / "summary.csv").open() as f:
         summary = {r["method"]: r for r in csv.DictReader(f)}
     assert set(summary) == {"averaging", "task_arithmetic"}

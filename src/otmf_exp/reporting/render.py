@@ -15,16 +15,91 @@ Layouts (one section per block ``protocol · backbone · task_seq``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from otmf_exp.errors import UserError
 from otmf_exp.reporting.tables import ROW_KEYS, per_task, py
 
 SUMMARY_HEAD = ["method", "n", "ACC", "ACC (published)", "Δ ACC", "BWT", "BWT (published)", "Δ BWT"]
 SUMMARY_HEAD += ["norm. ACC", "time/run (s)", "peak mem (MB)", "source"]
+#: ``--columns`` names of the summary columns (method is always shown)
+COLUMNS = dict(
+    zip(
+        ["method", "n", "acc", "acc_published", "acc_delta", "bwt", "bwt_published", "bwt_delta"]
+        + ["norm_acc", "time", "memory", "source"],
+        SUMMARY_HEAD,
+    )
+)
+#: the summary value a column's best cell is chosen on, and whether higher is better
+BEST = {
+    "ACC": ("acc_mean", True),
+    "BWT": ("bwt_mean", True),
+    "norm. ACC": ("normalized_acc_mean", True),
+    "time/run (s)": ("wall_time_s_mean", False),
+    "peak mem (MB)": ("peak_memory_mb_mean", False),
+}
+_B = "\u2063"  # invisible separator: marks a bold cell until the markdown / LaTeX writer
+
+
+@dataclass
+class TableOptions:
+    """What ``make_tables`` passes: shown columns (``None`` = every non-empty one), best in bold,
+    LaTeX ``\\label`` / ``\\caption`` templates (``{block}`` = the block's title / its slug)."""
+
+    columns: Sequence[str] | None = None
+    bold: bool = True
+    label: str = "tab:{block}"
+    caption: str = "{block}: ACC / BWT (mean ± std over orders and seeds)"
+    _keys: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.columns is not None:
+            cols = [c.strip() for c in self.columns if c.strip()]
+            bad = [c for c in cols if c not in COLUMNS]
+            if bad or not cols:
+                raise UserError(
+                    f"unknown --columns {', '.join(bad) or '(none)'}; choose from {', '.join(COLUMNS)}"
+                )
+            self._keys = ["method", *(c for c in dict.fromkeys(cols) if c != "method")]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "table"
+
+
+def _bold_best(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """The best value per :data:`BEST` column marked bold (ties all bold; rows that ran only)."""
+    out = table.copy()
+    for head, (col, higher) in BEST.items():
+        if head not in out or col not in summary:
+            continue
+        v = pd.to_numeric(summary[col], errors="coerce").reset_index(drop=True)
+        v = v.where(pd.to_numeric(summary["n"], errors="coerce").reset_index(drop=True) > 0)
+        if v.notna().sum() < 2:
+            continue
+        best = v.max() if higher else v.min()
+        for i in v.index[v == best]:
+            out.iat[i, out.columns.get_loc(head)] = f"{_B}{out.iat[i, out.columns.get_loc(head)]}{_B}"
+    return out
+
+
+def choose_columns(table: pd.DataFrame, summary: pd.DataFrame, opts: TableOptions) -> pd.DataFrame:
+    """The summary table with ``opts``: named columns (in that order) or every column that is not
+    empty (``—``) for every row; best values bold."""
+    if opts._keys:
+        table = table[[COLUMNS[k] for k in opts._keys]]
+    else:
+        keep = [c for c in table.columns if c == "method" or not (table[c].astype(str) == "—").all()]
+        table = table[keep]
+    return _bold_best(table, summary) if opts.bold else table
+
+
 #: summary.csv columns, full precision
 SUMMARY_FIELDS = [*ROW_KEYS, "n", "acc_mean", "acc_std", "acc_ref", "acc_ref_std", "acc_delta"]
 SUMMARY_FIELDS += ["bwt_mean", "bwt_std", "bwt_ref", "bwt_ref_std", "bwt_delta", "normalized_acc_mean"]
@@ -111,11 +186,13 @@ def markdown(table: pd.DataFrame) -> str:
     """A pipe table: first column left-aligned, the others right-aligned, cells as given."""
     cells = table.astype(str).apply(lambda col: col.str.replace("|", "\\|", regex=False))
     align = ("left", *["right"] * (table.shape[1] - 1))
-    return cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True) + "\n"
+    text = cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True) + "\n"
+    return text.replace(_B, "**")
 
 
-def latex(table: pd.DataFrame, caption: str) -> str:
-    """A booktabs ``table`` float (cells and headers escaped by pandas, ± Δ — as math/dashes)."""
+def latex(table: pd.DataFrame, caption: str, label: str | None = None) -> str:
+    """A booktabs ``table`` float (cells and headers escaped by pandas, ± Δ — as math/dashes),
+    bold cells as ``\\textbf{..}``, with ``\\label{label}``."""
     styler = table.astype(str).style.hide(axis="index").format(escape="latex")
     tex = styler.format_index(escape="latex", axis=1).to_latex(
         caption="".join(_TEX_SPECIAL.get(c, c) for c in caption),
@@ -124,7 +201,9 @@ def latex(table: pd.DataFrame, caption: str) -> str:
         hrules=True,
         column_format="l" + "r" * (table.shape[1] - 1),
         environment="table",
+        label=label,
     )
+    tex = re.sub(f"{_B}(.*?){_B}", r"\\textbf{\1}", tex)
     return tex.translate(_TEX_UNICODE)
 
 
@@ -136,22 +215,33 @@ def csv_text(summary: pd.DataFrame) -> tuple[str, str]:
 
 
 def render(
-    summary: pd.DataFrame, reference: pd.DataFrame | None, d: int = 1, notes: Sequence[str] = ()
+    summary: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    d: int = 1,
+    notes: Sequence[str] = (),
+    options: TableOptions | None = None,
 ) -> tuple[str, str]:
     """(markdown document, LaTeX document) of every block, the paper layouts, the sources and the
-    ``notes`` (runs left out of every mean: unfinished, NaN, duplicates)."""
+    ``notes`` (runs left out of every mean: unfinished, NaN, duplicates). ``options``: columns,
+    bold, label and caption of the summary tables (:class:`TableOptions`)."""
+    opts = options or TableOptions()
     md, tex = ["# Results\n"], []
-    for block, rs in summary.groupby(["protocol", "backbone", "task_seq"], sort=False, dropna=False):
+    blocks = list(summary.groupby(["protocol", "backbone", "task_seq"], sort=False, dropna=False))
+    for block, rs in blocks:
         title = " · ".join(str(py(k)) for k in block)
+        label = opts.label.replace("{block}", _slug(title))
+        if "{block}" not in opts.label and len(blocks) > 1:
+            label += f"-{_slug(title)}"  # one label per float
+        table = choose_columns(summary_table(rs, d), rs, opts)
         md += [
             f"## {title}\n",
-            markdown(summary_table(rs, d)),
+            markdown(table),
             "\nFinal accuracy per task (published in parentheses):\n",
             markdown(per_task_table(rs, d)),
         ]
         tex += [
-            latex(summary_table(rs, d), f"{title}: ACC / BWT (mean ± std over orders and seeds)"),
-            latex(per_task_table(rs, d), f"{title}: final accuracy per task"),
+            latex(table, opts.caption.replace("{block}", title), label),
+            latex(per_task_table(rs, d), f"{title}: final accuracy per task", f"{label}-per-task"),
         ]
     left_out = list(notes)
     for protocol, rs in summary.groupby("protocol", sort=False, dropna=False):
@@ -160,7 +250,13 @@ def render(
                 f"## Paper layout: {protocol} ACC, mean ± std [published]\n",
                 markdown(paper_layout(rs, d)),
             ]
-            tex.append(latex(paper_layout(rs, d), f"{protocol}: ACC (mean ± std) [published]"))
+            tex.append(
+                latex(
+                    paper_layout(rs, d),
+                    f"{protocol}: ACC (mean ± std) [published]",
+                    f"tab:paper-{_slug(str(py(protocol)))}",
+                )
+            )
     used = sorted(summary["ref_source"].dropna().unique()) if "ref_source" in summary else []
     if used and reference is not None:
         notes = reference.groupby("source", sort=False)["note"].first().fillna("")
@@ -177,11 +273,12 @@ def write_all(
     out_dir: str | Path,
     d: int = 1,
     notes: Sequence[str] = (),
+    options: TableOptions | None = None,
 ) -> dict[str, Path]:
     """``tables.md``, ``tables.tex``, ``summary.csv`` and ``per_task.csv`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md, tex = render(summary, reference, d, notes)
+    md, tex = render(summary, reference, d, notes, options)
     files = {
         "md": out / "tables.md",
         "tex": out / "tables.tex",
