@@ -98,7 +98,8 @@ def _main(cfg: DictConfig) -> Any:
             )
             return None
         line = str(e) if isinstance(e, UserError) else one_line(e)  # bad input, a config error included
-        print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
+        if not (multirun and sweep.repeated(hc.sweep.dir, line)):  # the same error: printed once
+            print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
         if not cfg.out_dir or multirun:
             _drop_if_empty(job_dir)
         if not multirun:

@@ -47,11 +47,26 @@ def failures(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["job"])
 
 
-def report(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> list[str]:
-    """The lines printed at the end of a sweep with failed jobs."""
+def repeated(sweep_dir: str | Path, error: str) -> bool:
+    """True when an earlier job of this sweep already failed with exactly ``error`` (a missing hub
+    id offline fails every job the same way: its ``error:`` line is printed once, not per job)."""
+    return any(r["error"] == error for r in failures(sweep_dir))
+
+
+def report(sweep_dir: str | Path, rows: list[dict[str, Any]], show: int = 5) -> list[str]:
+    """The lines printed at the end of a sweep with failed jobs: one per job, except that jobs
+    failing with the same error share one line with their count (and the first ``show`` numbers)."""
     out = [f"sweep finished with {len(rows)} failed job(s) (listed in {ledger(sweep_dir)}):"]
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        out.append(f"  job #{r['job']} [{' '.join(map(shlex.quote, r['overrides']))}]: {r['error']}")
+        groups.setdefault(r["error"], []).append(r)
+    for error, same in groups.items():
+        if len(same) == 1:
+            r = same[0]
+            out.append(f"  job #{r['job']} [{' '.join(map(shlex.quote, r['overrides']))}]: {error}")
+            continue
+        nums = ", ".join(f"#{r['job']}" for r in same[:show]) + (", ..." if len(same) > show else "")
+        out.append(f"  {len(same)} jobs ({nums}): {error}")
     return out
 
 
