@@ -39,6 +39,7 @@ FULL_MODULES = {
     "test_broken_files",
     "test_console",
     "test_converter",
+    "test_requeue",
     "test_mingle_e2e",
     "test_otmf_authors",
     "test_packaging",

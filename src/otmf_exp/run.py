@@ -86,7 +86,13 @@ def _main(cfg: DictConfig) -> Any:
                 f"out_dir={cfg.out_dir} would be shared by every job of this sweep; drop out_dir "
                 "(each job gets <sweep dir>/<job>) or run that job alone"
             )
+        requeue = multirun and not cfg.resume and sweep.requeued(_out_dir(cfg))  # SLURM requeue
+        if requeue:
+            log.warning("job #%s was requeued: resuming from its checkpoint in %s", hc.job.num, _out_dir(cfg))
+            cfg.resume = True
         result = run_experiment(cfg, _out_dir(cfg), concurrent_jobs(hc) if multirun else 1)
+        if requeue:
+            sweep.mark_requeued(_out_dir(cfg))
     except Exception as e:
         if not isinstance(e, UserError) and not is_config_error(e):
             if not multirun:
@@ -98,7 +104,8 @@ def _main(cfg: DictConfig) -> Any:
             )
             return None
         line = str(e) if isinstance(e, UserError) else one_line(e)  # bad input, a config error included
-        print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
+        if not (multirun and sweep.repeated(hc.sweep.dir, line)):  # the same error: printed once
+            print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
         if not cfg.out_dir or multirun:
             _drop_if_empty(job_dir)
         if not multirun:

@@ -4,6 +4,10 @@
     python -m otmf_exp.hub.prefetch task_seq=vit20 backbone=clip_vit_l14 --download
     python -m otmf_exp.hub.prefetch task_seq=glue8 backbone.variant=lora --download --local-dir /data/hub
     python -m otmf_exp.hub.prefetch task_seq=vit8 --check               # do the ids exist on the hub?
+    python -m otmf_exp.hub.prefetch experiment=paper/continual_vision --download   # a whole sweep
+
+A sweep (a preset's ``hydra.sweeper.params`` and/or ``a=x,y`` overrides, expanded as ``otmf_exp.run -m``
+would: ``runtime.sweep.plan_jobs``) is read whole: the ids of every job, each listed or fetched once.
 
 ``--download`` fills the HF cache (``HF_HOME``; datasets are loaded once so ``datasets`` caches
 them), or with ``--local-dir DIR`` writes ``DIR/<id>`` for ``backbone.local_dir=DIR`` /
@@ -17,7 +21,7 @@ import argparse
 import sys
 from typing import Any
 
-from otmf_exp.errors import EXIT_USER_ERROR
+from otmf_exp.errors import EXIT_USER_ERROR, UserError
 
 #: (repo type, id, dataset config or None, splits to load for the datasets cache)
 Ref = tuple[str, str, str | None, tuple[str, ...]]
@@ -53,6 +57,48 @@ def required_ids(backbone: Any, task_seq: Any, tasks: list[str] | None = None) -
 
         out += [("dataset", GLUE_DATASET, t, (PROMPTS[t].test_split, "train")) for t in tasks]
     return out
+
+
+#: override keys that cannot change the ids of a job (``required_ids`` reads backbone, task_seq and
+#: task_order only): jobs differing only in these are composed once
+NO_IDS = ("method", "seed", "order_seed", "protocol")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
+
+
+def sweep_ids(overrides: list[str]) -> tuple[int, list[Ref]]:
+    """(number of jobs, the distinct ids of all of them) of ``python -m otmf_exp.run -m <overrides>``
+    (one job when nothing is swept); a dataset read by several jobs keeps the union of their splits."""
+    from hydra import compose, initialize_config_module
+
+    from otmf_exp.runtime.sweep import plan_jobs
+
+    jobs = plan_jobs(overrides)
+    distinct = dict.fromkeys(tuple(o for o in job if _key(o) not in NO_IDS) for job in jobs)
+    refs: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
+    with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
+        for job in distinct:
+            cfg = compose(config_name="run", overrides=list(job))
+            order = cfg.task_order if not isinstance(cfg.task_order, str) else None
+            for kind, rid, config, splits in required_ids(
+                cfg.backbone, cfg.task_seq, list(order) if order else None
+            ):
+                old = refs.get((kind, rid, config), ())
+                refs[(kind, rid, config)] = tuple(dict.fromkeys(old + splits))
+    return len(jobs), [(k, r, c, sp) for (k, r, c), sp in refs.items()]
+
+
+def _need_hub(what: str) -> None:
+    """``--download`` / ``--check`` offline: one line before any request (no hub timeouts)."""
+    from otmf_exp.hub.resolve import hub_offline
+
+    if hub_offline():
+        raise UserError(
+            f"{what} needs the hub, which is off here (HF_HUB_OFFLINE=1, or it did not answer): run it "
+            "on a machine with the hub, then copy the HF cache (HF_HOME) or the --local-dir over"
+        )
 
 
 def _check(refs: list[Ref]) -> int:
@@ -105,21 +151,23 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task_seq=vit8 backbone=clip_vit_b16")
     ap.add_argument("--download", action="store_true")
     ap.add_argument("--check", action="store_true", help="query the hub for every id (needs the network)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="only list the ids (the default without --download/--check)"
+    )
     ap.add_argument("--local-dir", default=None, help="write DIR/<id> instead of the HF cache")
     args = ap.parse_args(argv)
-
-    from hydra import compose, initialize_config_module
 
     from otmf_exp.config import register_configs
 
     register_configs()
-    with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
-        cfg = compose(config_name="run", overrides=args.overrides)
-    order = cfg.task_order if not isinstance(cfg.task_order, str) else None
-    refs = required_ids(cfg.backbone, cfg.task_seq, list(order) if order else None)
-    if args.check:
+    n_jobs, refs = sweep_ids(args.overrides)
+    if n_jobs > 1:
+        print(f"{n_jobs} jobs, {len(refs)} distinct ids", file=sys.stderr)
+    if args.check and not args.dry_run:
+        _need_hub("--check")
         return _check(refs)
-    if args.download:
+    if args.download and not args.dry_run:
+        _need_hub("--download")
         _download(refs, args.local_dir)
         return 0
     for kind, rid, config, _ in refs:

@@ -11,7 +11,10 @@ same everywhere:
   ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``: a cached copy is used offline.
 
 A missing id (offline, hub unreachable, or absent under ``local_dir``) raises
-:class:`~otmf_exp.errors.UserError` with one line naming the id and how to fetch it.
+:class:`~otmf_exp.errors.UserError` with one line naming the id and how to fetch it. It fails
+fast: without ``HF_HUB_OFFLINE`` the hub is probed once per process (:func:`hub_offline`, a
+``$OTMF_EXP_HUB_PROBE_TIMEOUT`` = 3 s timeout); when it does not answer, the process switches to
+the offline mode, so the cache is read directly instead of every lookup waiting for hub timeouts.
 """
 
 from __future__ import annotations
@@ -69,6 +72,65 @@ def missing(repo_id: str, field: str, repo_type: str = "model", where: str | Non
     return UserError(f"{kind} {repo_id!r} {place}: {fetch_hint(repo_id, field, repo_type)}")
 
 
+#: seconds the one hub probe of a process may take (``$OTMF_EXP_HUB_PROBE_TIMEOUT``)
+PROBE_TIMEOUT = 3.0
+_PROBE: dict[str, bool] = {}
+
+
+def _probe_url() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT + "/api/models?limit=1"
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Any HTTP answer (an error status included) means the hub is reachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, DNS failure, timeout, no route, bad endpoint
+        return False
+    return True
+
+
+def set_offline() -> None:
+    """Switch this process (and its child processes) to the HF offline mode: every later hub
+    lookup reads the local cache only and fails at once when it lacks the id."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # datasets copies the flag at import time
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted: ``HF_HUB_OFFLINE`` set, or the one probe of this
+    process found the hub unreachable (then :func:`set_offline` is applied and logged once)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = _probe_url()
+    if url not in _PROBE:
+        timeout = float(os.environ.get("OTMF_EXP_HUB_PROBE_TIMEOUT", PROBE_TIMEOUT))
+        _PROBE[url] = _reachable(url, timeout)
+        if not _PROBE[url]:
+            log.warning("the hub (%s) did not answer within %gs: using the local HF cache only", url, timeout)
+    if not _PROBE[url]:
+        set_offline()
+        return True
+    return False
+
+
 def local_path(repo_id: str, local_dir: str | None) -> Path | None:
     """``<local_dir>/<repo_id>`` when ``local_dir`` is set, else None."""
     if not local_dir:
@@ -93,6 +155,7 @@ def resolve_model_dir(
         return p
     from huggingface_hub import snapshot_download
 
+    hub_offline()  # probe once: an unreachable hub means the cache only, no timeouts
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=_META + [weights[0]]))
         if len(weights) > 1 and not any(path.glob(weights[0])):
@@ -114,6 +177,7 @@ def resolve_model_file(
         raise missing(repo_id, field, where=f"{p} (looked for {', '.join(filenames)})")
     from huggingface_hub import hf_hub_download
 
+    hub_offline()
     last: Exception | None = None
     for name in filenames:
         try:
@@ -166,6 +230,7 @@ def load_split(
             return datasets.load_dataset(str(p), config, split=split)
         except ValueError as e:  # unknown split / config
             raise UserError(f"dataset {dataset_id!r} at {p}: {str(e).splitlines()[0]}") from None
+    hub_offline()
     try:
         return datasets.load_dataset(dataset_id, config, split=split)
     except OSError as e:  # ConnectionError (offline / unreachable), DatasetNotFoundError, missing files

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging_pools import (
@@ -44,6 +43,7 @@ from otmf_exp.merging.adamerging_pools import (
 )
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.runtime.progress import progress
 from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class AdaMerging(MergeMethod):
         opt = torch.optim.Adam([coef], lr=cfg.lr)
         streams = batch_streams(cfg, self.ctx, datas, key, skips or [0] * len(datas))
         curve: list[float] = []
-        bar = tqdm(range(cfg.steps), desc=f"AdaMerging {what}", disable=not self.ctx.progress, leave=False)
+        bar = progress(range(cfg.steps), desc=f"AdaMerging {what}", enabled=self.ctx.progress, leave=False)
         for it in bar:
             opt.zero_grad(set_to_none=True)
             params = combine(pretrained, tvs, merged(coef))

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from otmf_exp.data.base import SPLITS
 from otmf_exp.errors import NonFiniteLossError, UserError
@@ -45,6 +44,7 @@ from otmf_exp.merging.adamerging import (
 )
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.runtime.progress import progress
 from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,8 @@ class Concrete(MergeMethod):
 
     def _learn_mask_ta(self, pretrained, ta, logits, opt, gen, heads, streams) -> None:
         cfg, curve = self.cfg, []
-        for it in tqdm(
-            range(self.steps), desc="Concrete TA mask", disable=not self.ctx.progress, leave=False
+        for it in progress(
+            range(self.steps), desc="Concrete TA mask", enabled=self.ctx.progress, leave=False
         ):
             mask = rescale(sample_mask(logits, cfg.temperature, gen))
             opt.zero_grad(set_to_none=True)
@@ -270,8 +270,8 @@ class Concrete(MergeMethod):
         cfg, curve, inner_curve = self.cfg, [], []
         coef = init.clone().requires_grad_(True)
         base_opt = torch.optim.Adam([coef], lr=cfg.base_lr)
-        for it in tqdm(
-            range(self.steps), desc="Concrete AdaMerging mask", disable=not self.ctx.progress, leave=False
+        for it in progress(
+            range(self.steps), desc="Concrete AdaMerging mask", enabled=self.ctx.progress, leave=False
         ):
             mask = rescale(sample_mask(logits, cfg.temperature, gen))
             fixed = {k: m.detach() for k, m in mask.items()}
@@ -304,10 +304,10 @@ class Concrete(MergeMethod):
         coef = init.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([coef], lr=self.cfg.adamerging_lr)
         curve = []
-        for it in tqdm(
+        for it in progress(
             range(self.cfg.max_adamerging_steps),
             desc="Concrete AdaMerging",
-            disable=not self.ctx.progress,
+            enabled=self.ctx.progress,
             leave=False,
         ):
             opt.zero_grad(set_to_none=True)

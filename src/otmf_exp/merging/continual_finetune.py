@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.adamerging import subsample
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.runtime.progress import progress
 from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ContinualFinetune(MergeMethod):
             else None
         )
         curve: list[float] = []
-        bar = tqdm(range(cfg.steps), desc=f"fine-tune {what}", disable=not self.ctx.progress, leave=False)
+        bar = progress(range(cfg.steps), desc=f"fine-tune {what}", enabled=self.ctx.progress, leave=False)
         for it in bar:
             opt.zero_grad(set_to_none=True)
             loss = self.loss(params, head, next(batches))

@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.runtime.progress import progress
 from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,8 @@ class DOP(MergeMethod):
         in_place = task.owned and _distinct_storages(theta)  # reuse θ_t's buffers for τ
         out: StateDict = {}
         infos: list[dict[str, float]] = []
-        bar = tqdm(
-            pretrained.items(), desc=f"DOP step {state.step + 1}", disable=not self.ctx.progress, leave=False
+        bar = progress(
+            pretrained.items(), desc=f"DOP step {state.step + 1}", enabled=self.ctx.progress, leave=False
         )
         for k, w0 in bar:
             new = self._merge_one(k, w0, state.merged[k], theta[k], k in linear, k in keep, infos)

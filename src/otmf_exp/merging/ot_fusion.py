@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
@@ -39,6 +38,7 @@ from otmf_exp.merging.ot_diagnostics import (
 from otmf_exp.merging.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
+from otmf_exp.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class FusionStep:
         pre_it = self.stream(self.pre_data, self.n_pre, self.seed_pre)
         post_it = self.stream(self.task.data, self.n_post, self.seed_post)
         what = f"OTMF step {self.t} ({self.task.name})" + ("" if track else ", replay to the best iteration")
-        for i in tqdm(range(n), desc=what, disable=not self.ctx.progress, leave=False):
+        for i in progress(range(n), desc=what, enabled=self.ctx.progress, leave=False):
             side, value = self._iteration(i, pre_it, post_it, track)
             if cow is not None and self.before_backward is None:
                 cow.before_step(i, value, ("pre", "post") if side == "joint" else (side,))

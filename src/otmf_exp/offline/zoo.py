@@ -187,13 +187,12 @@ class DigitsZoo:
         return self.dir
 
     def _build(self, todo: list[str], pre_missing: bool) -> None:
-        from rich.progress import Progress
+        from otmf_exp.runtime.progress import progress
 
         log.info("building the offline digits zoo into %s: %s", self.dir, ", ".join(todo) or "pre-trained")
-        with Progress(disable=not self.progress, transient=True) as bar:
-            job = bar.add_task("build digits zoo", total=len(todo) + pre_missing)
+        with progress(total=len(todo) + pre_missing, desc="build digits zoo", enabled=self.progress) as bar:
             if pre_missing:
-                bar.update(job, description="build digits zoo: pre-training")
+                bar.set_description("build digits zoo: pre-training")
                 x, y = digits.pretraining_data()
                 model = tiny.pretrain(self.recipe, x, y)
                 publish(
@@ -201,12 +200,12 @@ class DigitsZoo:
                     {k: v.contiguous() for k, v in model.state_dict().items()},
                     self.hash,
                 )
-                bar.advance(job)
+                bar.update(1)
             pre = _load(self.pretrained_path, "the pre-trained tower")
             for task in todo:
-                bar.update(job, description=f"build digits zoo: {task}")
+                bar.set_description(f"build digits zoo: {task}")
                 self._build_task(task, pre)
-                bar.advance(job)
+                bar.update(1)
 
     def _build_task(self, task: str, pre: dict[str, torch.Tensor]) -> None:
         data = digits.build_task(task)

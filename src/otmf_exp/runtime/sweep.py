@@ -47,11 +47,26 @@ def failures(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["job"])
 
 
-def report(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> list[str]:
-    """The lines printed at the end of a sweep with failed jobs."""
+def repeated(sweep_dir: str | Path, error: str) -> bool:
+    """True when an earlier job of this sweep already failed with exactly ``error`` (a missing hub
+    id offline fails every job the same way: its ``error:`` line is printed once, not per job)."""
+    return any(r["error"] == error for r in failures(sweep_dir))
+
+
+def report(sweep_dir: str | Path, rows: list[dict[str, Any]], show: int = 5) -> list[str]:
+    """The lines printed at the end of a sweep with failed jobs: one per job, except that jobs
+    failing with the same error share one line with their count (and the first ``show`` numbers)."""
     out = [f"sweep finished with {len(rows)} failed job(s) (listed in {ledger(sweep_dir)}):"]
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        out.append(f"  job #{r['job']} [{' '.join(map(shlex.quote, r['overrides']))}]: {r['error']}")
+        groups.setdefault(r["error"], []).append(r)
+    for error, same in groups.items():
+        if len(same) == 1:
+            r = same[0]
+            out.append(f"  job #{r['job']} [{' '.join(map(shlex.quote, r['overrides']))}]: {error}")
+            continue
+        nums = ", ".join(f"#{r['job']}" for r in same[:show]) + (", ..." if len(same) > show else "")
+        out.append(f"  {len(same)} jobs ({nums}): {error}")
     return out
 
 
@@ -99,3 +114,36 @@ def dry_run_lines(overrides: list[str], show: int | None = None) -> list[str]:
     if show and len(jobs) > show:
         out.append(f"... {len(jobs) - show} more (--dry-run=all lists every job)")
     return out
+
+
+# ---- SLURM requeue (hydra-submitit-launcher) ----------------------------------------------------
+def requeued(out_dir: str | Path) -> bool:
+    """True for a job that submitit restarted after a timeout or preemption: its ``checkpoint()``
+    resubmits the same job into the same job dir, which then holds this job's own checkpoint. Such
+    a job continues with ``resume=true`` semantics (a checkpoint of another config is still the
+    resume check's one-line error). Outside submitit (``SUBMITIT_EXECUTOR`` unset) always False."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return False
+    from otmf_exp.errors import UserError
+    from otmf_exp.runtime import checkpoint
+
+    try:
+        return checkpoint.latest_doc(Path(out_dir)) is not None
+    except UserError:  # a broken checkpoint: resume=true reports it in one line
+        return True
+
+
+def mark_requeued(out_dir: str | Path) -> None:
+    """Record in ``metrics.json`` that this run was requeued and resumed from its checkpoint."""
+    from otmf_exp.runtime import files
+
+    path = Path(out_dir) / "metrics.json"
+    doc = json.loads(path.read_text())
+    try:
+        import submitit
+
+        job: str | None = submitit.JobEnvironment().job_id
+    except Exception:  # not inside a submitit job (e.g. a test calling this directly)
+        job = None
+    doc["requeued"] = {"resumed": True, "job_id": job}
+    files.write_json(path, doc)
