@@ -42,6 +42,8 @@ class Backbone(ABC):
     #: inputs per batch for evaluation / feature extraction, data-loader workers (set from config)
     batch_size: int = 128
     num_workers: int = 0
+    #: where an evaluation happens, for its non-finite-logits line (the runner sets "at step N")
+    eval_where: str = ""
 
     # ---- parameters ---------------------------------------------------------------------
     @abstractmethod
@@ -137,7 +139,7 @@ class Backbone(ABC):
         correct = total = 0
         for batch in data.loader(split, batch_size):
             logits = self.logits(params, head, self.to_device(batch["inputs"]))
-            check_logits(logits, f"on task {data.name!r} ({split} split)")
+            check_logits(logits, f"{self.eval_where} on task {data.name!r} ({split} split)".lstrip())
             pred = logits.argmax(-1).cpu()
             correct += int((pred == batch["labels"]).sum())
             total += len(batch["labels"])
