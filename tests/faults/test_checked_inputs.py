@@ -6,6 +6,8 @@ outcome: one ``error:`` line and exit 2, or (float16) the documented cast and a 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +103,53 @@ def test_the_checker_directly():
     assert check_head(torch.zeros(10, 3), 10, 2, "h").shape == (10, 3)  # a tuned head's bias column
     with pytest.raises(NonFiniteLossError, match="^non-finite logits x$"):
         check_logits(torch.tensor([1.0, float("inf")]), "x")
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory, zoo) -> Path:
+    """One completed 2-task run dir (checkpoints/step_002), copied before each tamper."""
+    from hydra import compose, initialize_config_module
+
+    from otmf_exp.runner import run_experiment
+
+    out = tmp_path_factory.mktemp("checked") / "run"
+    with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=RUN)
+    run_experiment(cfg, out)
+    return out
+
+
+def _nan_state(sd):
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    _nan(sd, k)
+
+
+@pytest.mark.parametrize(
+    "name,fn,text",
+    [
+        ("state.safetensors", lambda p: _tamper(p, _nan_state), "has non-finite values (NaN/inf)"),
+        (
+            "progress.json",
+            lambda p: _row(p, [50.0]),
+            "accuracy row 2 is [50.0]: expected 2 finite values in [0, 100]",
+        ),
+        ("progress.json", lambda p: _row(p, [50.0, 180.0]), "accuracy row 2 is [50.0, 180.0]: expected 2"),
+    ],
+    ids=["nan_state", "short_row", "row_over_100"],
+)
+def test_a_tampered_checkpoint_is_one_line_on_resume(run_main, done_run, tmp_path, name, fn, text):
+    out = tmp_path / "o"
+    shutil.copytree(done_run, out)
+    (out / "metrics.json").unlink()  # an unfinished run: resume reads the checkpoint
+    path = out / "checkpoints" / "step_002" / name
+    fn(path)
+    rc, _, err = run_main(*RUN, f"out_dir={out}", "resume=true", f"hydra.run.dir={tmp_path / 'h'}")
+    line = one_error(err, 2, rc, text)
+    assert f"checkpoint {path} is unreadable" in line, line
+    assert not (out / "metrics.json").exists()
+
+
+def _row(path, row) -> None:
+    doc = json.loads(path.read_text())
+    doc["progress"]["rows"][1] = row
+    path.write_text(json.dumps(doc))
