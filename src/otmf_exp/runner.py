@@ -195,6 +195,7 @@ class Experiment:
         for i in range(state.step, len(self.order)):
             seed_everything(int(cfg.seed) * 1000 + i)  # per-step seeding: resumed == uninterrupted
             self._step_records = {}
+            self.backbone.eval_where = f"at step {i + 1}"  # named by a non-finite-logits error
             task = self._task(i, self.order[i - 1] if i > 0 else None)
             with measure(self.device) as usage:
                 state = self.method.step(state, task, self.pretrained)

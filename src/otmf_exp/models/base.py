@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.models.checks import check_head, check_logits, check_state
 from otmf_exp.models.functional import ComputedParams, computed_parameters
 
 
@@ -41,6 +42,8 @@ class Backbone(ABC):
     #: inputs per batch for evaluation / feature extraction, data-loader workers (set from config)
     batch_size: int = 128
     num_workers: int = 0
+    #: where an evaluation happens, for its non-finite-logits line (the runner sets "at step N")
+    eval_where: str = ""
 
     # ---- parameters ---------------------------------------------------------------------
     @abstractmethod
@@ -81,24 +84,20 @@ class Backbone(ABC):
         return out
 
     def validate_finetuned(self, task: str, sd: dict[str, Tensor], source: str) -> StateDict:
-        """Check names and shapes against θ₀; return the mergeable subset on the right device/dtype."""
-        pre = self.pretrained_state()
-        for k, v in pre.items():
-            if k not in sd:
-                raise UserError(
-                    f"checkpoint for task {task!r} ({source}) does not match the pre-trained model: "
-                    f"missing parameter {k!r}"
-                )
-            if tuple(sd[k].shape) != tuple(v.shape):
-                raise UserError(
-                    f"checkpoint for task {task!r} ({source}) does not match the pre-trained model: "
-                    f"{k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
-                )
-        out = {k: sd[k].to(device=v.device, dtype=v.dtype) for k, v in pre.items()}
-        for k, v in out.items():
-            if not torch.isfinite(v).all():
-                raise UserError(f"checkpoint for task {task!r} ({source}) has non-finite values in {k!r}")
-        return out
+        """θ_t checked against θ₀ (keys, shapes, floating dtype, finite; see :mod:`.checks`)."""
+        return check_state(sd, self.pretrained_state(), f"checkpoint for task {task!r} ({source})")
+
+    def embed_dim(self) -> int | None:
+        """Embedding width a head's columns must match (None: not checked)."""
+        return None
+
+    def checked_head(self, head: Tensor, task: Any, source: str) -> Tensor:
+        """A zero-shot/tuned head checked (rows = classes, columns = embedding, dtype, finite)."""
+        names = getattr(task, "classnames", None)
+        name = getattr(task, "name", task)
+        return check_head(
+            head, len(names) if names else None, self.embed_dim(), f"head of task {name!r} ({source})"
+        )
 
     # ---- export -----------------------------------------------------------------------------
     def save_model(self, weights: StateDict, out_dir: Any) -> dict[str, Any]:
@@ -145,7 +144,9 @@ class Backbone(ABC):
         """Accuracy (%) of weights ``params`` with ``head`` on ``split`` of ``data``."""
         correct = total = 0
         for batch in data.loader(split, batch_size):
-            pred = self.logits(params, head, self.to_device(batch["inputs"])).argmax(-1).cpu()
+            logits = self.logits(params, head, self.to_device(batch["inputs"]))
+            check_logits(logits, f"{self.eval_where} on task {data.name!r} ({split} split)".lstrip())
+            pred = logits.argmax(-1).cpu()
             correct += int((pred == batch["labels"]).sum())
             total += len(batch["labels"])
         if total == 0:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
+from otmf_exp.models.checks import check_pretrained
 
 
 class ClipVisionBackbone(Backbone):
@@ -21,7 +22,10 @@ class ClipVisionBackbone(Backbone):
 
     modality = "vision"
 
-    def __init__(self, module: Any, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, module: Any, device: torch.device | str = "cpu", source: str = "the pre-trained tower"
+    ) -> None:
+        check_pretrained(module, source)
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.module.requires_grad_(False)
@@ -33,6 +37,9 @@ class ClipVisionBackbone(Backbone):
 
     def mergeable_names(self) -> list[str]:
         return list(self._mergeable)
+
+    def embed_dim(self) -> int | None:
+        return getattr(getattr(self.module, "visual_projection", None), "out_features", None)
 
     def features(self, params: StateDict, inputs: Tensor) -> Tensor:
         return self.call(params, pixel_values=inputs).image_embeds

@@ -83,7 +83,7 @@ class HFClipBackbone(ClipVisionBackbone):
         autocast_context(torch.device(device), self.autocast)  # validates the name
         self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
         clip = CLIPModel.from_pretrained(self.path, dtype=torch.float32)
-        super().__init__(ImageTower(clip.vision_model, clip.visual_projection), device)
+        super().__init__(ImageTower(clip.vision_model, clip.visual_projection), device, str(self.path))
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.image_transform = HFImageTransform(AutoImageProcessor.from_pretrained(self.path))
@@ -109,9 +109,8 @@ class HFClipBackbone(ClipVisionBackbone):
                 self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item()
             )
 
-        return cached_head(f"hf_clip:{self.model_id}", resolve.dir_fingerprint(self.path), task, compute).to(
-            self.device
-        )
+        head = cached_head(f"hf_clip:{self.model_id}", resolve.dir_fingerprint(self.path), task, compute)
+        return self.checked_head(head, task, "the zero-shot head cache").to(self.device)
 
     # ---- fine-tuned towers ----------------------------------------------------------------------
     def finetuned_id(self, task: str) -> str:

@@ -31,6 +31,7 @@ from otmf_exp.errors import UserError
 from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
+from otmf_exp.models.checks import check_pretrained
 from otmf_exp.models.functional import (
     ComputedParams,
     computed_parameters,
@@ -69,6 +70,7 @@ class T5Backbone(Backbone):
         self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
         self._auto = AutoModelForSeq2SeqLM
         self.module = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=torch.float32)
+        check_pretrained(self.module, str(self.path))
         self.module.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self._mergeable = [n for n, p in self.module.named_parameters() if p.is_floating_point()]

@@ -35,6 +35,7 @@ from otmf_exp.errors import UserError
 from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
+from otmf_exp.models.checks import check_pretrained
 from otmf_exp.models.heads import build_head, cached_head
 from otmf_exp.models.hf_clip import autocast_context
 
@@ -188,6 +189,7 @@ class OpenClipBackbone(Backbone):
         )
         self.clip = model.to(self.device).eval().requires_grad_(False)
         self.module = OpenClipTower(self.clip.visual)
+        check_pretrained(self.module, str(self.weights))
         self._mergeable = [n for n, p in self.module.named_parameters() if p.is_floating_point()]
         self.tokenizer = open_clip.get_tokenizer(self.arch)
         self.image_transform = TorchvisionBatchTransform(preprocess)
@@ -227,7 +229,8 @@ class OpenClipBackbone(Backbone):
                 self.encode_text, task.classnames, task.templates, self.clip.logit_scale.exp().item()
             )
 
-        return cached_head(self.key, resolve.dir_fingerprint(self.weights), task, compute).to(self.device)
+        head = cached_head(self.key, resolve.dir_fingerprint(self.weights), task, compute)
+        return self.checked_head(head, task, "the zero-shot head cache").to(self.device)
 
     def load_finetuned(self, task: str) -> StateDict:
         path = find_checkpoint(self.checkpoint_dir, task)

@@ -14,7 +14,7 @@ class TinyBackbone(ClipVisionBackbone):
 
     def __init__(self, zoo, device: torch.device | str = "cpu") -> None:
         self.zoo = zoo
-        super().__init__(zoo.pretrained_module(), device)
+        super().__init__(zoo.pretrained_module(), device, str(zoo.pretrained_path))
         self.name = "tiny"
 
     def load_finetuned(self, task: str):
@@ -22,4 +22,5 @@ class TinyBackbone(ClipVisionBackbone):
         return self.validate_finetuned(task, sd, source)
 
     def zero_shot_head(self, task: TaskData) -> Tensor:
-        return self.zoo.head(task.name).to(self.device)
+        head = self.zoo.head(task.name)
+        return self.checked_head(head, task, str(self.zoo.task_path(task.name))).to(self.device)

@@ -39,6 +39,7 @@ from otmf_exp.data import digits
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import UserError, cli_main
 from otmf_exp.hub.resolve import writable_cache
+from otmf_exp.models.checks import check_file_state
 from otmf_exp.offline import tiny_clip as tiny
 from otmf_exp.runtime.files import replace_dir, temp_file, write_error, write_json
 from otmf_exp.runtime.session import fixed_threads
@@ -216,7 +217,9 @@ class DigitsZoo:
 
     def pretrained_module(self):
         self.build()
-        return tiny.load_module(self.recipe, _load(self.pretrained_path, "the pre-trained tower"))
+        sd = _load(self.pretrained_path, "the pre-trained tower")
+        keys = tiny.make_module(self.recipe).state_dict()  # tensor checks: models/checks.py
+        return tiny.load_module(self.recipe, check_file_state(sd, keys, str(self.pretrained_path)))
 
     def _load_task(self, task: str) -> dict[str, torch.Tensor]:
         self.build([task])

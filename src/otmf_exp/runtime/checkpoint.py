@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -119,6 +120,9 @@ def load_latest(
         tensors = load_file(str(d / STATE), device=str(device))
     except Exception as e:  # safetensors raises its own error type for a damaged header
         raise UserError(broken_message(d / STATE, _reason(e))) from None
+    for k, t in tensors.items():  # every floating tensor finite (integers: a method's indices, as saved)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(broken_message(d / STATE, f"{k!r} has non-finite values (NaN/inf)"))
     return int(doc["step"]), tensors, doc
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,15 @@ def progress_problem(doc: dict[str, Any]) -> str | None:
             return f"'progress.{key}' missing or not a {typ.__name__} (written by an older version?)"
     if len(prog["rows"]) != doc["step"]:
         return f"{len(prog['rows'])} accuracy rows for step {doc['step']}"
+    for i, row in enumerate(prog["rows"]):  # row i: the accuracies (%) of tasks 1..i+1 after step i+1
+        ok = isinstance(row, list) and len(row) == i + 1
+        if not ok or not all(_is_acc(v) for v in row):
+            return f"accuracy row {i + 1} is {json.dumps(row)}: expected {i + 1} finite values in [0, 100]"
     return None
+
+
+def _is_acc(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100
 
 
 def check_same_config(saved: dict[str, Any], now: dict[str, Any], ckpt_dir: Path) -> None:
