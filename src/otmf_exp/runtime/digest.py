@@ -30,7 +30,7 @@ def _cache_file() -> Path:
     return root / "digests.json"
 
 
-def _read_cache(path: Path) -> dict[str, list]:
+def read_map(path: Path) -> dict[str, list]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -38,7 +38,7 @@ def _read_cache(path: Path) -> dict[str, list]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, data: dict[str, list]) -> None:
+def write_map(path: Path, data: dict[str, list]) -> None:
     """Best effort, atomic (temp file + rename): a read-only cache only costs a re-hash next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,14 +64,14 @@ def file_digest(path: str | Path) -> str:
     st = os.stat(real)
     stamp = [st.st_size, st.st_mtime_ns]
     cache = _cache_file()
-    data = _read_cache(cache)
+    data = read_map(cache)
     hit = data.get(real)
     if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
         return str(hit[2])
     sha = sha256_file(Path(real))
-    data = _read_cache(cache)  # another process may have added entries meanwhile
+    data = read_map(cache)  # another process may have added entries meanwhile
     data[real] = [*stamp, sha]
-    _write_cache(cache, data)
+    write_map(cache, data)
     return sha
 
 
