@@ -25,11 +25,10 @@ from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone
 from otmf_exp.reporting import metrics
-from otmf_exp.runtime import checkpoint, files, resume
+from otmf_exp.runtime import checkpoint, digest, files, resume
 from otmf_exp.runtime.files import check_writable
 from otmf_exp.runtime.lock import RunDirLock
 from otmf_exp.runtime.measure import current_memory_mb, measure
-from otmf_exp.runtime import digest
 from otmf_exp.runtime.provenance import code_version, provenance
 from otmf_exp.runtime.session import (
     apply_threads,
