@@ -34,7 +34,7 @@ NEW = digits.DigitsTask(  # a task a user might add: a transform plus its own la
 
 
 def _files(z: DigitsZoo) -> set[str]:
-    return {p.name for p in z.dir.iterdir()}
+    return {p.name for p in z.dir.glob("*.safetensors")}  # digests.json is the zoo's index
 
 
 def test_build_is_deterministic_and_recipe_keyed(tmp_path):

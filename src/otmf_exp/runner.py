@@ -25,7 +25,7 @@ from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone, export
 from otmf_exp.reporting import metrics
-from otmf_exp.runtime import checkpoint, files, resume
+from otmf_exp.runtime import checkpoint, digest, files, resume
 from otmf_exp.runtime.files import check_writable
 from otmf_exp.runtime.lock import RunDirLock
 from otmf_exp.runtime.measure import current_memory_mb, measure
@@ -64,17 +64,34 @@ class Experiment:
         self.eval_bs = int(cfg.backbone.batch_size)
         self.records: list[dict[str, Any]] = []
         self._step_records: dict[str, Any] = {}
+        self.identity: dict[str, str] = {}  # ModelIdentity: "pretrained" / task -> sha256 of its files
 
     # ---- helpers --------------------------------------------------------------------------
     def _record(self, key: str, value: Any) -> None:
         self._step_records[key] = value
+
+    def _identify(self, name: str, got: list[str]) -> None:
+        """Record the content digest of what loading ``name`` read (the run's ``ModelIdentity``)."""
+        sha = digest.identity_of(got)
+        if sha is not None:
+            self.identity[name] = sha
+
+    def _model_digest(self, name: str) -> str | None:
+        """The digest of model ``name`` as this run reads it (a task not loaded yet is read now)."""
+        if name not in self.identity and name != "pretrained":
+            with digest.collecting() as got:
+                self.backbone.load_finetuned(name)  # read for its digest only
+            self._identify(name, got)
+        return self.identity.get(name)
 
     def _head(self, state: ContinualState, task: str) -> torch.Tensor | None:
         return state.heads.get(task, self.zero_shot[task])
 
     def _task(self, i: int, prev: str | None) -> TaskInput:
         name = self.order[i]
-        weights = self.backbone.load_finetuned(name)
+        with digest.collecting() as got:
+            weights = self.backbone.load_finetuned(name)
+        self._identify(name, got)
         if self.cfg.eval_individual and name not in self.individual:
             self.individual[name] = self.backbone.evaluate(
                 weights, self.zero_shot[name], self.data[name], self.cfg.eval_split, self.eval_bs
@@ -112,7 +129,9 @@ class Experiment:
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # once, before any model work
         seed_everything(int(cfg.seed))
         apply_threads(self.threads)  # once per run, before any model work
-        self.backbone = build_backbone(cfg.backbone, self.device, progress=cfg.progress)
+        with digest.collecting() as got:
+            self.backbone = build_backbone(cfg.backbone, self.device, progress=cfg.progress)
+        self._identify("pretrained", got)
         self.data = {t: build_task_data(t, cfg.task_seq, self.backbone) for t in self.order}
         for t, d in self.data.items():
             if d.size(cfg.eval_split) == 0:
@@ -149,6 +168,8 @@ class Experiment:
                     self.result_config,
                     self.order,
                 )
+                if start is not None:
+                    resume.check_same_models(start[1].get("models"), self._model_digest, self.out_dir)
                 # only now, with every check passed, may a previous result in out_dir go
                 (self.out_dir / "metrics.json").unlink(missing_ok=True)
                 files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -242,6 +263,7 @@ class Experiment:
                         "config": self.result_config,
                         "config_hash": resume.config_hash(self.result_config),
                         "code_version": code_version(),
+                        "models": dict(self.identity),
                     },
                 },
                 cfg.keep_checkpoints,
@@ -313,7 +335,7 @@ class Experiment:
             "state_growth_mb_per_task": self.method.state_growth_bytes(self.pretrained) / 2**20,
             "memory_kind": self.records[-1]["memory_kind"],
             "device": str(self.device),
-            "provenance": self.provenance,
+            "provenance": {**self.provenance, "models": dict(self.identity)},
         }
         if cfg.save_merged:
             merged = self.method.merged(state, self.pretrained)

@@ -152,7 +152,7 @@ def resolve_model_dir(
     if p is not None:
         if not p.is_dir():
             raise missing(repo_id, field, where=str(p))
-        return p
+        return _recorded(p)
     from huggingface_hub import snapshot_download
 
     hub_offline()  # probe once: an unreachable hub means the cache only, no timeouts
@@ -162,6 +162,14 @@ def resolve_model_dir(
             path = Path(snapshot_download(repo_id, allow_patterns=_META + list(weights[1:])))
     except Exception as e:  # offline / unreachable / unknown id: all end in the same advice
         raise _hub_error(e, repo_id, field) from None
+    return _recorded(path)
+
+
+def _recorded(path: Path) -> Path:
+    """``path`` after its content digest (a dir: over its weight files') went to the run's identity."""
+    from otmf_exp.runtime import digest
+
+    digest.record(path)
     return path
 
 
@@ -173,7 +181,7 @@ def resolve_model_file(
     if p is not None:
         for name in filenames:
             if (p / name).is_file():
-                return p / name
+                return _recorded(p / name)
         raise missing(repo_id, field, where=f"{p} (looked for {', '.join(filenames)})")
     from huggingface_hub import hf_hub_download
 
@@ -181,7 +189,7 @@ def resolve_model_file(
     last: Exception | None = None
     for name in filenames:
         try:
-            return Path(hf_hub_download(repo_id, name))
+            return _recorded(Path(hf_hub_download(repo_id, name)))
         except Exception as e:
             last = e
     raise _hub_error(last, repo_id, field) from None

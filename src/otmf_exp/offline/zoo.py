@@ -14,7 +14,10 @@ Cache layout, in ``$OTMF_EXP_CACHE`` (default ``~/.cache/otmf_exp``)::
 
 A task file stores, in its safetensors metadata, the hash of (recipe, task name, fine-tuning seed,
 digest of the task's training images/labels/class names); a missing or stale file (a changed
-transform, label rule or seed) is rebuilt for that task alone. Every file is written to a temp
+transform, label rule or seed) is rebuilt for that task alone. ``digits-<hash>/digests.json`` holds
+the sha256 of each file as built; a file whose bytes no longer match it (e.g. another task's weights
+under a matching key) is logged and rebuilt before use; a file the index lacks (built by an older
+version) is recorded on first use. Every file is written to a temp
 file and moved into place; a file another process published meanwhile is kept, never clobbered.
 """
 
@@ -41,6 +44,7 @@ from otmf_exp.errors import UserError, cli_main
 from otmf_exp.hub.resolve import writable_cache
 from otmf_exp.models.checks import check_file_state
 from otmf_exp.offline import tiny_clip as tiny
+from otmf_exp.runtime import digest
 from otmf_exp.runtime.files import replace_dir, temp_file, write_error, write_json
 from otmf_exp.runtime.session import fixed_threads
 
@@ -156,6 +160,47 @@ class DigitsZoo:
     def task_path(self, task: str) -> Path:
         return self.dir / f"{task}.safetensors"
 
+    @property
+    def index_path(self) -> Path:
+        return self.dir / "digests.json"
+
+    def _note_built(self, path: Path) -> None:
+        """Record the sha256 of the file just built in the zoo's index (atomic rewrite)."""
+        index = digest.read_map(self.index_path)
+        index[path.name] = digest.file_digest(path)
+        digest.write_map(self.index_path, index)
+
+    def _verified(self, path: Path) -> bool:
+        """Whether ``path`` still holds the bytes the zoo built (a file the index lacks is recorded);
+        a mismatch is logged and the file removed (the caller rebuilds it)."""
+        sha = digest.file_digest(path)
+        index = digest.read_map(self.index_path)
+        want = index.get(path.name)
+        if want is None:
+            log.info("recording the content digest of %s (%s)", path, digest.short(sha))
+            index[path.name] = sha
+            digest.write_map(self.index_path, index)
+            return True
+        if want == sha:
+            return True
+        log.warning(
+            "%s has content %s, the zoo built %s: rebuilding it",
+            path,
+            digest.short(sha),
+            digest.short(str(want)),
+        )
+        path.unlink(missing_ok=True)
+        return False
+
+    def _checked(self, path: Path, tasks: list[str]) -> Path:
+        """``path`` after the content check (rebuilt once on a mismatch), its digest recorded."""
+        if not self._verified(path):
+            self.build(tasks)
+            if not self._verified(path):
+                raise UserError(f"{path} does not match the zoo's digest after a rebuild; delete {self.dir}")
+        digest.record(path)
+        return path
+
     def task_seed(self, task: str) -> int:
         """Fine-tuning seed: the recipe's seed + the task's offset (explicit, or from its name)."""
         return self.recipe.seed + digits.finetune_seed_offset(task)
@@ -201,6 +246,7 @@ class DigitsZoo:
                     {k: v.contiguous() for k, v in model.state_dict().items()},
                     self.hash,
                 )
+                self._note_built(self.pretrained_path)
                 bar.update(1)
             pre = _load(self.pretrained_path, "the pre-trained tower")
             for task in todo:
@@ -213,17 +259,19 @@ class DigitsZoo:
         head = tiny.prototype_head(tiny.load_module(self.recipe, pre), data, self.recipe).contiguous()
         ft = tiny.finetune(pre, self.recipe, data, head, seed=self.task_seed(task))
         publish(self.task_path(task), {**ft, HEAD: head}, self.task_key(task))
+        self._note_built(self.task_path(task))
         self._heads.pop(task, None)
 
     def pretrained_module(self):
         self.build()
+        self._checked(self.pretrained_path, [])
         sd = _load(self.pretrained_path, "the pre-trained tower")
         keys = tiny.make_module(self.recipe).state_dict()  # tensor checks: models/checks.py
         return tiny.load_module(self.recipe, check_file_state(sd, keys, str(self.pretrained_path)))
 
     def _load_task(self, task: str) -> dict[str, torch.Tensor]:
         self.build([task])
-        path = self.task_path(task)
+        path = self._checked(self.task_path(task), [task])
         sd = _load(path, f"task {task!r}")
         if HEAD not in sd:
             raise UserError(f"{path} has no zero-shot head; delete it to rebuild task {task!r}")

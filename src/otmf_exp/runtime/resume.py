@@ -164,6 +164,27 @@ def precheck(cfg: Any, out_dir: Path, config: dict[str, Any]) -> str | None:
     return None
 
 
+def check_same_models(saved: Any, current: Any, out_dir: Path) -> None:
+    """Refuse to resume when a model the checkpoint was built from (θ₀ or a θ_t, by content
+    digest) differs from what this run reads: one line naming the model and both digests (12 hex).
+    ``current(name)`` gives this run's digest. A checkpoint of an older version (no ``models``) is
+    resumed with a warning."""
+    from otmf_exp.runtime.digest import short
+
+    if not isinstance(saved, dict):
+        log.warning("checkpoint in %s records no model digests (older version): not checked", out_dir)
+        return
+    for name in sorted(saved, key=lambda n: n != "pretrained"):
+        now = current(name)
+        if now != saved[name]:
+            what = "the pre-trained model" if name == "pretrained" else f"task {name!r}'s model"
+            raise UserError(
+                f"cannot resume from {out_dir}: {what} changed since the checkpoint (sha256 "
+                f"{short(saved[name])} then, {short(now)} now); restore those models, use a new "
+                "out_dir, or drop resume=true to start over there"
+            )
+
+
 def check_same_code(saved: str | None, cfg: Any, ckpt_dir: Path) -> str | None:
     """Refuse a checkpoint written by another code version unless ``resume_across_versions=true``;
     returns the checkpoint's version when it differs (and was allowed), else None."""
