@@ -84,7 +84,7 @@ def test_new_task_builds_on_demand_and_runs_end_to_end(tmp_path, monkeypatch, ma
     metrics = run_experiment(cfg, tmp_path / "run")
     assert metrics["order"] == ["rot90", "bigsmall"] and set(metrics["per_task"]) == {"rot90", "bigsmall"}
     assert 50.0 < metrics["per_task"]["bigsmall"] <= 100.0  # two classes: better than chance
-    assert {p.name for p in cache.iterdir()} == {
+    assert {p.name for p in cache.glob("*.safetensors")} == {
         "pretrained.safetensors",
         "rot90.safetensors",
         "bigsmall.safetensors",
