@@ -80,8 +80,8 @@ def test_killed_rerun_is_restored_then_replaced(run_main, tmp_path, zoo):
 def test_rerun_with_other_config_replaces_the_result(run_main, tmp_path, zoo):
     out = tmp_path / "o"
     _done(run_main, out)
-    rc, _, err = run_main(*RUN, "alpha=0.5", f"out_dir={out}")
+    rc, _, err = run_main(*RUN, "seed=1", f"out_dir={out}")
     assert rc == 0, err[-5:]
-    assert json.loads((out / "metrics.json").read_text())["alpha"] == 0.5
-    assert "alpha: 0.5" in (out / "config.yaml").read_text()
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 1
+    assert "seed: 1" in (out / "config.yaml").read_text()
     assert not (out / ".previous").exists()
