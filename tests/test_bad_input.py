@@ -38,7 +38,10 @@ def _cli(tmp_path, *args):
         (["method.head_tuning.fraction=1.5"], "fraction must be in (0, 1]"),
         (["protocol=sideways"], "protocol must be"),
         (["method.mask.param=tanh"], "mask.param must be one of"),
-        (["method=task_arithmetic", "method.scaling=nan"], "method.scaling must be a finite number >= 0, got nan"),
+        (
+            ["method=task_arithmetic", "method.scaling=nan"],
+            "method.scaling must be a finite number >= 0, got nan",
+        ),
         (["eval_split=tset"], "eval_split must be one of ['train', 'validation', 'test']"),
         (["device=gpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
         (["seed=-1"], "seed must be an integer in [0, 4294967295]"),
@@ -135,7 +138,10 @@ def test_mismatched_checkpoint_names_first_key(zoo):
             ["method.student_weights=all", "method.checkpoint_blocks=true"],
             "method.checkpoint_blocks=true needs method.student_weights=layerwise",
         ),
-        (["method.checkpoint_blocks=sometimes"], "method.checkpoint_blocks must be one of ['auto', true, false]"),
+        (
+            ["method.checkpoint_blocks=sometimes"],
+            "method.checkpoint_blocks must be one of ['auto', true, false]",
+        ),
         (["method.memory_budget_mb=0"], "method.memory_budget_mb must be > 0 or null"),
         # issue 27: a negative chunk made range(0, n, -1) empty and OTMF trained nothing
         (["method.backward_chunk=-1"], "method.backward_chunk must be >= 1 or null, got -1"),

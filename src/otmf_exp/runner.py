@@ -321,7 +321,9 @@ class Experiment:
             "device": str(self.device),
             "provenance": self.provenance,
         }
-        manifest.claim(self.out_dir, "acc_matrix.csv", "metrics.json", *(["merged.safetensors"] * cfg.save_merged))
+        manifest.claim(
+            self.out_dir, "acc_matrix.csv", "metrics.json", *(["merged.safetensors"] * cfg.save_merged)
+        )
         if cfg.save_merged:
             merged = self.method.merged(state, self.pretrained)
             files.write_safetensors(

@@ -85,3 +85,29 @@ def test_rerun_with_other_config_replaces_the_result(run_main, tmp_path, zoo):
     assert json.loads((out / "metrics.json").read_text())["seed"] == 1
     assert "seed: 1" in (out / "config.yaml").read_text()
     assert not (out / ".previous").exists()
+
+
+def test_second_sweep_into_a_sweep_dir(run_main, tmp_path, zoo):
+    sd = tmp_path / "sweep"
+    sweep = ["-m", *RUN, f"hydra.sweep.dir={sd}"]
+    rc, _, err = run_main(*sweep)
+    assert rc == 0, err[-5:]
+    jobs = sorted(p.name for p in sd.iterdir() if p.is_dir())
+    assert len(jobs) == 1 and jobs[0].startswith("0_")
+    with untouched(sd):
+        rc, _, err = run_main(*sweep)
+    one_error(
+        err, 2, rc, f"sweep dir {sd} already holds results (1 job dir(s) with metrics.json, multirun.yaml)"
+    )
+    with untouched(sd / jobs[0], sd / "multirun.yaml"):
+        old_conf = (sd / "multirun.yaml").read_text()
+        rc, _, err = run_main(*sweep, "sweep_existing=append")
+        assert rc == 0, err[-5:]
+        assert (sd / "multirun.1.yaml").read_text() == old_conf
+        # multirun.yaml is rewritten by Hydra: restore the planted copy for `untouched`
+        (sd / "multirun.yaml").write_text(old_conf)
+    new = sorted(p.name for p in sd.iterdir() if p.is_dir() and p.name not in jobs)
+    assert new == ["1_" + jobs[0].partition("_")[2]] and (sd / new[0] / "metrics.json").is_file()
+    rc, _, err = run_main(*sweep, "sweep_existing=resume")
+    assert rc == 0, err[-5:]
+    assert sorted(p.name for p in sd.iterdir() if p.is_dir()) == sorted(jobs + new)
