@@ -115,6 +115,10 @@ class RunConfig:
     threads: Any = num("auto", ge=1, integer=True, also=("auto",))
     #: resume=true normally refuses a checkpoint written by another code version (git sha)
     resume_across_versions: bool = False
+    #: a -m sweep into a hydra.sweep.dir that holds results: refuse (one line, exit 2) | append (new
+    #: job dirs numbered after the existing ones; the old multirun.yaml kept as multirun.N.yaml) |
+    #: resume (the same jobs, each with resume=true)
+    sweep_existing: str = choice("refuse", ("refuse", "append", "resume"))
     #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
     #: float32, default) | high | medium (TF32 on CUDA; bf16 on CPUs with bf16 instructions such as
     #: AVX512-BF16; the OTMF authors' scripts/_common.py sets medium)

@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from otmf_exp.config import check_registry, register_configs
 from otmf_exp.errors import (
@@ -86,13 +86,21 @@ def _main(cfg: DictConfig) -> Any:
                 f"out_dir={cfg.out_dir} would be shared by every job of this sweep; drop out_dir "
                 "(each job gets <sweep dir>/<job>) or run that job alone"
             )
-        requeue = multirun and not cfg.resume and sweep.requeued(_out_dir(cfg))  # SLURM requeue
+        out_dir = _out_dir(cfg)
+        if multirun and not cfg.out_dir and cfg.sweep_existing == "append":  # numbered after the old jobs
+            out_dir = sweep.append_dir(hc.sweep.dir, job_dir, int(hc.job.num))
+            _drop_if_empty(job_dir)  # the dir Hydra made for this number (empty unless an old job's)
+            job_dir = out_dir
+        if multirun and cfg.sweep_existing == "resume":
+            with open_dict(cfg):
+                cfg.resume = True
+        requeue = multirun and not cfg.resume and sweep.requeued(out_dir)  # SLURM requeue
         if requeue:
-            log.warning("job #%s was requeued: resuming from its checkpoint in %s", hc.job.num, _out_dir(cfg))
+            log.warning("job #%s was requeued: resuming from its checkpoint in %s", hc.job.num, out_dir)
             cfg.resume = True
-        result = run_experiment(cfg, _out_dir(cfg), concurrent_jobs(hc) if multirun else 1)
+        result = run_experiment(cfg, out_dir, concurrent_jobs(hc) if multirun else 1)
         if requeue:
-            sweep.mark_requeued(_out_dir(cfg))
+            sweep.mark_requeued(out_dir)
     except Exception as e:
         if not isinstance(e, UserError) and not is_config_error(e):
             if not multirun:
@@ -115,7 +123,7 @@ def _main(cfg: DictConfig) -> Any:
     finally:
         if multirun and cfg.out_dir:
             _drop_if_empty(job_dir)  # the sweep's job dir, unused when out_dir was given
-    show_summary(result, _out_dir(cfg).resolve())
+    show_summary(result, out_dir.resolve())
     return result["acc"]
 
 
@@ -188,6 +196,8 @@ def _cli() -> int:
             "--cfg prints the config of one run and cannot be combined with -m/--multirun; drop -m to "
             "see one job's config, or use --dry-run to list the sweep's jobs"
         )
+    if {"-m", "--multirun"} & set(argv):  # a sweep dir holding results: refused before any job runs
+        sweep.check_sweep_dir([a for a in argv if not a.startswith("-")])
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so

@@ -25,7 +25,7 @@ from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import num_bytes
 from otmf_exp.models import build_backbone, export
 from otmf_exp.reporting import metrics
-from otmf_exp.runtime import checkpoint, digest, files, resume
+from otmf_exp.runtime import checkpoint, digest, files, manifest, resume
 from otmf_exp.runtime.files import check_writable
 from otmf_exp.runtime.lock import RunDirLock
 from otmf_exp.runtime.measure import current_memory_mb, measure
@@ -155,7 +155,10 @@ class Experiment:
             handler = attach_log_file(self.out_dir)
             tracker = make_tracker(self.cfg.get("logger"))
             result = None
+            moved = False  # the old result set, moved to .previous/ until the new one is complete
             try:
+                manifest.restore_left_over(self.out_dir)  # a killed rerun's old result goes back
+                manifest.check_owned(self.out_dir)  # never overwrite a file no run of ours wrote
                 # before heavy work
                 self.resumed_from_version = resume.precheck(self.cfg, self.out_dir, self.result_config)
                 self.setup()
@@ -170,8 +173,9 @@ class Experiment:
                 )
                 if start is not None:
                     resume.check_same_models(start[1].get("models"), self._model_digest, self.out_dir)
-                # only now, with every check passed, may a previous result in out_dir go
-                (self.out_dir / "metrics.json").unlink(missing_ok=True)
+                # every check passed: the old result steps aside (restored on failure)
+                moved = manifest.set_aside(self.out_dir)
+                manifest.claim(self.out_dir, "config.yaml", "steps.jsonl")
                 files.write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
                 self.provenance = provenance(self.threads, self.device)
                 if self.resumed_from_version:
@@ -186,6 +190,7 @@ class Experiment:
                 else:
                     matrix, state = self._joint(tracker)
                 result = self._finish(matrix, state, time.perf_counter() - t0)
+                manifest.drop_previous(self.out_dir)
                 return result
             except Exception:
                 if not interrupted():  # else native code turned Ctrl-C into an error of its own
@@ -194,6 +199,8 @@ class Experiment:
             except KeyboardInterrupt:
                 raise self._interrupted() from None
             finally:
+                if moved and result is None:  # failed or interrupted: the old complete result stays
+                    manifest.restore(self.out_dir)
                 tracker.finish(result, failed=result is None)
                 detach_log_file(handler)
 
@@ -337,6 +344,9 @@ class Experiment:
             "device": str(self.device),
             "provenance": {**self.provenance, "models": dict(self.identity)},
         }
+        manifest.claim(
+            self.out_dir, "acc_matrix.csv", "metrics.json", *(["merged.safetensors"] * cfg.save_merged)
+        )
         if cfg.save_merged:
             merged = self.method.merged(state, self.pretrained)
             files.write_safetensors(

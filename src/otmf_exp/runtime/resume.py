@@ -33,6 +33,7 @@ IGNORED = (
     "backbone.num_workers",
     "threads",
     "resume_across_versions",
+    "sweep_existing",
 )
 
 #: the runner's ``progress`` part of ``progress.json``: key -> type

@@ -147,3 +147,77 @@ def mark_requeued(out_dir: str | Path) -> None:
         job = None
     doc["requeued"] = {"resumed": True, "job_id": job}
     files.write_json(path, doc)
+
+
+#: where an ``append`` sweep records the number of its first job dir (jobs may run in other processes)
+OFFSET = ".otmf_append_offset"
+
+
+def existing_jobs(sweep_dir: str | Path) -> list[Path]:
+    """The job dirs of an earlier sweep in ``sweep_dir``: subdirs holding a ``metrics.json``."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "metrics.json").is_file()
+    )
+
+
+def check_existing(sweep_dir: str | Path, mode: str) -> None:
+    """Before any job runs: refuse a sweep dir that holds results (``mode=refuse``, one line); for
+    ``append`` keep the old ``multirun.yaml`` as ``multirun.N.yaml`` and record the first free job
+    number (:data:`OFFSET`); ``resume`` runs the same jobs with ``resume=true``."""
+    from otmf_exp.errors import UserError
+
+    root = Path(sweep_dir)
+    (root / OFFSET).unlink(missing_ok=True)
+    jobs, conf = existing_jobs(root), root / "multirun.yaml"
+    if not jobs and not conf.exists():
+        return
+    if mode == "refuse":
+        raise UserError(
+            f"sweep dir {root} already holds results ({len(jobs)} job dir(s) with metrics.json"
+            f"{', multirun.yaml' if conf.exists() else ''}); pass sweep_existing=append (new job dirs) or "
+            "sweep_existing=resume (the same jobs), or choose another hydra.sweep.dir"
+        )
+    if mode == "append":
+        nums = [
+            int(p.name.split("_")[0]) for p in root.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()
+        ]
+        if conf.exists():
+            n = 1
+            while (root / f"multirun.{n}.yaml").exists():
+                n += 1
+            os.replace(conf, root / f"multirun.{n}.yaml")
+        (root / OFFSET).write_text(str(max(nums, default=-1) + 1))
+
+
+def append_dir(sweep_dir: str | Path, job_dir: Path, num: int) -> Path:
+    """An ``append`` sweep's job dir: ``job_dir`` with its leading job number moved past the
+    existing ones (``<num>_...`` -> ``<num + offset>_...``); unchanged without an offset."""
+    try:
+        offset = int((Path(sweep_dir) / OFFSET).read_text())
+    except (OSError, ValueError):
+        return job_dir
+    head, sep, tail = job_dir.name.partition("_")
+    if head != str(num):
+        raise ValueError(f"hydra.sweep.subdir {job_dir.name!r} does not start with the job number")
+    return job_dir.with_name(f"{num + offset}{sep}{tail}")
+
+
+def check_sweep_dir(overrides: list[str]) -> None:
+    """:func:`check_existing` for ``python -m otmf_exp.run -m <overrides>`` (Hydra's callbacks
+    swallow exceptions, so this runs before Hydra starts); a sweep dir that needs Hydra's runtime
+    to resolve (the default ``multirun/<date>/<time>``) is new by construction and skipped."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
+            cfg = compose(config_name="run", overrides=fixed, return_hydra_config=True)
+        sweep_dir, mode = str(cfg.hydra.sweep.dir), str(cfg.get("sweep_existing", "refuse"))
+    except Exception:  # a bad override: Hydra says so in one line next
+        return
+    check_existing(sweep_dir, mode)
