@@ -161,3 +161,36 @@ def _row(path, row) -> None:
     doc = json.loads(path.read_text())
     doc["progress"]["rows"][1] = row
     path.write_text(json.dumps(doc))
+
+
+def test_a_pickled_hf_checkpoint_is_one_line(tmp_path):
+    """A ``pytorch_model.bin`` with pickled objects (refused by ``weights_only``) is one line, not
+    torch's traceback; a plain pickled state dict still loads (torch accepts it safely)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from otmf_exp.models.checks import from_pretrained
+
+    cfg = CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=8,
+        patch_size=4,
+    )
+    d = tmp_path / "tower"
+    CLIPVisionModel(cfg).save_pretrained(d)
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    assert from_pretrained(CLIPVisionModel, d).config.hidden_size == 8  # a plain state dict loads
+    torch.save({**sd, "extra": _Pickled()}, d / "pytorch_model.bin")
+    with pytest.raises(UserError) as e:
+        from_pretrained(CLIPVisionModel, d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{d}: its pytorch_model.bin holds pickled objects"), msg
+    assert "safetensors" in msg
+
+
+class _Pickled:
+    """An object torch's ``weights_only`` unpickler refuses."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -23,6 +24,20 @@ log = logging.getLogger(__name__)
 #: largest |w| accepted in a pre-trained tower (real weights are O(1)-O(100))
 MAX_ABS = 1e4
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def from_pretrained(loader, path, **kw):
+    """``loader.from_pretrained(path, **kw)``; a ``pytorch_model.bin`` holding pickled objects, which
+    torch refuses under ``weights_only=True`` (correctly: unpickling runs code), is one line."""
+    try:
+        return loader.from_pretrained(path, **kw)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path}: its pytorch_model.bin holds pickled objects that torch refuses to load safely "
+            "(weights_only=True); where you trust the file, convert it once to safetensors "
+            "(load it with weights_only=False, then save_pretrained(dir, safe_serialization=True)) "
+            "and point to that dir"
+        ) from None
 
 
 def check_tensor(t: Tensor, name: str, source: str, shape: Iterable[int] | None = None) -> Tensor:

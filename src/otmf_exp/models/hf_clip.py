@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from otmf_exp.errors import UserError
 from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
+from otmf_exp.models.checks import from_pretrained
 from otmf_exp.models.clip_vision import ClipVisionBackbone
 from otmf_exp.models.heads import build_head, cached_head
 
@@ -82,7 +83,7 @@ class HFClipBackbone(ClipVisionBackbone):
         self.autocast = cfg.get("autocast", "float32")
         autocast_context(torch.device(device), self.autocast)  # validates the name
         self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
-        clip = CLIPModel.from_pretrained(self.path, dtype=torch.float32)
+        clip = from_pretrained(CLIPModel, self.path, dtype=torch.float32)
         super().__init__(ImageTower(clip.vision_model, clip.visual_projection), device, str(self.path))
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -121,7 +122,7 @@ class HFClipBackbone(ClipVisionBackbone):
 
         repo = self.finetuned_id(task)
         path = resolve.resolve_model_dir(repo, self.local_dir)
-        tower = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
+        tower = from_pretrained(CLIPVisionModel, path, dtype=torch.float32)
         vm = getattr(tower, "vision_model", tower)  # transformers 4: .vision_model; 5: the model itself
         sd = {f"vision_model.{k}": v for k, v in vm.state_dict().items()}
         return self.validate_finetuned(task, sd, repo)

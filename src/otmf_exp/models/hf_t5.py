@@ -31,7 +31,7 @@ from otmf_exp.errors import UserError
 from otmf_exp.hub import resolve
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.base import Backbone
-from otmf_exp.models.checks import check_pretrained
+from otmf_exp.models.checks import check_pretrained, from_pretrained
 from otmf_exp.models.functional import (
     ComputedParams,
     computed_parameters,
@@ -69,7 +69,7 @@ class T5Backbone(Backbone):
         self.max_input_length = int(cfg.get("max_input_length", 512))
         self.path = resolve.resolve_model_dir(cfg.model_id, cfg.local_dir)
         self._auto = AutoModelForSeq2SeqLM
-        self.module = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=torch.float32)
+        self.module = from_pretrained(AutoModelForSeq2SeqLM, self.path, dtype=torch.float32)
         check_pretrained(self.module, str(self.path))
         self.module.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -180,11 +180,11 @@ class T5Backbone(Backbone):
         repo = self.finetuned_id(task)
         path = resolve.resolve_model_dir(repo, self.local_dir)
         if self.variant == "full":
-            model = self._auto.from_pretrained(path, dtype=torch.float32)
+            model = from_pretrained(self._auto, path, dtype=torch.float32)
         else:
             from peft import PeftModel
 
-            base = self._auto.from_pretrained(self.path, dtype=torch.float32)
+            base = from_pretrained(self._auto, self.path, dtype=torch.float32)
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         return self.validate_finetuned(task, dict(model.state_dict()), repo)
 
