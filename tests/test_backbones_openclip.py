@@ -141,3 +141,6 @@ def test_end_to_end_in_process(hub_root, tmp_path, make_cfg, method):
     assert m["backbone"] == "openclip_vit_b32" and len(m["acc_matrix"]) == (
         1 if "protocol=joint" in method else 2
     )
+    models = m["provenance"]["models"]  # θ₀, each θ_t and each cached zero-shot head, by content
+    assert {"pretrained", "mnist", "svhn", "head:mnist", "head:svhn"} <= set(models), models
+    assert all(len(v) == 64 for v in models.values()), models

@@ -91,6 +91,8 @@ def test_hf_clip_tower_and_processor_load_with_from_pretrained(make_cfg, tmp_pat
     local = (f"backbone.local_dir={hub_root}", f"task_seq.local_dir={hub_root}")
     seq = ("task_seq=vit14", "task_order=[mnist,pcam]")  # pcam: binary, so the random fixture scores > 0
     cfg, metrics, model_dir, card = _run(make_cfg, tmp_path, *VISION, *seq, *local)
+    ids = metrics["provenance"]["models"]  # identity: θ₀, each θ_t, each cached head, by content
+    assert {"pretrained", "mnist", "pcam", "head:mnist", "head:pcam"} <= set(ids), ids
     AutoImageProcessor.from_pretrained(model_dir)  # the preprocessing travels with the model
     tower = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
     _same_weights(tower.state_dict(), tmp_path)

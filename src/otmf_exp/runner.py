@@ -78,7 +78,7 @@ class Experiment:
 
     def _model_digest(self, name: str) -> str | None:
         """The digest of model ``name`` as this run reads it (a task not loaded yet is read now)."""
-        if name not in self.identity and name != "pretrained":
+        if name not in self.identity and name != "pretrained" and not name.startswith("head:"):
             with digest.collecting() as got:
                 self.backbone.load_finetuned(name)  # read for its digest only
             self._identify(name, got)
@@ -136,7 +136,11 @@ class Experiment:
         for t, d in self.data.items():
             if d.size(cfg.eval_split) == 0:
                 raise UserError(f"task {t!r}: split {cfg.eval_split!r} is empty")
-        self.zero_shot = {t: self.backbone.zero_shot_head(self.data[t]) for t in self.order}
+        self.zero_shot = {}
+        for t in self.order:
+            with digest.collecting() as got:  # a cached head file (HF CLIP / open_clip) has a digest
+                self.zero_shot[t] = self.backbone.zero_shot_head(self.data[t])
+            self._identify(f"head:{t}", got)
         ctx = MethodContext(
             self.backbone,
             self.device,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from otmf_exp.hub import resolve
-from otmf_exp.runtime import files
+from otmf_exp.runtime import digest, files
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,16 @@ def cached_head(backbone_key: str, weights_fp: Any, task: Any, compute: Callable
     path = resolve.cache_root() / "heads" / _safe(backbone_key) / f"{_safe(task.name)}-{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["head"]
+            head = load_file(str(path))["head"]
+            digest.record(path)  # part of the run's model identity (metrics.json, checkpoints)
+            return head
         except Exception as e:  # a corrupt cache entry is rebuilt, never fatal
             log.warning("ignoring unreadable cached head %s (%s)", path, e)
     head = compute().detach().float().cpu().contiguous()
     try:
         with files.atomic_path(path) as tmp:
             save_file({"head": head}, str(tmp))
+        digest.record(path)
     except OSError as e:
         log.warning("could not cache the zero-shot head at %s (%s)", path, e)
     return head

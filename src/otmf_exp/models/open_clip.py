@@ -38,6 +38,7 @@ from otmf_exp.models.base import Backbone
 from otmf_exp.models.checks import check_pretrained
 from otmf_exp.models.heads import build_head, cached_head
 from otmf_exp.models.hf_clip import autocast_context
+from otmf_exp.runtime import digest
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class OpenClipBackbone(Backbone):
 
     def load_finetuned(self, task: str) -> StateDict:
         path = find_checkpoint(self.checkpoint_dir, task)
+        digest.record(path)  # task_vectors layout: a file outside the hub resolver
         sd = normalise_keys(load_state_dict_file(path))
         return self.validate_finetuned(task, sd, str(path))
 

@@ -178,7 +178,13 @@ def check_same_models(saved: Any, current: Any, out_dir: Path) -> None:
     for name in sorted(saved, key=lambda n: n != "pretrained"):
         now = current(name)
         if now != saved[name]:
-            what = "the pre-trained model" if name == "pretrained" else f"the model of task {name!r}"
+            what = (
+                "the pre-trained model"
+                if name == "pretrained"
+                else f"the zero-shot head of task {name[5:]!r}"
+                if name.startswith("head:")
+                else f"the model of task {name!r}"
+            )
             raise UserError(
                 f"cannot resume from {out_dir}: {what} changed since the checkpoint (sha256 "
                 f"{short(saved[name])} then, {short(now)} now); restore those models, use a new "
