@@ -170,6 +170,8 @@ def check_existing(sweep_dir: str | Path, mode: str) -> None:
     from otmf_exp.errors import UserError
 
     root = Path(sweep_dir)
+    if not root.is_dir():  # a new sweep dir (or one that cannot be made: Hydra says so in one line)
+        return
     (root / OFFSET).unlink(missing_ok=True)
     jobs, conf = existing_jobs(root), root / "multirun.yaml"
     if not jobs and not conf.exists():
