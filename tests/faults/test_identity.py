@@ -53,8 +53,8 @@ def test_swapped_zoo_file_is_rebuilt_and_metrics_record_digests(zoo_copy, tmp_pa
     target = zoo_copy / "rot90.safetensors"
     original = digest.file_digest(target)
     models = clean["provenance"]["models"]
-    assert set(models) == {"pretrained", "rot90", "rot180"}
-    assert models["rot90"] == original
+    assert set(models) == {"pretrained", "rot90", "rot180", "head:rot90", "head:rot180"}
+    assert models["rot90"] == original == models["head:rot90"]  # the zoo's heads live in the task files
     assert models["rot180"] == digest.file_digest(zoo_copy / "rot180.safetensors")
     assert models["pretrained"] == digest.file_digest(zoo_copy / "pretrained.safetensors")
     on_disk = json.loads((tmp_path / "clean" / "metrics.json").read_text())
