@@ -40,22 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from otmf_exp.models.checks import check_file_state, check_pretrained, check_state
+    from otmf_exp.offline.synthetic import ARCHS  # the paper's ViT-B/32 config, as the bench uses it
     from otmf_exp.runtime import digest
 
     args.dir.mkdir(parents=True, exist_ok=True)
     f = args.dir / "model.safetensors"
     if not f.exists():
         torch.manual_seed(0)
-        cfg = CLIPVisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-            projection_dim=512,
-        )
-        CLIPVisionModelWithProjection(cfg).save_pretrained(args.dir)
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**ARCHS["vit_b32"])).save_pretrained(args.dir)
     model = CLIPVisionModelWithProjection.from_pretrained(args.dir).eval()
     sd = load_file(str(f))
     ref = {k: p.detach() for k, p in model.named_parameters() if k.startswith("vision_model.")}
