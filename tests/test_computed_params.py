@@ -123,8 +123,8 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     real_adam, real_backward_adam = ot_fusion.adam, ot_fusion.BackwardAdam
 
     class CountingBackwardAdam(real_backward_adam):
-        def __init__(self, sides, lr):
-            super().__init__(sides, lr)
+        def __init__(self, sides, lr, **kw):
+            super().__init__(sides, lr, **kw)
             in_backward.append(len(self.groups))
 
     monkeypatch.setattr(

@@ -19,15 +19,25 @@ def _steps(out) -> list[dict]:
     return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
 
 
-def test_checkpoint_auto_follows_the_budget_and_changes_no_bit(run_cfg):
-    runs = {}
+def test_checkpoint_auto_follows_the_budget_and_changes_no_bit(run_cfg, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls: list[int] = []  # checkpointed layer forwards (each re-run in the backward)
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs, n_calls = {}, {}
     for name, over in {
         "forced": ("method.checkpoint_blocks=true",),
         "tight": ("method.memory_budget_mb=1",),  # below what the process already uses: checkpoint
         "roomy": (),  # the default budget (available RAM minus a margin): the tiny step fits
     }.items():
+        calls.clear()
         metrics, out = run_cfg(*ARGS, *over)
         runs[name] = (metrics, load_file(str(out / "merged.safetensors")), _steps(out)[1])
+        n_calls[name] = len(calls)
+    # decided right after iteration 0's first layer: a step that fits re-runs no layer at all; a
+    # tight one checkpoints every layer but that probed one
+    assert n_calls["roomy"] == 0 and 0 < n_calls["tight"] < n_calls["forced"]
     assert runs["forced"][2]["checkpoint_blocks"] is True and "checkpoint_need_mb" not in runs["forced"][2]
     assert runs["tight"][2]["checkpoint_blocks"] is True and runs["roomy"][2]["checkpoint_blocks"] is False
     # the probed layer's activations x layers (+ Adam to come): measured, the same in both runs

@@ -91,6 +91,7 @@ class FusionStep:
         self.ckpt: bool | None = (
             None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
         )
+        self.offload_s, self.offload_mb = 0.0, 0.0  # adam_offload: seconds of reads/writes, store size
         self.probe: list[tuple[int, int]] = []  # (one layer's activation bytes, layers), iteration 0
         #: eval_batches=null: the diagnostics are read off the training iterations (no extra forward)
         self.diag = TrainingDiagnostics(cfg.sinkhorn) if cfg.eval_batches is None else None
@@ -145,6 +146,7 @@ class FusionStep:
                 self.pretrained,
                 checkpoint_blocks=self.ckpt is not False,
                 probe=self.probe if probe else None,
+                decide=self._decide_checkpoint if probe else None,
             )
         else:
             params = {k: self.weight(k, train) for k in self.pretrained}
@@ -259,9 +261,26 @@ class FusionStep:
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
-        if self.adam_in_backward:  # Adam per (side, layer) group, stepped inside the iteration's backward
-            with BackwardAdam({s: m.raw for s, m in sides.items()}, cfg.lr) as in_backward:
-                return self._loop(n, track, lambda side: in_backward.flush())
+        if self.adam_in_backward or cfg.adam_offload:  # Adam per (side, layer) group
+            with BackwardAdam(
+                {s: m.raw for s, m in sides.items()},
+                cfg.lr,
+                hooks=self.adam_in_backward,  # stepped inside the iteration's backward
+                offload=cfg.adam_offload,
+                offload_dir=cfg.offload_dir,
+            ) as grouped:
+                try:
+                    if self.adam_in_backward:
+                        return self._loop(n, track, lambda side: grouped.flush())
+                    return self._loop(
+                        n,
+                        track,
+                        lambda side: grouped.step_sides(("pre", "post") if side == "joint" else (side,)),
+                    )
+                finally:
+                    if grouped.offload is not None:
+                        self.offload_s += grouped.offload.seconds
+                        self.offload_mb = grouped.offload.bytes / 2**20
         # the optimiser states are freed on return, before the result is built
         opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
 
@@ -336,12 +355,18 @@ class FusionStep:
             self._optimise(replayed, track=False)
         self.ctx.record("select_replayed_iterations", replayed)
 
-    def _decide_checkpoint(self) -> None:
-        """``checkpoint_blocks=auto``: checkpoint the remaining iterations only if the activations of
-        every layer (the probe's measured size × layers) plus the optimiser states still to come
-        (a side not yet stepped) would not fit ``memory_budget_mb``; recorded in steps.jsonl."""
+    def _decide_checkpoint(self) -> bool:
+        """``checkpoint_blocks=auto``: checkpoint the rest of iteration 0 (from its second layer on,
+        called by the probe) and the remaining iterations only if the activations of every layer
+        (the probe's measured size × layers) plus the optimiser states still to come (a side not
+        yet stepped) would not fit ``memory_budget_mb``; recorded in steps.jsonl. Returns it."""
         per_layer, layers = self.probe[0] if self.probe else (0, 0)
-        pending = 0 if self.joint else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+        # M_post's Adam moments, not yet made (none on the device with adam_offload)
+        pending = (
+            0
+            if self.joint or self.cfg.adam_offload
+            else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+        )
         need_mb = (per_layer * layers + pending) / 2**20
         fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)
         self.ckpt = not fits
@@ -353,6 +378,7 @@ class FusionStep:
             need_mb,
             available_mb,
         )
+        return self.ckpt
 
     # ---- the whole step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -392,6 +418,9 @@ class FusionStep:
             t_eval = self.diag.seconds
         record("time_ot_eval_s", t_eval + time.perf_counter() - t0)
         record("checkpoint_blocks", bool(self.ckpt))  # what ran after iteration 0 (auto: decided)
+        if cfg.adam_offload:
+            record("adam_offload_mb", round(self.offload_mb, 1))
+            record("time_adam_offload_s", self.offload_s)
         merged = self.result()
         record("ot_loss_pre", self.curves["pre"])
         record("ot_loss_post", self.curves["post"])

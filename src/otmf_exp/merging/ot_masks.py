@@ -177,18 +177,39 @@ class BackwardAdam:
     gradient, which is then freed — so at most about one layer's mask gradients are alive, never a
     whole mask's. :meth:`flush` after the backward steps the groups some of whose tensors got no
     gradient. Fused Adam's arithmetic is per tensor, so the masks equal those of one Adam stepped
-    after the backward, bit for bit. Use as a context manager (the hooks are removed on exit)."""
+    after the backward, bit for bit. Use as a context manager (the hooks are removed on exit).
 
-    def __init__(self, sides: Mapping[str, Mapping[str, Tensor]], lr: float) -> None:
+    ``hooks=False``: no hooks; :meth:`step_sides` steps every group of the given sides after the
+    backward (the same arithmetic as one Adam per side). ``offload``: the groups' Adam moments live
+    in an :class:`~otmf_exp.merging.adam_offload.OffloadedMoments` store between their steps
+    (``offload_dir``: its directory on the CPU)."""
+
+    def __init__(
+        self,
+        sides: Mapping[str, Mapping[str, Tensor]],
+        lr: float,
+        *,
+        hooks: bool = True,
+        offload: bool = False,
+        offload_dir: str | None = None,
+    ) -> None:
         groups: dict[tuple[str, str], list[Tensor]] = {}
         for side, raw in sides.items():
             for name, p in raw.items():
                 groups.setdefault((side, layer_key(name)), []).append(p)
+        self.keys = list(groups)
         self.groups = list(groups.values())
         self.opts = [adam(g, lr) for g in self.groups]
         self.group_of = {p: i for i, g in enumerate(self.groups) for p in g}
         self.ready = [0] * len(self.groups)
-        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.group_of]
+        self.offload = None
+        if offload and self.groups:
+            from otmf_exp.merging.adam_offload import OffloadedMoments
+
+            self.offload = OffloadedMoments(self.groups, self.groups[0][0].device, offload_dir)
+        self.handles = (
+            [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.group_of] if hooks else []
+        )
 
     def _accumulated(self, p: Tensor) -> None:
         i = self.group_of[p]
@@ -197,7 +218,11 @@ class BackwardAdam:
             self._step(i)
 
     def _step(self, i: int) -> None:
+        if self.offload is not None:
+            self.offload.load(i, self.opts[i])
         self.opts[i].step()
+        if self.offload is not None:
+            self.offload.store(i, self.opts[i])
         self.opts[i].zero_grad(set_to_none=True)
         self.ready[i] = 0
 
@@ -206,9 +231,17 @@ class BackwardAdam:
             if n:
                 self._step(i)
 
+    def step_sides(self, sides: tuple[str, ...]) -> None:
+        """Step every group of ``sides`` (``hooks=False``: after the backward), gradients freed."""
+        for i, (side, _) in enumerate(self.keys):
+            if side in sides:
+                self._step(i)
+
     def __enter__(self) -> BackwardAdam:
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+        if self.offload is not None:
+            self.offload.close()

@@ -109,9 +109,10 @@ class OTMFConfig:
     #: checkpointing (its weights made inside), so the forward keeps only the layers' inputs and the
     #: backward re-runs one layer at a time (bit-identical results, one more forward per iteration,
     #: the activations of one batch — ≈ 1.4 W on ViT-B/32, batch 16 — no longer alive at the peak).
-    #: auto: iteration 0 runs checkpointed except its first layer, whose saved activations are
-    #: measured; the rest run checkpointed only if layers × that size (+ optimiser states still to
-    #: come) would not fit memory_budget_mb (recorded in steps.jsonl) | true | false: always | never
+    #: auto: iteration 0's first layer runs plainly and its saved activations are measured; the
+    #: following layers (of iteration 0 already) and iterations run checkpointed only if layers × that
+    #: size (+ optimiser states still to come) would not fit memory_budget_mb (recorded in
+    #: steps.jsonl) | true | false: always | never
     checkpoint_blocks: Any = choice("auto", ("auto", True, False))
     #: checkpoint_blocks=auto's budget for the whole process (MB; CUDA allocated / CPU RSS); null: what
     #: the device has free now (CPU: available RAM) minus max(1 GiB, 10 % of the total)
@@ -123,6 +124,15 @@ class OTMFConfig:
     #: null: on where it is exact (schedule=alternate, l1=0, no backward_chunk: one backward per
     #: step) | true: on (refused where not exact) | false: off
     adam_in_backward: bool | None = None
+    #: the masks' Adam moments kept off the device between their (side, transformer layer) group's
+    #: steps, one group's on the device at a time (a staging buffer of the largest group's size): 4 W
+    #: (both sides' moments) leave the step's peak for one read and one write of the trained side's
+    #: moments (2 W) per iteration; bit-identical. CUDA: pinned host memory | CPU: an anonymous
+    #: temporary file in offload_dir (its pages may stay in the page cache, outside the RSS)
+    adam_offload: bool = False
+    #: adam_offload's directory on the CPU (null: $TMPDIR, i.e. tempfile.gettempdir()); a tmpfs (RAM)
+    #: there is warned about: the moments would stay in memory
+    offload_dir: str | None = None
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration
     backward_chunk: int | None = num(None, ge=1)

@@ -93,6 +93,8 @@ class ComputedParams:
     and the bytes of the activations autograd saves inside it (distinct storages, computed weights
     excluded) are appended to ``probe`` with the number of layers, ``(bytes, layers)`` — one layer's
     activation size, measured, for deciding whether the next forwards can skip checkpointing.
+    ``decide``: called right after that measurement; its answer sets ``checkpoint_blocks`` for the
+    remaining layers of the same forward (so a step that fits never re-runs a layer).
     """
 
     def __init__(
@@ -101,9 +103,10 @@ class ComputedParams:
         names: Iterable[str],
         checkpoint_blocks: bool = False,
         probe: list[tuple[int, int]] | None = None,
+        decide: Callable[[], bool] | None = None,
     ) -> None:
         self.make, self.names, self.checkpoint_blocks = make, set(names), checkpoint_blocks
-        self.probe = probe
+        self.probe, self.decide = probe, decide
 
 
 #: modules whose forward reads a child's parameters without calling the child
@@ -192,15 +195,16 @@ class _Windows:
 
 
 def _checkpointed(
-    block: nn.Module, params: ComputedParams, owned: _Slots, inside: list[nn.Module]
+    block: nn.Module, params: ComputedParams, owned: _Slots, inside: list[nn.Module], live: dict[int, str]
 ) -> Callable[..., Any]:
     """``block.forward`` under activation checkpointing, the computed weights of ``inside`` (the
     block's owning modules) made inside the checkpointed function (by hooks it installs itself, so
-    the backward's re-run finds them too)."""
+    the backward's re-run finds them too). Once ``params.checkpoint_blocks`` is turned off (the
+    probe's decision), the block runs plainly, its weights saved as recipes (``live``)."""
     forward = block.forward
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        windows = _Windows(params, owned, None)
+    def run(*args: Any, _live: dict[int, str] | None = None, **kwargs: Any) -> Any:
+        windows = _Windows(params, owned, _live)
         handles = windows.hook(m for m in inside if m is not block)
         try:
             if block in owned:  # its own parameters: forward is called directly, not through hooks
@@ -217,6 +221,8 @@ def _checkpointed(
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return run(*args, **kwargs)
+        if not params.checkpoint_blocks:
+            return run(*args, _live=live, **kwargs)
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return checkpointed
@@ -259,6 +265,8 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
         nonlocal probed
         if probed is not None:
             params.probe.append((sum(probed.values()), len(blocks) + 1))
+            if params.decide is not None:  # the rest of this forward follows the decision
+                params.checkpoint_blocks = bool(params.decide())
         probed = None
 
     def unpack(x: Any) -> Tensor:
@@ -279,7 +287,9 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
             handles.append(probe.register_forward_pre_hook(probe_in))
             handles.append(probe.register_forward_hook(probe_out, always_call=True))
         for b in blocks:
-            b.forward = _checkpointed(b, params, owned, inside[b])  # an instance attribute shadows the method
+            b.forward = _checkpointed(
+                b, params, owned, inside[b], live
+            )  # an instance attribute shadows the method
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield module
     finally:

@@ -57,6 +57,7 @@ NO_RESULT = (
     "eval_individual",
     "backbone.batch_size",
     "backbone.num_workers",
+    "method.offload_dir",
 )
 _NOT_IDENTITY = set(NO_RESULT)
 #: config values that make replicates of one experiment (mean ± std over them), never a new row;

@@ -34,6 +34,7 @@ IGNORED = (
     "threads",
     "resume_across_versions",
     "sweep_existing",
+    "method.offload_dir",
 )
 
 #: the runner's ``progress`` part of ``progress.json``: key -> type
