@@ -141,14 +141,31 @@ def test_bench_authors_part_min_over_rounds_and_target_rows():
     from otmf_exp.benchmark.report import summarise
 
     rounds = [
-        {"otmf": {"wall_s": 10.0, "peak_mb": 100.0}, "authors": {"wall_s": 20.0, "peak_mb": 300.0}},
-        {"otmf": {"wall_s": 12.0, "peak_mb": 90.0}, "authors": {"wall_s": 16.0, "peak_mb": 310.0}},
+        {
+            "otmf": {"wall_s": 10.0, "peak_mb": 100.0},
+            "otmf (offload=true)": {"wall_s": 17.0, "peak_mb": 60.0},
+            "authors": {"wall_s": 20.0, "peak_mb": 300.0},
+        },
+        {
+            "otmf": {"wall_s": 12.0, "peak_mb": 90.0},
+            "otmf (offload=true)": {"wall_s": 18.0, "peak_mb": 50.0},
+            "authors": {"wall_s": 16.0, "peak_mb": 310.0},
+        },
     ]
     res = {"authors": {"rounds": rounds, "iterations": 10}}
     t = summarise(res)["targets"]
     assert t["otmf_vs_authors_time"]["value"] == 10.0 / 16.0 and t["otmf_vs_authors_time"]["met"]
     assert (
         t["otmf_vs_authors_memory"]["value"] == 90.0 / 300.0 and t["otmf_vs_authors_memory"]["target"] == 0.5
+    )
+    # the offloading row is a target row of its own: its time misses (17 / 16 > 1), its peak meets
+    assert (
+        t["otmf_offload_vs_authors_time"]["value"] == 17.0 / 16.0
+        and not t["otmf_offload_vs_authors_time"]["met"]
+    )
+    assert (
+        t["otmf_offload_vs_authors_memory"]["value"] == 50.0 / 300.0
+        and t["otmf_offload_vs_authors_memory"]["met"]
     )
     res["summary"] = summarise(res)
     res |= {
@@ -171,6 +188,7 @@ def test_bench_authors_part_min_over_rounds_and_target_rows():
     md = render(res)
     assert "OTMF step time / authors' step time" in md and "peak / authors' peak" in md
     assert "authors' compute_sr_mask" in md and "0.625" in md
+    assert "OTMF with offload=true: peak / authors' peak" in md
 
 
 @pytest.mark.parametrize("granularity", ["element", "tensor"])

@@ -28,6 +28,8 @@ TARGET_NAMES = {
     "opcm_max_abs_diff_vs_float64": "OPCM (svd auto) max abs weight difference vs the float64 result, 3 steps",
     "otmf_vs_authors_time": "OTMF step time / authors' step time",
     "otmf_vs_authors_memory": "peak / authors' peak",
+    "otmf_offload_vs_authors_time": "OTMF with offload=true: step time / authors' step time",
+    "otmf_offload_vs_authors_memory": "OTMF with offload=true: peak / authors' peak",
 }
 INFO_RATIOS = {
     "otmf_vs_joint_adamerging_memory_above_baseline": "same, memory above the process baseline",
@@ -36,6 +38,7 @@ INFO_RATIOS = {
     "otmf_all_weights_vs_joint_adamerging_memory": "OTMF with student_weights=all / joint AdaMerging",
     "otmf_no_checkpoint_vs_joint_adamerging_memory": "OTMF with checkpoint_blocks=false / joint AdaMerging",
     "otmf_adam_after_backward_vs_joint_adamerging_memory": "OTMF with adam_in_backward=false / joint AdaMerging",
+    "otmf_offload_vs_joint_adamerging_memory": "OTMF with offload=true / joint AdaMerging",
     "otmf_vs_joint_adamerging_per_task_memory": "OTMF / joint AdaMerging with per-task backward (ours)",
     "otmf_step_vs_joint_adamerging_time_per_iteration": "OTMF / joint AdaMerging time per iteration",
 }

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from otmf_exp.benchmark.plan import JOINT, LEVER_RATIOS, REF_JOINT, TARGETS
+from otmf_exp.benchmark.plan import AUTHORS_TARGET_ROWS, JOINT, LEVER_RATIOS, REF_JOINT, TARGETS
 
 
 def summarise(res: dict) -> dict:
@@ -104,12 +104,12 @@ def _authors_ratios(a: dict | None) -> dict:
         b["time_vs_authors"] = b["wall_s"] / ref["wall_s"]
         b["peak_vs_authors"] = b["peak_mb"] / ref["peak_mb"]
     a["best"] = best
-    if "otmf" not in best:
-        return {}
-    return {
-        "otmf_vs_authors_time": best["otmf"]["time_vs_authors"],
-        "otmf_vs_authors_memory": best["otmf"]["peak_vs_authors"],
-    }
+    out = {}
+    for row, key in AUTHORS_TARGET_ROWS.items():
+        if row in best:
+            out[f"{key}_time"] = best[row]["time_vs_authors"]
+            out[f"{key}_memory"] = best[row]["peak_vs_authors"]
+    return out
 
 
 def merge_into(path: Path, new: dict) -> dict:

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from otmf_exp.merging.ot_diagnostics import (
 from otmf_exp.merging.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
+from otmf_exp.runtime.offload import SpilledCopy, total_seconds
 from otmf_exp.runtime.progress import progress
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,10 @@ class FusionStep:
         self.ckpt: bool | None = (
             None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
         )
-        self.offload_s, self.offload_mb = 0.0, 0.0  # adam_offload: seconds of reads/writes, store size
+        self.offload_s, self.offload_mb = (
+            0.0,
+            0.0,
+        )  # offload: seconds of reads/writes, the moments' store size
         self.probe: list[tuple[int, int]] = []  # (one layer's activation bytes, layers), iteration 0
         #: eval_batches=null: the diagnostics are read off the training iterations (no extra forward)
         self.diag = TrainingDiagnostics(cfg.sinkhorn) if cfg.eval_batches is None else None
@@ -261,12 +266,12 @@ class FusionStep:
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
-        if self.adam_in_backward or cfg.adam_offload:  # Adam per (side, layer) group
+        if self.adam_in_backward or cfg.offload:  # Adam per (side, layer) group
             with BackwardAdam(
                 {s: m.raw for s, m in sides.items()},
                 cfg.lr,
                 hooks=self.adam_in_backward,  # stepped inside the iteration's backward
-                offload=cfg.adam_offload,
+                offload=cfg.offload,
                 offload_dir=cfg.offload_dir,
             ) as grouped:
                 try:
@@ -280,7 +285,7 @@ class FusionStep:
                 finally:
                     if grouped.offload is not None:
                         self.offload_s += grouped.offload.seconds
-                        self.offload_mb = grouped.offload.bytes / 2**20
+                        self.offload_mb = max(self.offload_mb, grouped.offload.bytes / 2**20)
         # the optimiser states are freed on return, before the result is built
         opts = {s: adam(list(m.raw.values()), cfg.lr) for s, m in sides.items()}
 
@@ -361,11 +366,9 @@ class FusionStep:
         (the probe's measured size × layers) plus the optimiser states still to come (a side not
         yet stepped) would not fit ``memory_budget_mb``; recorded in steps.jsonl. Returns it."""
         per_layer, layers = self.probe[0] if self.probe else (0, 0)
-        # M_post's Adam moments, not yet made (none on the device with adam_offload)
+        # M_post's Adam moments, not yet made (none on the device with offload)
         pending = (
-            0
-            if self.joint or self.cfg.adam_offload
-            else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+            0 if self.joint or self.cfg.offload else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
         )
         need_mb = (per_layer * layers + pending) / 2**20
         fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)
@@ -405,6 +408,15 @@ class FusionStep:
         record("time_teacher_s", time.perf_counter() - t0)
         self.m_pre = Masks(self.tv_prev, cfg.mask.param, cfg.mask.granularity)
         self.m_post = Masks(self.tv_new, cfg.mask.param, cfg.mask.granularity)
+        with ExitStack() as stores:
+            if cfg.offload and cfg.select == "authors" and cfg.best_masks != "replay":
+                for m in (self.m_pre, self.m_post):  # the best masks' copies, off the device
+                    m.spill = stores.enter_context(SpilledCopy(m.raw, self.ctx.device, cfg.offload_dir))
+            return self._fuse()
+
+    def _fuse(self) -> StateDict:
+        """:meth:`run` once the masks (and their off-device copies) exist: train, select, record."""
+        cfg, record = self.cfg, self.ctx.record
         t0 = time.perf_counter()
         init = self.evaluate() if cfg.eval_batches else None
         t_eval = time.perf_counter() - t0
@@ -418,9 +430,10 @@ class FusionStep:
             t_eval = self.diag.seconds
         record("time_ot_eval_s", t_eval + time.perf_counter() - t0)
         record("checkpoint_blocks", bool(self.ckpt))  # what ran after iteration 0 (auto: decided)
-        if cfg.adam_offload:
-            record("adam_offload_mb", round(self.offload_mb, 1))
-            record("time_adam_offload_s", self.offload_s)
+        if cfg.offload:
+            spills = [m.spill for m in (self.m_pre, self.m_post)]
+            record("offload_mb", round(self.offload_mb + sum(s.bytes for s in spills if s) / 2**20, 1))
+            record("time_offload_s", self.offload_s + total_seconds(spills))
         merged = self.result()
         record("ot_loss_pre", self.curves["pre"])
         record("ot_loss_post", self.curves["post"])

@@ -43,6 +43,9 @@ class Masks:
         self._best: StateDict | None = None
         #: the held copy is the initial value (the mask was untouched): no tensor is kept
         self._best_is_init = False
+        #: where the copy goes instead of device memory (a :class:`~otmf_exp.runtime.offload.SpilledCopy`,
+        #: ``method.offload``); None: a preallocated clone
+        self.spill = None
 
     def values(self, grad: bool = True) -> StateDict:
         """M; with ``grad=False`` a constant (no autograd graph, no gradient buffer for this mask)."""
@@ -67,7 +70,10 @@ class Masks:
             if self._best_is_init:
                 if self._best is None:
                     self._best = {}
-            elif not self._best:
+            elif self.spill is not None:  # off the device: written now, read back by load_best
+                self.spill.save(self.raw)
+                self._best = self.spill
+            elif not isinstance(self._best, dict) or not self._best:
                 self._best = {k: r.detach().clone() for k, r in self.raw.items()}
             else:
                 for k, r in self.raw.items():
@@ -84,6 +90,9 @@ class Masks:
         if self._best is not None:
             if self._best_is_init:
                 self.reset()
+            elif self._best is self.spill:
+                with torch.no_grad():
+                    self.spill.load(self.raw)
             else:
                 with torch.no_grad():
                     for k, r in self.raw.items():
@@ -110,8 +119,9 @@ class BestOnWrite:
     iteration's step) kept by copy-on-write. :meth:`before_step` runs once per iteration, with its
     loss, before its step changes the masks of ``changed``: an improving iteration drops every copy
     (its own result is the new best); otherwise a side about to change is copied first, unless it
-    already was since the best. At most one side is held: when a second would be needed, the copies
-    are dropped and :attr:`replay` is set (the best pair is then re-derived by replaying the seeded
+    already was since the best. At most one side is held (with :attr:`Masks.spill` on both sides,
+    ``method.offload``, the copies are off the device and both may be held: never a replay): when
+    a second would be needed, the copies are dropped and :attr:`replay` is set (the best pair is then re-derived by replaying the seeded
     optimisation up to the best iteration, as ``best_masks=replay``) until the next improvement. The
     last iteration's step is skipped when it does not improve (``skip_last``: nothing returned
     depends on it). Memory: ≤ 1 W (alternate schedule, the usual pattern — pre losses improve, post
@@ -135,7 +145,8 @@ class BestOnWrite:
         need = [s for s in changed if not self.sides[s].has_best]
         if self.replay or not need:
             return True
-        if sum(m.has_best for m in self.sides.values()) + len(need) > 1:
+        capped = any(m.spill is None for m in self.sides.values())  # copies held off the device: no cap
+        if capped and sum(m.has_best for m in self.sides.values()) + len(need) > 1:
             self._drop()
             self.replay = True
             return True
@@ -181,7 +192,7 @@ class BackwardAdam:
 
     ``hooks=False``: no hooks; :meth:`step_sides` steps every group of the given sides after the
     backward (the same arithmetic as one Adam per side). ``offload``: the groups' Adam moments live
-    in an :class:`~otmf_exp.merging.adam_offload.OffloadedMoments` store between their steps
+    in an :class:`~otmf_exp.runtime.offload.OffloadedMoments` store between their steps
     (``offload_dir``: its directory on the CPU)."""
 
     def __init__(
@@ -204,7 +215,7 @@ class BackwardAdam:
         self.ready = [0] * len(self.groups)
         self.offload = None
         if offload and self.groups:
-            from otmf_exp.merging.adam_offload import OffloadedMoments
+            from otmf_exp.runtime.offload import OffloadedMoments
 
             self.offload = OffloadedMoments(self.groups, self.groups[0][0].device, offload_dir)
         self.handles = (

@@ -124,14 +124,15 @@ class OTMFConfig:
     #: null: on where it is exact (schedule=alternate, l1=0, no backward_chunk: one backward per
     #: step) | true: on (refused where not exact) | false: off
     adam_in_backward: bool | None = None
-    #: the masks' Adam moments kept off the device between their (side, transformer layer) group's
-    #: steps, one group's on the device at a time (a staging buffer of the largest group's size): 4 W
-    #: (both sides' moments) leave the step's peak for one read and one write of the trained side's
-    #: moments (2 W) per iteration; bit-identical. CUDA: pinned host memory | CPU: an anonymous
-    #: temporary file in offload_dir (its pages may stay in the page cache, outside the RSS)
-    adam_offload: bool = False
-    #: adam_offload's directory on the CPU (null: $TMPDIR, i.e. tempfile.gettempdir()); a tmpfs (RAM)
-    #: there is warned about: the moments would stay in memory
+    #: what waits between uses kept off the device (bit-identical): the masks' Adam moments between
+    #: their (side, transformer layer) group's steps, one group's on the device at a time (−4 W at
+    #: the peak for one read and one write of the trained side's moments, 2 W, per iteration), and
+    #: select=authors' copy of the best masks (so best_masks=on_write never replays). CUDA: pinned
+    #: host memory | CPU: an anonymous temporary file in offload_dir (its pages may stay in the page
+    #: cache, outside the RSS)
+    offload: bool = False
+    #: offload's directory on the CPU (null: $TMPDIR, i.e. tempfile.gettempdir()); a tmpfs (RAM)
+    #: there is warned about: the tensors would stay in memory
     offload_dir: str | None = None
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration

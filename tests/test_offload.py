@@ -1,4 +1,4 @@
-"""method.adam_offload: the masks' Adam moments live off the device between their group's steps (a
+"""method.offload: the masks' Adam moments and best-mask copies wait off the device (a
 temporary file on the CPU, host memory on CUDA), one group's on the device at a time, and the
 results equal those of the resident optimiser bit for bit."""
 
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from otmf_exp.errors import UserError
-from otmf_exp.merging.adam_offload import OffloadedMoments
 from otmf_exp.merging.ot_masks import BackwardAdam, adam
+from otmf_exp.runtime.offload import OffloadedMoments
 
 ARGS = (
     "task_order=[rot90,flip,invert]",
@@ -74,7 +74,7 @@ def test_offloaded_step_equals_the_resident_step_bitwise(run_cfg, monkeypatch, t
     steps_done = len(resident)
     off = tmp_path / "offload"
     off.mkdir()
-    metrics_b, out = run_cfg(*args, "method.adam_offload=true", f"method.offload_dir={off}")
+    metrics_b, out = run_cfg(*args, "method.offload=true", f"method.offload_dir={off}")
     wb, sb = load_file(str(out / "merged.safetensors")), _steps(out)
     assert len(resident) > steps_done and not any(resident[steps_done:])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -82,18 +82,19 @@ def test_offloaded_step_equals_the_resident_step_bitwise(run_cfg, monkeypatch, t
     for key in ("ot_loss_pre", "ot_loss_post", "select_iteration", "select_loss", "mask_quantiles"):
         assert [s.get(key) for s in sa] == [s.get(key) for s in sb], key
     fused = [s for s in sb if s.get("ot_loss_pre")]
-    assert fused and all(s["adam_offload_mb"] > 0 and s["time_adam_offload_s"] >= 0 for s in fused)
-    assert all("adam_offload_mb" not in s for s in sa)
+    assert fused and all(s["offload_mb"] > 0 and s["time_offload_s"] >= 0 for s in fused)
+    assert all("offload_mb" not in s for s in sa)
+    assert all(s.get("select_replayed_iterations", 0) == 0 for s in sb)  # the best copies are off the device
     assert list(off.iterdir()) == []
 
 
 def test_offload_dir_that_is_not_a_directory_is_one_line(run_cfg, tmp_path):
     with pytest.raises(UserError, match="method.offload_dir .* is not a directory"):
-        run_cfg(*ARGS, "method.adam_offload=true", f"method.offload_dir={tmp_path / 'nope'}")
+        run_cfg(*ARGS, "method.offload=true", f"method.offload_dir={tmp_path / 'nope'}")
 
 
 def test_a_full_disk_is_one_line_before_any_step(tmp_path, monkeypatch):
-    import otmf_exp.merging.adam_offload as mod
+    import otmf_exp.runtime.offload as mod
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -105,7 +106,7 @@ def test_a_full_disk_is_one_line_before_any_step(tmp_path, monkeypatch):
 
 
 def test_a_directory_in_ram_is_warned_about(tmp_path, monkeypatch, caplog):
-    import otmf_exp.merging.adam_offload as mod
+    import otmf_exp.runtime.offload as mod
 
     monkeypatch.setattr(mod, "_filesystem", lambda d: "tmpfs")
     with caplog.at_level(logging.WARNING, logger=mod.__name__):
@@ -114,7 +115,7 @@ def test_a_directory_in_ram_is_warned_about(tmp_path, monkeypatch, caplog):
 
 
 def test_filesystem_is_read_off_the_longest_mount_point(tmp_path, monkeypatch):
-    import otmf_exp.merging.adam_offload as mod
+    import otmf_exp.runtime.offload as mod
 
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw 0 0\n")
@@ -123,3 +124,52 @@ def test_filesystem_is_read_off_the_longest_mount_point(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "Path", lambda p: real(mounts) if p == "/proc/mounts" else real(p))
     assert mod._filesystem(tmp_path / "x") == "tmpfs"
     assert mod._filesystem(real("/usr")) == "ext4"
+
+
+def test_offload_dir_is_not_part_of_a_runs_identity():
+    """Where the moments wait changes no number: a resume from another node's $TMPDIR is the same
+    run, and tables do not split rows by it (offload itself is recorded like every lever)."""
+    from otmf_exp.reporting.runs import result_keys
+    from otmf_exp.runtime.resume import config_hash, result_config
+
+    a = result_config({"seed": 0}, {"name": "otmf", "offload": True, "offload_dir": "/scratch/a"})
+    b = result_config({"seed": 0}, {"name": "otmf", "offload": True, "offload_dir": "/tmp"})
+    c = result_config({"seed": 0}, {"name": "otmf", "offload": False, "offload_dir": "/tmp"})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert result_keys(["method.offload_dir", "method.offload"]) == ["method.offload"]
+
+
+def test_spilled_copy_round_trips_and_on_write_never_replays(tmp_path):
+    """With both sides' copies off the device, on_write holds both instead of falling back to
+    replay (the sequence that replays in test_otmf_speed), and finish() restores the exact best."""
+    from otmf_exp.merging.ot_masks import BestOnWrite, Masks
+    from otmf_exp.runtime.offload import SpilledCopy
+
+    sides = {
+        s: Masks({"w": torch.ones(3), "b": torch.ones(2)}, "identity", "element") for s in ("pre", "post")
+    }
+    with (
+        SpilledCopy(sides["pre"].raw, "cpu", str(tmp_path)) as a,
+        SpilledCopy(sides["post"].raw, "cpu", str(tmp_path)) as b,
+    ):
+        sides["pre"].spill, sides["post"].spill = a, b
+        cow = BestOnWrite(sides, last=5, skip_last=True)
+
+        def step(side, value):
+            with torch.no_grad():
+                for r in sides[side].raw.values():
+                    r.add_(value)
+
+        for i, (side, loss) in enumerate([("pre", 5.0), ("post", 6.0), ("pre", 4.0), ("post", 7.0)]):
+            assert cow.before_step(i, loss, (side,))
+            step(side, 0.25 * (i + 1))
+        best = {s: {k: v.clone() for k, v in m.raw.items()} for s, m in sides.items()}  # after iteration 2
+        best["post"] = {k: v - 1.0 for k, v in best["post"].items()}  # post's step 3 came after the best
+        assert cow.before_step(4, 7.0, ("pre",)) and not cow.replay  # both held, off the device
+        assert sides["pre"].has_best and sides["post"].has_best
+        step("pre", 3.0)
+        cow.finish()
+        for s, m in sides.items():
+            for k, v in m.raw.items():
+                assert torch.equal(v, best[s][k]), (s, k)
+    assert list(tmp_path.iterdir()) == []
