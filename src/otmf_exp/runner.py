@@ -80,7 +80,7 @@ class Experiment:
         """The digest of model ``name`` as this run reads it (a task not loaded yet is read now)."""
         if name not in self.identity and name != "pretrained" and not name.startswith("head:"):
             with digest.collecting() as got:
-                self.backbone.load_finetuned(name)  # read for its digest only
+                self.backbone.identify_finetuned(name)  # its files' digests, weights unread
             self._identify(name, got)
         return self.identity.get(name)
 

@@ -59,6 +59,12 @@ class Backbone(ABC):
     def load_finetuned(self, task: str) -> StateDict:
         """θ_t for ``task`` (mergeable parameters only), validated against θ₀."""
 
+    def identify_finetuned(self, task: str) -> None:
+        """Record (:func:`otmf_exp.runtime.digest.record`) the digests :meth:`load_finetuned` records
+        for ``task``, without reading its weights where the files can be found alone (resume checks
+        the models of finished steps this way); this default loads them."""
+        self.load_finetuned(task)
+
     def linear_weight_names(self) -> set[str]:
         """Mergeable 2-D weights owned by ``nn.Linear`` modules (decided by module type, not by name)."""
         names = set(self.mergeable_names())

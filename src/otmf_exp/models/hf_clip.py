@@ -117,6 +117,9 @@ class HFClipBackbone(ClipVisionBackbone):
     def finetuned_id(self, task: str) -> str:
         return self.finetuned_pattern.format(task=task)
 
+    def identify_finetuned(self, task: str) -> None:
+        resolve.resolve_model_dir(self.finetuned_id(task), self.local_dir)  # records its digest
+
     def load_finetuned(self, task: str) -> StateDict:
         from transformers import CLIPVisionModel
 

@@ -233,6 +233,9 @@ class OpenClipBackbone(Backbone):
         head = cached_head(self.key, resolve.dir_fingerprint(self.weights), task, compute)
         return self.checked_head(head, task, "the zero-shot head cache").to(self.device)
 
+    def identify_finetuned(self, task: str) -> None:
+        digest.record(find_checkpoint(self.checkpoint_dir, task))
+
     def load_finetuned(self, task: str) -> StateDict:
         path = find_checkpoint(self.checkpoint_dir, task)
         digest.record(path)  # task_vectors layout: a file outside the hub resolver

@@ -133,6 +133,9 @@ class SyntheticBackbone(ClipVisionBackbone):
         with autocast_context(self.device, self.autocast):
             return super().features(params, inputs).float()
 
+    def identify_finetuned(self, task: str) -> None:
+        """Nothing to record: θ_t is generated from the seed, not read from a file."""
+
     def load_finetuned(self, task: str) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(_seed(self.seed, "finetuned", task))
         out = {}
