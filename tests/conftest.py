@@ -41,6 +41,7 @@ FULL_MODULES = {
     "test_console",
     "test_converter",
     "test_export",
+    "test_identify_finetuned",
     "test_identity",
     "test_mingle_e2e",
     "test_otmf_authors",
