@@ -63,6 +63,7 @@ FULL_MODULES = {
 #: tests of the fast-tier modules that belong to the full tier all the same (CLI runs, resume of every method)
 FULL_TESTS = {"test_cli_run", "test_interrupted_then_resumed_equals_uninterrupted"}
 FULL_TESTS |= {
+    "test_offload_is_bitwise_with_every_other_setting",
     "test_ascii_stdout_and_a_closed_pipe_keep_exit_0",
     "test_ctrl_c_in_zoo_build_is_exit_130_one_line",
 }

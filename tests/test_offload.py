@@ -56,8 +56,12 @@ def test_moments_round_trip_bitwise_against_one_resident_adam(tmp_path, store):
     assert list(tmp_path.iterdir()) == []  # an anonymous file: nothing left behind
 
 
-@pytest.mark.parametrize("schedule", ["alternate", "joint"])
-def test_offloaded_step_equals_the_resident_step_bitwise(run_cfg, monkeypatch, tmp_path, schedule):
+@pytest.mark.parametrize(
+    ("schedule", "best_masks"), [("alternate", "on_write"), ("joint", "on_write"), ("alternate", "copy")]
+)
+def test_offloaded_step_equals_the_resident_step_bitwise(
+    run_cfg, monkeypatch, tmp_path, schedule, best_masks
+):
     """End to end: merged weights, curves, selection and accuracies equal, bit for bit; the step
     records the store's size and I/O time; after every group step no moments are on the device."""
     resident: list[int] = []
@@ -74,7 +78,10 @@ def test_offloaded_step_equals_the_resident_step_bitwise(run_cfg, monkeypatch, t
     steps_done = len(resident)
     off = tmp_path / "offload"
     off.mkdir()
-    metrics_b, out = run_cfg(*args, "method.offload=true", f"method.offload_dir={off}")
+    # best_masks=copy (a copy refreshed on every improvement) is bit-identical to on_write by design
+    metrics_b, out = run_cfg(
+        *args, "method.offload=true", f"method.offload_dir={off}", f"method.best_masks={best_masks}"
+    )
     wb, sb = load_file(str(out / "merged.safetensors")), _steps(out)
     assert len(resident) > steps_done and not any(resident[steps_done:])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -173,3 +180,28 @@ def test_spilled_copy_round_trips_and_on_write_never_replays(tmp_path):
             for k, v in m.raw.items():
                 assert torch.equal(v, best[s][k]), (s, k)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "method.mask.granularity=tensor",
+        "method.mask.param=sigmoid",
+        "method.adam_in_backward=false",
+        "method.select=last",
+        "method.best_masks=replay",
+        "method.backward_chunk=4",
+    ],
+)
+def test_offload_is_bitwise_with_every_other_setting(run_cfg, tmp_path, extra):
+    """Scalar masks, 2·sigmoid masks, Adam after the backward, no selection copies, replay, chunked
+    backwards: the offloaded run equals the resident one (full tier: six settings x two runs)."""
+    _, out = run_cfg(*ARGS, extra)
+    wa = load_file(str(out / "merged.safetensors"))
+    ma = json.loads((out / "metrics.json").read_text())["acc_matrix"]
+    off = tmp_path / "offload"
+    off.mkdir()
+    metrics, out = run_cfg(*ARGS, extra, "method.offload=true", f"method.offload_dir={off}")
+    wb = load_file(str(out / "merged.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metrics["acc_matrix"] == ma
+    assert list(off.iterdir()) == []
