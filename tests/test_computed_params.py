@@ -157,3 +157,46 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     assert ma["acc_matrix"] == mb["acc_matrix"]
     for key in ("ot_loss_pre", "ot_loss_post", "select_iteration", "mask_quantiles"):
         assert [s.get(key) for s in sa] == [s.get(key) for s in sb], key
+
+
+def test_probe_counts_the_activations_of_its_layer_not_the_tensors_that_live_anyway():
+    """checkpoint_blocks=auto's probe: the bytes autograd saves inside the first layer that the
+    forward made — equal to the same layer's activations in a plain forward (weights, θ₀ and the
+    masks excluded: they are alive whether or not the layer is checkpointed)."""
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+
+    bb = SyntheticBackbone("tiny", "cpu")
+    th0 = bb.pretrained_state()
+    masks = {k: torch.ones_like(v, requires_grad=True) for k, v in th0.items()}
+    x = torch.randn(4, 3, bb.image_size, bb.image_size)
+    probe: list[tuple[int, int]] = []
+    params = ComputedParams(
+        lambda k, grad: th0[k] * (masks[k] if grad else masks[k].detach()),
+        th0,
+        checkpoint_blocks=True,
+        probe=probe,
+        decide=lambda: False,
+    )
+    bb.features(params, x).sum().backward()
+    plain = {k: th0[k] * masks[k] for k in th0}
+    weights = {v.untyped_storage().data_ptr() for v in plain.values()}
+    layer0, inside, saved = bb.module.vision_model.encoder.layers[0], [False], {}
+    handles = [
+        layer0.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
+        layer0.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False)),
+    ]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if inside[0] and t.grad_fn is not None and ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            bb.features(plain, x)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = len(bb.module.vision_model.encoder.layers)
+    assert probe == [(sum(saved.values()), layers)] and sum(saved.values()) > 0

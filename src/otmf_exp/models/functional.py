@@ -90,7 +90,8 @@ class ComputedParams:
     — the same values bit for bit, one more forward per backward. Only where grad is enabled.
 
     ``probe``: a list; with ``checkpoint_blocks`` the first layer then runs *without* checkpointing
-    and the bytes of the activations autograd saves inside it (distinct storages, computed weights
+    and the bytes of the activations autograd saves inside it (distinct storages of tensors this
+    forward made: computed weights and leaves such as θ₀, τ or the masks, which live anyway,
     excluded) are appended to ``probe`` with the number of layers, ``(bytes, layers)`` — one layer's
     activation size, measured, for deciding whether the next forwards can skip checkpointing.
     ``decide``: called right after that measurement; its answer sets ``checkpoint_blocks`` for the
@@ -253,7 +254,13 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
             name = live.get(x.untyped_storage().data_ptr())
             if name is not None:
                 return _Recipe(name, x)
-        if probed is not None and isinstance(x, Tensor) and x.layout == torch.strided:
+        # made by this forward (a graph node): not a leaf that lives anyway (θ₀, τ, the masks)
+        if (
+            probed is not None
+            and isinstance(x, Tensor)
+            and x.layout == torch.strided
+            and x.grad_fn is not None
+        ):
             probed[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return x
 
