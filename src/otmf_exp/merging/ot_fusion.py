@@ -93,10 +93,8 @@ class FusionStep:
         self.ckpt: bool | None = (
             None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
         )
-        self.offload_s, self.offload_mb = (
-            0.0,
-            0.0,
-        )  # offload: seconds of reads/writes, the moments' store size
+        # offload: seconds of reads/writes, the moments' store size
+        self.offload_s, self.offload_mb = 0.0, 0.0
         self.probe: list[tuple[int, int]] = []  # (one layer's activation bytes, layers), iteration 0
         #: eval_batches=null: the diagnostics are read off the training iterations (no extra forward)
         self.diag = TrainingDiagnostics(cfg.sinkhorn) if cfg.eval_batches is None else None

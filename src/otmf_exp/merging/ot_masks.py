@@ -73,7 +73,7 @@ class Masks:
             elif self.spill is not None:  # off the device: written now, read back by load_best
                 self.spill.save(self.raw)
                 self._best = self.spill
-            elif not isinstance(self._best, dict) or not self._best:
+            elif not self._best:
                 self._best = {k: r.detach().clone() for k, r in self.raw.items()}
             else:
                 for k, r in self.raw.items():

@@ -293,10 +293,8 @@ def computed_parameters(module: nn.Module, params: ComputedParams) -> Iterator[n
         if probe is not None:
             handles.append(probe.register_forward_pre_hook(probe_in))
             handles.append(probe.register_forward_hook(probe_out, always_call=True))
-        for b in blocks:
-            b.forward = _checkpointed(
-                b, params, owned, inside[b], live
-            )  # an instance attribute shadows the method
+        for b in blocks:  # an instance attribute shadows the method
+            b.forward = _checkpointed(b, params, owned, inside[b], live)
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield module
     finally:

@@ -92,7 +92,7 @@ class HostStore:
         store: str | None = None,
         what: str = "tensors",
     ) -> None:
-        self.device, self.numel, self.bytes = torch.device(device), numel, numel * 4
+        self.device, self.bytes = torch.device(device), numel * 4
         self.seconds = 0.0
         self.host: Tensor | None = None
         self._file = None
@@ -100,7 +100,6 @@ class HostStore:
         store = store or ("host" if self.device.type == "cuda" else "file")
         if store == "host":
             self.host = torch.empty(numel, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-            self.where = "pinned host memory"
         else:
             self._open(Path(directory or tempfile.gettempdir()), what)
 
@@ -123,7 +122,6 @@ class HostStore:
                 f"to a writable directory"
             ) from None
         fs = _filesystem(d)
-        self.where = f"a temporary file in {d}" + (f" ({fs})" if fs else "")
         if fs in RAM_FS:
             log.warning(
                 "offload: %s is on a %s (RAM): %s stay in memory; set method.offload_dir to a "
