@@ -8,14 +8,8 @@ from omegaconf import OmegaConf
 
 from otmf_exp.config import validate_method
 from otmf_exp.errors import NonFiniteLossError, UserError
-from otmf_exp.merging.adamerging import (
-    AdaMerging,
-    AdaMergingConfig,
-    combine,
-    entropy,
-    init_coefficients,
-    subsample,
-)
+from otmf_exp.merging.adamerging.adamerging import AdaMerging, AdaMergingConfig
+from otmf_exp.merging.adaptation import combine, entropy, init_coefficients, subsample
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.merging.task_vectors import apply, task_vector
 

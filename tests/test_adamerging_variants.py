@@ -12,11 +12,12 @@ from omegaconf import OmegaConf
 from otmf_exp.config import validate_method
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.errors import UserError
-from otmf_exp.merging import adamerging as am
-from otmf_exp.merging.adamerging import AdaMerging, AdaMergingConfig, entropy, entropy_loss
-from otmf_exp.merging.adamerging_pools import SeedPool, clamp_mode, replay, ties_prune
+from otmf_exp.merging.adamerging import adamerging as am
+from otmf_exp.merging.adamerging.adamerging import AdaMerging, AdaMergingConfig, entropy_loss
+from otmf_exp.merging.adamerging.adamerging_pools import SeedPool, clamp_mode, replay, ties_prune
+from otmf_exp.merging.adaptation import entropy
 from otmf_exp.merging.base import ContinualState, MethodContext, TaskInput
-from otmf_exp.merging.ties import elect_signs, trim
+from otmf_exp.merging.sparsify import elect_signs, trim
 from otmf_exp.runtime import checkpoint
 
 T = torch.tensor

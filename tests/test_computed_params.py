@@ -116,7 +116,7 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
     the alternate schedule, off for joint, whose two backwards feed one step) — re-make each weight
     and each layer's activations in the backward and step each mask inside it, instead of keeping
     them: the merged weights, curves and accuracies equal those of the plain step, bit for bit."""
-    import otmf_exp.merging.ot_fusion as ot_fusion
+    import otmf_exp.merging.otmf.ot_fusion as ot_fusion
 
     sizes: list[int] = []  # how many mask tensors each Adam stepped after the backward was given
     in_backward: list[int] = []  # groups of each BackwardAdam (steps inside the backward)

@@ -10,9 +10,9 @@ import torch
 
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
-from otmf_exp.merging.adamerging import entropy
+from otmf_exp.merging.adaptation import entropy
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.concrete import Concrete, ConcreteConfig, rescale, sample_mask
+from otmf_exp.merging.concrete.concrete import Concrete, ConcreteConfig, rescale, sample_mask
 
 
 class ToyBackbone:

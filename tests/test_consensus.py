@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.consensus import Consensus, ConsensusConfig, tall_mask
+from otmf_exp.merging.task_arithmetic.consensus import Consensus, ConsensusConfig, tall_mask
 
 CTX = MethodContext(backbone=None, device=torch.device("cpu"), generator=torch.Generator())
 T = torch.tensor

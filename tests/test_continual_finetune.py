@@ -15,7 +15,7 @@ from otmf_exp.data import build_task_data
 from otmf_exp.data.digits import build_task
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.continual_finetune import ContinualFinetune, ContinualFinetuneConfig
+from otmf_exp.merging.finetune.continual_finetune import ContinualFinetune, ContinualFinetuneConfig
 from otmf_exp.models import build_backbone
 from otmf_exp.models.tiny import TinyBackbone
 

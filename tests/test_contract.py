@@ -173,7 +173,7 @@ def test_toy_method_through_the_extending_steps(tmp_path, monkeypatch, zoo):
 def test_check_state_default_accepts_theta0_plus_modules_and_names_a_mismatch():
     import torch
 
-    from otmf_exp.merging.averaging import Averaging
+    from otmf_exp.merging.task_arithmetic.averaging import Averaging
 
     m = Averaging(Averaging.Config(), None)
     pre = {"w": torch.zeros(2, 3)}

@@ -11,7 +11,7 @@ import torch
 from otmf_exp.config import validate_method
 from otmf_exp.errors import NonFiniteLossError, UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.dop import (
+from otmf_exp.merging.dop.dop import (
     DOP,
     DOPConfig,
     dual_loss,

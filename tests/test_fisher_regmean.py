@@ -15,8 +15,13 @@ from otmf_exp.config import validate_method
 from otmf_exp.data.base import TensorTaskData, example_batches
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.fisher import Fisher, FisherAccumulator, FisherConfig, fisher_weighted_mean
-from otmf_exp.merging.regmean import (
+from otmf_exp.merging.fisher_regmean.fisher import (
+    Fisher,
+    FisherAccumulator,
+    FisherConfig,
+    fisher_weighted_mean,
+)
+from otmf_exp.merging.fisher_regmean.regmean import (
     GramRecorder,
     RegMean,
     RegMeanAccumulator,

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.magmax import MagMax, MagMaxConfig, maxabs
+from otmf_exp.merging.task_arithmetic.magmax import MagMax, MagMaxConfig, maxabs
 
 CTX = MethodContext(backbone=None, device=torch.device("cpu"), generator=torch.Generator())
 T = torch.tensor

@@ -13,6 +13,7 @@ from torch import nn
 from otmf_exp.config import method_config
 from otmf_exp.errors import UserError
 from otmf_exp.merging import METHODS, MethodContext, TaskInput
+from otmf_exp.merging.adaptation import SeedSet, sample_seeds
 from otmf_exp.merging.lora_moe import (
     Experts,
     attached,
@@ -24,7 +25,7 @@ from otmf_exp.merging.lora_moe import (
     project_gate_grad,
     top_subspace,
 )
-from otmf_exp.merging.mingle_tta import SeedSet, kd_loss, project_new_rows, sample_seeds
+from otmf_exp.merging.mingle.mingle_tta import kd_loss, project_new_rows
 from otmf_exp.models.mha import mha_forward
 from otmf_exp.offline.synthetic import SyntheticBackbone
 

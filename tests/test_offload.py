@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from otmf_exp.errors import UserError
-from otmf_exp.merging.ot_masks import BackwardAdam, adam
+from otmf_exp.merging.otmf.ot_masks import BackwardAdam, adam
 from otmf_exp.runtime.offload import OffloadedMoments
 
 ARGS = (
@@ -149,7 +149,7 @@ def test_offload_dir_is_not_part_of_a_runs_identity():
 def test_spilled_copy_round_trips_and_on_write_never_replays(tmp_path):
     """With both sides' copies off the device, on_write holds both instead of falling back to
     replay (the sequence that replays in test_otmf_speed), and finish() restores the exact best."""
-    from otmf_exp.merging.ot_masks import BestOnWrite, Masks
+    from otmf_exp.merging.otmf.ot_masks import BestOnWrite, Masks
     from otmf_exp.runtime.offload import SpilledCopy
 
     sides = {

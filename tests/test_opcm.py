@@ -10,7 +10,7 @@ from torch import nn
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.opcm import OPCM, OPCMConfig, project_out, split_rank
+from otmf_exp.merging.opcm.opcm import OPCM, OPCMConfig, project_out, split_rank
 from otmf_exp.merging.task_vectors import global_norm, task_vector
 
 T = torch.tensor
@@ -256,7 +256,7 @@ def test_validate_rejects_bad_values():
 
 # ---- precision: auto (float32 SVD, float64 where the split is close) vs the exact float64 result -----
 def test_auto_svd_matches_float64_on_vit_b32_sized_layers():
-    from otmf_exp.merging.opcm import project_out
+    from otmf_exp.merging.opcm.opcm import project_out
 
     g = torch.Generator().manual_seed(0)
     for shape in [(768, 768), (3072, 768), (768, 3072)]:
@@ -270,7 +270,7 @@ def test_auto_svd_matches_float64_on_vit_b32_sized_layers():
 
 def test_auto_svd_redoes_a_close_split_in_float64(monkeypatch):
     """A spectrum whose cumulative ratio sits at α (within float32 rounding) is decided in float64."""
-    from otmf_exp.merging import opcm
+    from otmf_exp.merging.opcm import opcm
 
     calls = []
     real_svd = torch.linalg.svd
@@ -290,7 +290,7 @@ def test_auto_svd_redoes_a_close_split_in_float64(monkeypatch):
 def _digits_steps(bb, pre, svd_dtype, perturb=None):
     """States after each OPCM step on the 8 digits tasks; also the auto step taken from every float64 state."""
     from otmf_exp.merging.base import MethodContext, TaskInput
-    from otmf_exp.merging.opcm import OPCM, OPCMConfig
+    from otmf_exp.merging.opcm.opcm import OPCM, OPCMConfig
 
     def method(dt):
         return OPCM(

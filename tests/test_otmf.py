@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from otmf_exp.config import validate_method
 from otmf_exp.data import digits
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.otmf import OTMF, OTMFConfig
+from otmf_exp.merging.otmf.otmf import OTMF, OTMFConfig
 from otmf_exp.merging.task_vectors import apply, task_vector
 
 

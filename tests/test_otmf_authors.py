@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from otmf_exp.data.base import TensorTaskData
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.head_tuning import FeatureStream, train_head
-from otmf_exp.merging.ot_diagnostics import exact_quantiles, own_match, transport_plan
-from otmf_exp.merging.ot_fusion import FusionStep
-from otmf_exp.merging.ot_masks import BackwardAdam, Masks, adam, layer_key
-from otmf_exp.merging.otmf import OTMF, OTMFConfig
+from otmf_exp.merging.otmf.head_tuning import FeatureStream, train_head
+from otmf_exp.merging.otmf.ot_diagnostics import exact_quantiles, own_match, transport_plan
+from otmf_exp.merging.otmf.ot_fusion import FusionStep
+from otmf_exp.merging.otmf.ot_masks import BackwardAdam, Masks, adam, layer_key
+from otmf_exp.merging.otmf.otmf import OTMF, OTMFConfig
 from otmf_exp.models.base import head_logits
 from otmf_exp.runtime import checkpoint
 

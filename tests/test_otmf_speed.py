@@ -51,7 +51,7 @@ def test_checkpoint_auto_follows_the_budget_and_changes_no_bit(run_cfg, monkeypa
 def test_default_diagnostics_are_read_off_the_training_iterations(run_cfg, monkeypatch):
     """eval_batches=null: no student forward beyond training (and replay); init = each side's first
     iteration, final = its lowest-loss one; eval_batches=k runs 2·2·k more forwards."""
-    from otmf_exp.merging.ot_fusion import FusionStep
+    from otmf_exp.merging.otmf.ot_fusion import FusionStep
 
     calls = []
     real = FusionStep.student
@@ -110,7 +110,7 @@ def test_presets_aimed_at_the_authors_numbers_use_their_matmul_precision(make_cf
 
 
 def test_on_write_holds_one_side_at_most_then_falls_back_to_replay():
-    from otmf_exp.merging.ot_masks import BestOnWrite, Masks
+    from otmf_exp.merging.otmf.ot_masks import BestOnWrite, Masks
 
     sides = {s: Masks({"w": torch.ones(3)}, "identity", "element") for s in ("pre", "post")}
     cow = BestOnWrite(sides, last=5, skip_last=True)
@@ -124,7 +124,7 @@ def test_on_write_holds_one_side_at_most_then_falls_back_to_replay():
 
 
 def test_sampled_mask_quantiles_are_the_exact_quantiles_of_a_fixed_stride():
-    from otmf_exp.merging.ot_diagnostics import QUANTILES, exact_quantiles, mask_stats
+    from otmf_exp.merging.otmf.ot_diagnostics import QUANTILES, exact_quantiles, mask_stats
 
     g = torch.Generator().manual_seed(0)
     masks = {"pre": {"a": torch.randn(50, 40, generator=g), "b": torch.randn(7, generator=g)}}
@@ -195,7 +195,7 @@ def test_bench_authors_part_min_over_rounds_and_target_rows():
 def test_copy_of_a_mask_still_at_its_initial_value_holds_no_tensor(granularity):
     """A best-mask copy taken before a side's first step is its initial value: nothing is copied, and
     load_best restores the initial bits; once stepped, the copy is a real one (and restores it)."""
-    from otmf_exp.merging.ot_masks import Masks
+    from otmf_exp.merging.otmf.ot_masks import Masks
 
     for param, init in (("identity", 1.0), ("sigmoid", 0.0)):
         m = Masks({"a": torch.zeros(4, 3), "b": torch.zeros(5)}, param, granularity)

@@ -2,9 +2,9 @@
 
 import torch
 
-from otmf_exp.merging.averaging import Averaging, running_mean
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.task_arithmetic import TaskArithmetic, TaskArithmeticConfig
+from otmf_exp.merging.task_arithmetic.averaging import Averaging, running_mean
+from otmf_exp.merging.task_arithmetic.task_arithmetic import TaskArithmetic, TaskArithmeticConfig
 from otmf_exp.merging.task_vectors import apply, global_norm, task_vector
 
 PRE = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}

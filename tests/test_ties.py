@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.ties import Ties, TiesConfig, elect_signs, kth_threshold, ties_merge, trim
+from otmf_exp.merging.sparsify import elect_signs, kth_threshold, trim
+from otmf_exp.merging.task_arithmetic.ties import Ties, TiesConfig, ties_merge
 
 CTX = MethodContext(backbone=None, device=torch.device("cpu"), generator=torch.Generator())
 T = torch.tensor

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from otmf_exp.config import validate_method
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import MethodContext, TaskInput
-from otmf_exp.merging.tsvm import TSVM, TSVMConfig, tsv_merge_matrix, tsv_rank
+from otmf_exp.merging.task_arithmetic.tsvm import TSVM, TSVMConfig, tsv_merge_matrix, tsv_rank
 
 T = torch.tensor
 C, S = math.cos(math.pi / 8), math.sin(math.pi / 8)

@@ -15,7 +15,7 @@ from otmf_exp.errors import UserError
 from otmf_exp.merging import METHODS, MethodContext, TaskInput
 from otmf_exp.merging.lora_moe import Site
 from otmf_exp.merging.task_vectors import num_bytes
-from otmf_exp.merging.wemoe_moe import Experts, MoEBlock, attached, entropy_loss, init_router, route
+from otmf_exp.merging.wemoe.wemoe_moe import Experts, MoEBlock, attached, entropy_loss, init_router, route
 from otmf_exp.offline.synthetic import SyntheticBackbone
 
 _one_thread = fx._one_thread

@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from otmf_exp.data.digits import build_task
-from otmf_exp.merging import adamerging as am
-from otmf_exp.merging.adamerging import AdaMerging, AdaMergingConfig
+from otmf_exp.merging.adamerging import adamerging as am
+from otmf_exp.merging.adamerging.adamerging import AdaMerging, AdaMergingConfig
 from otmf_exp.merging.base import MethodContext, TaskInput
 from otmf_exp.models.tiny import TinyBackbone
 from otmf_exp.offline.zoo import DigitsZoo, suite_tasks

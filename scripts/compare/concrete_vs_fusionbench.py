@@ -38,7 +38,7 @@ YAMLS = {
 
 def ours(zoo: Path, tasks: list[str], args, module, datas, heads):
     from otmf_exp.merging.base import MethodContext, TaskInput
-    from otmf_exp.merging.concrete import Concrete, ConcreteConfig
+    from otmf_exp.merging.concrete.concrete import Concrete, ConcreteConfig
     from otmf_exp.models.clip_vision import ClipVisionBackbone
 
     class Tower(ClipVisionBackbone):  # the tiny backbone without its zoo: task weights come from ZOO
@@ -212,7 +212,7 @@ def main() -> None:
     if args.entropy == "fusionbench":
         from fusion_bench.method.adamerging.entropy_loss import entropy_loss
 
-        import otmf_exp.merging.concrete as concrete
+        import otmf_exp.merging.concrete.concrete as concrete
 
         concrete.entropy = entropy_loss
     a, ctx = ours(args.zoo, tasks, args, module, datas, heads)

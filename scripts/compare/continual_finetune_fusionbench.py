@@ -203,7 +203,7 @@ def ours(args: argparse.Namespace, work: Path) -> dict:
 
     from otmf_exp.data.digits import build_task
     from otmf_exp.merging.base import MethodContext, TaskInput
-    from otmf_exp.merging.continual_finetune import ContinualFinetune, ContinualFinetuneConfig
+    from otmf_exp.merging.finetune.continual_finetune import ContinualFinetune, ContinualFinetuneConfig
     from otmf_exp.models.tiny import TinyBackbone
     from otmf_exp.offline.zoo import DigitsZoo, suite_tasks
 

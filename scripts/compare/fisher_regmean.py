@@ -32,8 +32,8 @@ def ours(zoo_dir: Path, out: Path, seed: int) -> None:
     from otmf_exp.data.base import example_batches
     from otmf_exp.data.digits import build_task
     from otmf_exp.merging.base import MethodContext, TaskInput
-    from otmf_exp.merging.fisher import Fisher, FisherConfig
-    from otmf_exp.merging.regmean import RegMean, RegMeanConfig
+    from otmf_exp.merging.fisher_regmean.fisher import Fisher, FisherConfig
+    from otmf_exp.merging.fisher_regmean.regmean import RegMean, RegMeanConfig
     from otmf_exp.offline.zoo import DigitsZoo
 
     cfg = json.loads((zoo_dir / "config.json").read_text())
@@ -133,8 +133,8 @@ def reference(zoo_dir: Path, out: Path) -> None:
     from omegaconf import DictConfig
     from safetensors.torch import load_file
 
-    from otmf_exp.merging.fisher import FisherAccumulator  # needs PYTHONPATH=src: pure torch
-    from otmf_exp.merging.regmean import RegMeanAccumulator, reduce_non_diagonal
+    from otmf_exp.merging.fisher_regmean.fisher import FisherAccumulator  # needs PYTHONPATH=src: pure torch
+    from otmf_exp.merging.fisher_regmean.regmean import RegMeanAccumulator, reduce_non_diagonal
     from otmf_exp.merging.task_vectors import global_norm
 
     cfg = json.loads((zoo_dir / "config.json").read_text())

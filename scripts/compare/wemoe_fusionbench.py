@@ -161,8 +161,8 @@ def ours(zoo: Path, ref: Path, dtype: str) -> dict:
     from torch.func import functional_call
 
     from otmf_exp.merging import MethodContext, TaskInput
-    from otmf_exp.merging.wemoe import WEMoE
-    from otmf_exp.merging.wemoe_config import WEMoEConfig
+    from otmf_exp.merging.wemoe.wemoe import WEMoE
+    from otmf_exp.merging.wemoe.wemoe_config import WEMoEConfig
 
     cfg, load = _models(zoo, dtype)
     r = load_file(ref)

@@ -4,7 +4,7 @@ A runtime service, not merging maths (``merging/`` does no I/O): OTMF's masks ha
 need until later to a :class:`HostStore` —
 
 * :class:`OffloadedMoments`: the Adam moments of each (side, transformer layer) group of mask
-  tensors (``merging/ot_masks.py: BackwardAdam``). A group's ``exp_avg`` and ``exp_avg_sq`` are
+  tensors (``merging/otmf/ot_masks.py: BackwardAdam``). A group's ``exp_avg`` and ``exp_avg_sq`` are
   read into one staging buffer (the largest group's size, ≈ 57 MB at ViT-B/32) just before its
   fused Adam step and written back right after it, so one group's moments are on the device
   instead of both sides' (4 W);

@@ -24,7 +24,7 @@ Protocols:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from otmf_exp.errors import NonFiniteLossError, UserError
-from otmf_exp.merging.adamerging_pools import (
+from otmf_exp.merging.adamerging.adamerging_pools import (
     CHOICES,
     CLAMP_BOOLS,
     CLAMPS,
@@ -41,6 +41,14 @@ from otmf_exp.merging.adamerging_pools import (
     clamp_mode,
     prune,
 )
+from otmf_exp.merging.adaptation import (
+    GRANULARITIES,
+    coefficient_summary,
+    combine,
+    entropy,
+    init_coefficients,
+    subsample,
+)
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.runtime.progress import progress
@@ -48,9 +56,7 @@ from otmf_exp.schema import choice, num
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("task", "layer")
 BACKWARDS = ("per_task", "summed")
-MAX_CURVE_POINTS = 100
 
 
 @dataclass
@@ -93,42 +99,9 @@ class AdaMergingConfig:
     #: none | ties: AdaMerging++ (TIES trim to ties_density + sign election on the task vectors
     #: before the coefficients are learned; continual: on [τᵐ_{t−1}, τ_t] at each step)
     tv_prune: str = choice("none", CHOICES["tv_prune"])
-    #: AdaMerging++: fraction of entries kept (the authors' K = 20 %) and trim scope (merging/ties.py)
+    #: AdaMerging++: fraction of entries kept (the authors' K = 20 %) and trim scope (merging/task_arithmetic/ties.py)
     ties_density: float = num(0.2, gt=0, le=1)
     ties_topk_scope: str = choice("global", CHOICES["ties_topk_scope"])
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the last dim; ``logits`` ``[..., C]``.
-    Range [0, log C]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
-
-
-def init_coefficients(
-    n_vectors: int,
-    n_tensors: int,
-    granularity: str,
-    values: Sequence[float],
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Coefficient tensor ``[n_vectors]`` (task) or ``[n_vectors, n_tensors]`` (layer), row i filled
-    with ``values[i]``; float32, requires grad."""
-    v = torch.tensor([float(x) for x in values], dtype=torch.float32, device=device)
-    if len(v) != n_vectors:
-        raise ValueError(f"need {n_vectors} initial values, got {len(v)}")
-    coef = v if granularity == "task" else v[:, None].expand(n_vectors, n_tensors).clone()
-    return coef.requires_grad_(True)
-
-
-def combine(pretrained: Mapping[str, Tensor], tvs: Sequence[Mapping[str, Tensor]], coef: Tensor) -> StateDict:
-    """θ₀ + Σ_i λ_i ⊙ τ_i, differentiable in ``coef`` (``[n]`` task-wise or ``[n, P]`` layer-wise, P =
-    number of keys in ``pretrained``, in key order)."""
-    out = {}
-    for j, (k, p) in enumerate(pretrained.items()):
-        delta = sum((coef[i] if coef.dim() == 1 else coef[i, j]) * tv[k] for i, tv in enumerate(tvs))
-        out[k] = p + delta.to(p.dtype)
-    return out
 
 
 def entropy_loss(logits: Tensor, eps: float = 0.0) -> Tensor:
@@ -137,21 +110,6 @@ def entropy_loss(logits: Tensor, eps: float = 0.0) -> Tensor:
         return entropy(logits)
     p = torch.softmax(logits.float(), dim=-1)
     return -(p * torch.log(p + eps)).sum(-1).mean()
-
-
-def subsample(curve: Sequence[float], n: int = MAX_CURVE_POINTS) -> list[float]:
-    """At most ``n`` evenly spaced points of ``curve``, first and last included."""
-    if len(curve) <= n:
-        return list(curve)
-    idx = torch.linspace(0, len(curve) - 1, n).round().long().tolist()
-    return [curve[i] for i in idx]
-
-
-def coefficient_summary(coef: Tensor) -> dict[str, Any]:
-    """JSON-friendly view of learned coefficients: per-vector values (task) or means (layer), min, max."""
-    c = coef.detach().float().cpu()
-    per_vector = c if c.dim() == 1 else c.mean(1)
-    return {"per_vector": per_vector.tolist(), "min": float(c.min()), "max": float(c.max())}
 
 
 class AdaMerging(MergeMethod):

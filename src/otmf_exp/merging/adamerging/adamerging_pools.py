@@ -1,6 +1,6 @@
 """AdaMerging's options as the compared papers ran it (Yang et al., ICLR 2024; the OTMF authors' and
 MINGLE's continual scripts): batch streams, seed-sample pools, the clamp modes and AdaMerging++'s
-TIES pruning of the task vectors (reusing ``merging/ties.py``)."""
+TIES pruning of the task vectors (reusing ``merging/task_arithmetic/ties.py``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from otmf_exp.data.base import TaskData, index_plan
+from otmf_exp.merging.adaptation import sample_seeds
+from otmf_exp.merging.sparsify import SCOPES, elect_signs, trim
 from otmf_exp.merging.task_vectors import StateDict
-from otmf_exp.merging.ties import SCOPES, elect_signs, trim
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def adaptation_pool(cfg: Any, ctx: Any, data: TaskData) -> TaskData:
     k = cfg.seed_samples
     if k is None:
         return data
-    from otmf_exp.merging.mingle_tta import sample_seeds
-
     if cfg.adapt_split == "test":
         log.warning("AdaMerging adapts on seed samples of the test split: test-set leakage (steps.jsonl)")
         ctx.record("adamerging_seed_test_leakage", True)

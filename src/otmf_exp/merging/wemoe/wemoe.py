@@ -29,13 +29,12 @@ from typing import Any
 import torch
 
 from otmf_exp.errors import NonFiniteLossError, UserError
-from otmf_exp.merging.adamerging import subsample
+from otmf_exp.merging.adaptation import sample_seeds, subsample
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.lora_moe import Site, find_sites, low_rank
-from otmf_exp.merging.mingle_tta import sample_seeds
 from otmf_exp.merging.task_vectors import StateDict, check_compatible
-from otmf_exp.merging.wemoe_config import Options, WEMoEConfig, resolve_options, validate_config
-from otmf_exp.merging.wemoe_moe import (
+from otmf_exp.merging.wemoe.wemoe_config import Options, WEMoEConfig, resolve_options, validate_config
+from otmf_exp.merging.wemoe.wemoe_moe import (
     Experts,
     MoEBlock,
     attached,

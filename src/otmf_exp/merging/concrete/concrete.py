@@ -34,7 +34,7 @@ from torch import Tensor
 
 from otmf_exp.data.base import SPLITS
 from otmf_exp.errors import NonFiniteLossError, UserError
-from otmf_exp.merging.adamerging import (
+from otmf_exp.merging.adaptation import (
     GRANULARITIES,
     coefficient_summary,
     combine,

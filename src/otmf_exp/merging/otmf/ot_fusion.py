@@ -5,11 +5,11 @@ parameters, or one scalar per tensor) start at 1 and are trained with Adam on th
 divergence (geomloss) between the student's features (θ₀ + τᵐ_t through the backbone's
 functional forward) and cached frozen teachers' features on the same images: the "pre" teacher
 θ₀ + τᵐ_{t−1} on pre-side data, the "post" teacher θ_t on task t's data (Pan et al., arXiv
-2511.19561). :class:`FusionStep` is used by :class:`otmf_exp.merging.otmf.OTMF`.
+2511.19561). :class:`FusionStep` is used by :class:`otmf_exp.merging.otmf.otmf.OTMF`.
 
 Selection (``select=authors``, the authors' src/tasks/shortest_route_mask.py): one best loss over
 both sides; after each iteration's optimiser step, if that iteration's loss is the lowest so far,
-both masks are saved as they are after the step. Diagnostics per step (``merging/ot_diagnostics.py``):
+both masks are saved as they are after the step. Diagnostics per step (``merging/otmf/ot_diagnostics.py``):
 quantiles of each mask, the selected iteration and its loss, and per side the fraction of student
 points whose largest transport mass goes to their own teacher image.
 """
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from otmf_exp.errors import NonFiniteLossError
 from otmf_exp.merging.base import TaskInput
-from otmf_exp.merging.ot_diagnostics import (
+from otmf_exp.merging.otmf.ot_diagnostics import (
     SAMPLE_STRIDE,
     TrainingDiagnostics,
     checkpoint_fits,
@@ -36,7 +36,7 @@ from otmf_exp.merging.ot_diagnostics import (
     own_match,
     transport_plan,
 )
-from otmf_exp.merging.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
+from otmf_exp.merging.otmf.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
 from otmf_exp.runtime.offload import SpilledCopy, total_seconds

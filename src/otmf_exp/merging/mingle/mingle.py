@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from otmf_exp.errors import UserError
+from otmf_exp.merging.adaptation import sample_seeds
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.lora_moe import (
     Experts,
@@ -38,8 +39,14 @@ from otmf_exp.merging.lora_moe import (
     project_delta,
     top_subspace,
 )
-from otmf_exp.merging.mingle_config import SVD_DTYPES, MINGLEConfig, Options, resolve_options, validate_config
-from otmf_exp.merging.mingle_tta import Adaptation, sample_seeds
+from otmf_exp.merging.mingle.mingle_config import (
+    SVD_DTYPES,
+    MINGLEConfig,
+    Options,
+    resolve_options,
+    validate_config,
+)
+from otmf_exp.merging.mingle.mingle_tta import Adaptation
 from otmf_exp.merging.task_vectors import StateDict
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ One fusion step (t ≥ 2), with learnable masks shaped like the mergeable parame
 
 Masks start at 1 every step (the untrained merge is α-weighted continual task arithmetic) and
 are trained with Adam on the Sinkhorn divergence between the student's features and cached
-frozen teachers' features (``merging/ot_fusion.py``). Then, optionally (vision), the
-classification head(s) are tuned on cached merged-encoder features (``merging/head_tuning.py``).
+frozen teachers' features (``merging/otmf/ot_fusion.py``). Then, optionally (vision), the
+classification head(s) are tuned on cached merged-encoder features (``merging/otmf/head_tuning.py``).
 Every ambiguity of the paper is an option; the defaults follow the authors' public code
 (README "OTMF" and "OTMF versus the authors' code").
 """
@@ -24,9 +24,9 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.head_tuning import FeatureStream, train_head
-from otmf_exp.merging.ot_fusion import FusionStep, adam_in_backward_exact
-from otmf_exp.merging.ot_masks import masked_merge
+from otmf_exp.merging.otmf.head_tuning import FeatureStream, train_head
+from otmf_exp.merging.otmf.ot_fusion import FusionStep, adam_in_backward_exact
+from otmf_exp.merging.otmf.ot_masks import masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.schema import SPLITS, choice, need, num
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from otmf_exp.errors import NonFiniteLossError, UserError
-from otmf_exp.merging.adamerging import subsample
+from otmf_exp.merging.adaptation import subsample
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.runtime.progress import progress
