@@ -110,9 +110,9 @@ def test_state_advance_copies_and_counts():
     assert n.advance().merged is n.merged and n.advance().heads is not n.heads
 
 
-# ---- README "Extending": a toy method added through exactly the documented steps --------------------
+# ---- docs/extending.md: a toy method added through exactly the documented steps ---------------------
 TOY = '''
-"""Toy: continual scaled sum, the README's example of a new method."""
+"""Toy: continual scaled sum, the example of a new method in docs/extending.md."""
 
 from dataclasses import dataclass
 

@@ -308,9 +308,9 @@ def test_wandb_exports_give_the_same_table(digits_multirun, tmp_path):
         ]
 
 
-def test_readme_notebook_lines(digits_multirun, tmp_path, monkeypatch):
-    """The three lines the README shows for a notebook run as written, on a multirun tree."""
-    text = (ROOT / "README.md").read_text()
+def test_docs_notebook_lines(digits_multirun, tmp_path, monkeypatch):
+    """The three lines docs/comparing.md shows for a notebook run as written, on a multirun tree."""
+    text = (ROOT / "docs" / "comparing.md").read_text()
     block = next(
         b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "import load_runs" in b.split("```")[0]
     )
