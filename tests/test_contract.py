@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
@@ -111,31 +112,14 @@ def test_state_advance_copies_and_counts():
 
 
 # ---- docs/extending.md: a toy method added through exactly the documented steps ---------------------
-TOY = '''
-"""Toy: continual scaled sum, the example of a new method in docs/extending.md."""
-
-from dataclasses import dataclass
-
-from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
-from otmf_exp.merging.task_vectors import StateDict, add
-from otmf_exp.schema import num
+def _toy_source() -> str:
+    """The example method of docs/extending.md, as the page shows it (its first python block)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    block = page.split("## A method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return textwrap.dedent(block)
 
 
-@dataclass
-class ToyConfig:
-    name: str = "toy"
-    #: weight of each new task vector
-    scale: float = num(0.25, ge=0)
-
-
-class Toy(MergeMethod):
-    name = "toy"
-    Config = ToyConfig
-    main_coef = "scale"
-
-    def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        return state.advance(add(state.merged, task.task_vector(pretrained), 1.0, self.cfg.scale))
-'''
+TOY = _toy_source()
 
 
 def test_toy_method_through_the_extending_steps(tmp_path, monkeypatch, zoo):
