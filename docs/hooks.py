@@ -14,6 +14,9 @@ Markers a page may hold (each on its own line):
 * ``<!-- benchmarks -->``: the tables of ``benchmarks.json`` (and ``benchmarks/*/benchmarks.json``),
   rendered by ``otmf_exp.benchmark.markdown``.
 
+An unknown ``<!-- kind: arg -->`` (a typo) or an unregistered method name fails the build; a one-word
+comment that is no marker stays as it is.
+
 Every function below takes plain data and returns Markdown, so ``tests/test_docs.py`` runs them on
 small fixtures; :func:`on_page_markdown` is the only mkdocs entry.
 """
@@ -291,7 +294,9 @@ def expand(markdown: str, root: Path = ROOT, page: str = "") -> str:
     def replace(m: re.Match) -> str:
         kind, arg = m.group(1), m.group(2)
         if kind not in makers:
-            raise ValueError(f"{page}: unknown docs marker <!-- {kind} -->; known: {sorted(makers)}")
+            if arg is None:  # a plain one-word HTML comment (another page's own note) stays as it is
+                return m.group(0)
+            raise ValueError(f"{page}: unknown docs marker <!-- {kind}: {arg} -->; known: {sorted(makers)}")
         if kind == "options" and arg not in METHODS:
             raise ValueError(f"{page}: <!-- options: {arg} --> names no registered method")
         return makers[kind](arg)

@@ -187,7 +187,8 @@ def test_methods_table_lists_the_registry_with_existing_pages(hooks):
 
 def test_unknown_markers_fail_the_build(hooks):
     with pytest.raises(ValueError, match="unknown docs marker"):
-        hooks.expand("<!-- nonsense -->")
+        hooks.expand("<!-- option: ties -->")  # a typo of `options`
+    assert hooks.expand("<!-- note -->") == "<!-- note -->"  # a one-word comment is no marker
     with pytest.raises(ValueError, match="names no registered method"):
         hooks.expand("<!-- options: nope -->")
 
@@ -242,3 +243,18 @@ def test_readme_is_one_screen_and_links_into_the_site():
     assert "make demo" in text and "make test" in text
     block = text.split("## Five example commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     assert len([ln for ln in block.splitlines() if ln.strip()]) == 5
+
+
+def test_pages_named_in_code_and_configs_exist():
+    """A docstring, YAML comment or error message that sends the reader to docs/<page>.md names a page."""
+    named = re.compile(r"\bdocs/([\w/-]+\.md)")
+    missing = []
+    for path in [
+        *(ROOT / "src").rglob("*.py"),
+        *(ROOT / "conf").rglob("*.yaml"),
+        *(ROOT / "scripts").rglob("*.py"),
+    ]:
+        for page in named.findall(path.read_text()):
+            if not (DOCS / page).is_file():
+                missing.append(f"{path.relative_to(ROOT)}: docs/{page}")
+    assert missing == []

@@ -216,7 +216,7 @@ def check_registry() -> None:
         if method not in METHODS:
             raise UserError(
                 f'conf/method/{name}.yaml has no registered method: add `"{method}": <YourClass>` to '
-                'METHODS in src/otmf_exp/merging/__init__.py (README "Extending")'
+                "METHODS in src/otmf_exp/merging/__init__.py (docs/extending.md)"
             )
     for name, cls in METHODS.items():
         if name != cls.name:
@@ -224,7 +224,7 @@ def check_registry() -> None:
         if name not in yamls:
             raise UserError(
                 f"method {name!r} is registered but has no conf/method/{name}.yaml: add one with "
-                f'`defaults: [/schema/method/{name}@_here_, _self_]` (README "Extending")'
+                f"`defaults: [/schema/method/{name}@_here_, _self_]` (docs/extending.md)"
             )
 
 

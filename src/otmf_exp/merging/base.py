@@ -15,7 +15,7 @@ Protocols:
 
 Adding a method: one file in ``merging/`` with a ``MergeMethod`` subclass (``name``, ``Config``,
 ``step``), one line in ``merging/__init__.py`` (``METHODS``), one YAML ``conf/method/<name>.yaml``
-holding only what differs from the dataclass (usually just its defaults line). README "Extending".
+holding only what differs from the dataclass (usually just its defaults line). docs/extending.md.
 """
 
 from __future__ import annotations

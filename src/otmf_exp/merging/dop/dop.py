@@ -20,7 +20,7 @@ promotions), so the merged weights agree with FusionBench's to float rounding
 (``scripts/compare/dop_fusionbench.py``). Only one Linear is optimised at a time; the step holds
 τᵐ, θ_t and that layer's temporaries (its W, two Adam moments and the two truncated bases).
 
-Options for the reference's quirks (README "Baselines" ### dop):
+Options for the reference's quirks (docs/methods/dop.md):
   * ``svd_rank``: ``reach`` (default) keeps the smallest r whose cumulative fraction of ΣS reaches
     ε = ``svd_epsilon``; ``below`` = FusionBench's ``searchsorted``: the count of fractions < ε, one
     fewer (rank 0 for a rank-1 task vector: that model is then not protected at all);

@@ -13,7 +13,7 @@ Step t, for every selected linear site (``lora_layer`` substrings of the layer n
 
 The merged model is θ₀ with the experts attached (``forward_context``); every other task delta
 (biases, norms, embeddings, unselected linears) is dropped. The carried state grows per task by
-r·(C+O) + C + 1 + k·C floats per site. See README "MINGLE (`method=mingle`)".
+r·(C+O) + C + 1 + k·C floats per site. See docs/methods/mingle.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Protocols:
     bias λ, attention += λ·τ_t (everything else θ₀), and adapts every router 50 steps on 5 test samples
     per class of task t.
 
-The carried state grows per task (experts and router rows); see README "WEMoE (`method=wemoe`)".
+The carried state grows per task (experts and router rows); see docs/methods/wemoe.md.
 """
 
 from __future__ import annotations
