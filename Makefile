@@ -70,10 +70,10 @@ $(BIN)/mkdocs: | $(BIN)/otmf-exp
 docs-setup: setup $(BIN)/mkdocs ## install the docs extra (mkdocs, mkdocs-material) into .venv
 
 docs: docs-setup ## serve the docs site on http://127.0.0.1:8000 with live reload
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 docs-build: docs-setup ## build the docs site strictly into site/ (a broken link or a missing page fails)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 FIGURES_RUNS := reports/docs_figures
 docs-figures: setup ## regenerate docs/figures/ from two real digits8 runs (OTMF, continual TA) and scripts/plot.py
