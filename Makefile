@@ -34,8 +34,8 @@ test-all: setup ## every test including slow ones (still offline)
 	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu'
 
 lint: setup ## ruff lint + format check
-	$(BIN)/ruff check src tests scripts conf
-	$(BIN)/ruff format --check src tests scripts conf
+	$(BIN)/ruff check src tests scripts conf docs/hooks.py
+	$(BIN)/ruff format --check src tests scripts conf docs/hooks.py
 
 format: setup ## ruff format + autofix
 	$(BIN)/ruff format src tests scripts conf
