@@ -197,7 +197,7 @@ def _cli() -> int:
             "see one job's config, or use --dry-run to list the sweep's jobs"
         )
     if {"-m", "--multirun"} & set(argv):  # a sweep dir holding results: refused before any job runs
-        sweep.check_sweep_dir([a for a in argv if not a.startswith("-")])
+        sweep.check_sweep_dir(argv)
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from otmf_exp.errors import UserError
 from otmf_exp.reporting.runs import METRICS, is_missing, result_keys
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,14 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     """The published numbers: ``source, protocol, backbone, task_seq, method, metric, value, std,
     note`` (``std`` NaN when the paper gives none)."""
     src = Path(path) if path else resources.files("otmf_exp") / "data" / "reference_numbers.csv"
-    with src.open() as f:
-        return pd.read_csv(f, dtype={"value": float, "std": float})
+    try:
+        with src.open(encoding="utf-8") as f:
+            return pd.read_csv(f, dtype={"value": float, "std": float})
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # not UTF-8, not a CSV, a bad value
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"--reference {src} is not a UTF-8 CSV of published numbers ({first}); fix or drop it"
+        ) from None
 
 
 def reference_method(method: str, cfg: Mapping[str, Any], protocol: str | None = None) -> str | None:
@@ -280,7 +287,10 @@ def aggregate(
     metric_cols = [*METRICS, *(c for c in df if c.startswith("per_task."))]
     df = df.reindex(columns=[*df.columns, *(m for m in METRICS if m not in df)])
     df[metric_cols] = df[metric_cols].replace([np.inf, -np.inf], np.nan)  # ±inf: in no n, no mean
-    keys = ["protocol", "backbone", "task_seq", "table_seq", "_task_set", "method", "variant"]
+    for c in _bounded(metric_cols):  # an accuracy outside [0, 100]: in no n, no mean (a note says so)
+        v = pd.to_numeric(df[c], errors="coerce")
+        df[c] = v.where(~((v < ACC_RANGE[0]) | (v > ACC_RANGE[1])), np.nan)
+    keys = ROW_GROUP
     df["_row"] = df.groupby(keys, dropna=False, sort=False).ngroup()
     g = df.groupby("_row")
     stats = g[metric_cols].agg(["mean", "std"])  # pandas' std is the sample std (ddof=1)
@@ -301,12 +311,49 @@ def aggregate(
     return sort_rows(out)
 
 
-def table_notes(runs: pd.DataFrame) -> list[str]:
-    """One line per run that is in ``runs`` but in no mean: a missing or non-finite ``acc``."""
+#: the range of an accuracy in %: ``acc`` and ``per_task.<task>`` outside it are refused from tables
+ACC_RANGE = (0.0, 100.0)
+#: provenance columns that must agree between the runs pooled in one row (or a note names them)
+CODE_COLUMN, MODELS_PREFIX = "provenance.code_version", "provenance.models."
+ROW_GROUP = ["protocol", "backbone", "task_seq", "table_seq", "_task_set", "method", "variant"]
+
+
+def _bounded(cols: Sequence[str]) -> list[str]:
+    return [c for c in cols if c == "acc" or (c.startswith("per_task.") and not c.endswith(("_ref", "_std")))]
+
+
+def table_notes(runs: pd.DataFrame, by: Sequence[str] = ()) -> list[str]:
+    """One line per run that is in ``runs`` but in no mean (a missing or non-finite ``acc``, an
+    accuracy outside [0, 100]) and per row that pools runs of different code versions or model
+    files (``provenance.code_version``, ``provenance.models.*``): never pooled silently."""
     if runs.empty or "acc" not in runs:
         return []
-    bad = runs[~np.isfinite(pd.to_numeric(runs["acc"], errors="coerce").astype(float))]
-    return [f"acc is not a finite number, not counted in n or the mean: {r}" for r in bad["run_dir"]]
+    notes = []
+    acc = pd.to_numeric(runs["acc"], errors="coerce").astype(float)
+    for r in runs.loc[~np.isfinite(acc), "run_dir"]:
+        notes.append(f"acc is not a finite number, not counted in n or the mean: {r}")
+    for c in _bounded(list(runs.columns)):
+        v = pd.to_numeric(runs[c], errors="coerce").astype(float)
+        for i in runs.index[(v < ACC_RANGE[0]) | (v > ACC_RANGE[1])]:
+            where = runs.at[i, "run_dir"]
+            notes.append(f"{c} = {v[i]:g} is outside [0, 100], not counted in n or the mean: {where}")
+    return notes + _pooling_notes(runs, by)
+
+
+def _pooling_notes(runs: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    cols = [c for c in runs.columns if c == CODE_COLUMN or c.startswith(MODELS_PREFIX)]
+    if not cols:
+        return []
+    out = []
+    for _, g in label_runs(runs, by).groupby(ROW_GROUP, dropna=False, sort=False):
+        for c in cols:
+            vals = sorted({str(v) for v in g[c] if not is_missing(v)})
+            if len(vals) > 1:
+                what = "code versions" if c == CODE_COLUMN else f"model files ({c[len(MODELS_PREFIX) :]})"
+                row = f"{g['method'].iloc[0]} {g['variant'].iloc[0] or ''}".strip()
+                shown = ", ".join(v[:12] for v in vals[:4])
+                out.append(f"row {row} pools {len(g)} runs of {len(vals)} different {what}: {shown}")
+    return out
 
 
 def reference_only_rows(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
