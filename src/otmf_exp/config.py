@@ -11,6 +11,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -346,3 +347,37 @@ def check_values(cfg: DictConfig) -> None:
     cls = METHODS.get(method.get("name")) if isinstance(method, dict) else None
     if cls is not None:
         check_declared(cls.Config, method, "method.")
+
+
+# ---- cross-field rules: degenerate settings refused before any model or data is loaded ------------
+def check_cross_fields(cfg: DictConfig, order: list[str]) -> None:
+    """Rules no single field's range can say (one :class:`UserError` line): consensus ``k`` against
+    the number of task masks it counts, ``continual_finetune`` training on the evaluated split, an
+    offload directory that is not a directory."""
+    m, n = cfg.method, len(order)
+    if m.name == "consensus":
+        masks = n if cfg.protocol == "joint" else min(n, 2)  # continual: m_old + m_t at each step
+        if int(m.k) == 0:
+            raise UserError(
+                "method.k=0 keeps every entry (no consensus mask: plain task arithmetic); use "
+                "method=task_arithmetic, or k >= 1"
+            )
+        if int(m.k) > masks:
+            raise UserError(
+                f"method.k={m.k} exceeds the {masks} task masks a consensus counts here ({cfg.protocol}, "
+                f"{n} tasks), so it keeps no entry and merges nothing; use k <= {masks}"
+            )
+    if (
+        m.name == "continual_finetune"
+        and str(m.split) == str(cfg.eval_split)
+        and not m.get("train_on_eval_split")
+    ):
+        raise UserError(
+            f"method.split={m.split} trains on the split that is evaluated (eval_split={cfg.eval_split}): "
+            "the accuracies would be on training data; use method.split=train, or pass "
+            "method.train_on_eval_split=true to do it on purpose (recorded)"
+        )
+    where = m.get("offload_dir") if "offload_dir" in m else None
+    if where and not Path(str(where)).is_dir():
+        what = "is a file" if Path(str(where)).exists() else "does not exist"
+        raise UserError(f"method.offload_dir={where} {what}; give an existing directory (or null: $TMPDIR)")

@@ -17,18 +17,30 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
-from pathlib import Path
-from typing import Any
+import threading
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
 
-from otmf_exp.config import check_registry, register_configs
-from otmf_exp.errors import (
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the heavy modules (torch, Hydra) are imported: one line, exit 130, nothing written."""
+    os.write(2, b"interrupted while starting up; nothing was run or written\n")
+    os._exit(130)
+
+
+_MAIN = threading.current_thread() is threading.main_thread()
+_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _MAIN else None
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from otmf_exp.config import check_registry, register_configs  # noqa: E402
+from otmf_exp.errors import (  # noqa: E402
     EXIT_USER_ERROR,
     RunInterrupted,
     UserError,
@@ -37,12 +49,14 @@ from otmf_exp.errors import (
     one_line,
     watch_interrupts,
 )
-from otmf_exp.reporting.summary import print_summary
-from otmf_exp.runner import run_experiment
-from otmf_exp.runtime import sweep
+from otmf_exp.reporting.summary import print_summary  # noqa: E402
+from otmf_exp.runner import run_experiment  # noqa: E402
+from otmf_exp.runtime import sweep  # noqa: E402
 
 log = logging.getLogger("otmf_exp")
 register_configs()
+if _MAIN:  # imports done: Ctrl-C is handled by cli_main / watch_interrupts again
+    signal.signal(signal.SIGINT, _BEFORE)
 
 #: the job running now, for the Ctrl-C line: its overrides
 _CURRENT: dict[str, Any] = {}

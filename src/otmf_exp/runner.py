@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 
-from otmf_exp.config import check_run_config, method_config, resolve_order
+from otmf_exp.config import check_cross_fields, check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import RunInterrupted, UserError, interrupted
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
@@ -53,6 +53,7 @@ class Experiment:
         # --- validation before any heavy work (nothing in out_dir is touched before it passes) ---
         check_run_config(cfg)
         self.order = resolve_order(cfg)
+        check_cross_fields(cfg, self.order)  # degenerate settings, before any heavy work
         self.method_cfg = method_config(cfg)
         self.result_config = resume.result_config(
             OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(self.method_cfg, resolve=True)

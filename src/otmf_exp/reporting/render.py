@@ -265,7 +265,7 @@ def render(
     if left_out:
         md += [
             "\nNot counted (n counts exactly the runs in each mean):\n",
-            *(f"- {md_note(x)}" for x in left_out),
+            *(f"- {safe_note(x)}" for x in left_out),
         ]
         md.append("")
         tex += [
@@ -303,8 +303,3 @@ def safe_note(text: str) -> str:
     ``%`` comment line and one Markdown list item: control characters (a newline would end the
     comment and start a live LaTeX line) written as ``\\xNN``."""
     return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in str(text))
-
-
-def md_note(text: str) -> str:
-    """:func:`safe_note` with Markdown's inline markup escaped (a name is shown, never rendered)."""
-    return re.sub(r"([\\`*_{}\[\]<>|#!])", r"\\\1", safe_note(text))

@@ -124,7 +124,6 @@ def load_latest(
     if found is None:
         return None
     d, doc = found
-    check_state_digest(d, doc)
     try:
         tensors = load_file(str(d / STATE), device=str(device))
     except Exception as e:  # safetensors raises its own error type for a damaged header
@@ -132,6 +131,7 @@ def load_latest(
     for k, t in tensors.items():  # every floating tensor finite (integers: a method's indices, as saved)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UserError(broken_message(d / STATE, f"{k!r} has non-finite values (NaN/inf)"))
+    check_state_digest(d, doc)  # after the specific checks: a finite file that is not this step's
     return int(doc["step"]), tensors, doc
 
 
