@@ -116,7 +116,7 @@ def _main(cfg: DictConfig) -> Any:
         if requeue:
             sweep.mark_requeued(out_dir)
     except Exception as e:
-        if not isinstance(e, UserError) and not is_config_error(e):
+        if not isinstance(e, (UserError, OSError)) and not is_config_error(e):
             if not multirun:
                 raise  # a crash in a single run is a bug: its traceback, exit 1
             log.exception("job #%s crashed", hc.job.num)  # a crash in one job must not end the sweep
@@ -125,7 +125,8 @@ def _main(cfg: DictConfig) -> Any:
                 hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
             )
             return None
-        line = str(e) if isinstance(e, UserError) else one_line(e)  # bad input, a config error included
+        # bad input, a config error, or the environment (ENOSPC, EACCES, EROFS anywhere in a run)
+        line = str(e) if isinstance(e, UserError) else os_error(e) if isinstance(e, OSError) else one_line(e)
         if not (multirun and sweep.repeated(hc.sweep.dir, line)):  # the same error: printed once
             print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
         if not cfg.out_dir or multirun:
@@ -139,6 +140,14 @@ def _main(cfg: DictConfig) -> Any:
             _drop_if_empty(job_dir)  # the sweep's job dir, unused when out_dir was given
     show_summary(result, out_dir.resolve())
     return result["acc"]
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OSError a run met (a full disk, a read-only or unwritable dir): the file,
+    the reason and what to do; the previous result set is restored by the runner."""
+    from otmf_exp.errors import os_error_line
+
+    return f"{os_error_line(e)}; free space or make it writable and rerun (an earlier result was kept)"
 
 
 def show_summary(result: dict[str, Any], out_dir: Path) -> None:

@@ -102,11 +102,15 @@ def test_failed_export_restores_the_previous_result(run_main, tmp_path, zoo, mon
 
 def test_resume_refuses_a_run_dir_of_another_config(run_main, tmp_path, zoo):
     out = tmp_path / "o"
-    _done(run_main, out, "protocol=joint")
+    _done(run_main, out, "protocol=joint", "method=task_arithmetic")
     with untouched(out / "metrics.json"):
-        rc, _, err = run_main(*RUN, f"out_dir={out}", "protocol=joint", "alpha=0.9", "resume=true")
+        rc, _, err = run_main(
+            *RUN, f"out_dir={out}", "protocol=joint", "method=task_arithmetic", "alpha=0.9", "resume=true"
+        )
     one_error(err, 2, rc, "it was run with alpha=null, this run has alpha=0.9")
-    _done(run_main, out, "protocol=joint", "resume=true", "progress=true")  # neutral keys: the same job
+    _done(
+        run_main, out, "protocol=joint", "method=task_arithmetic", "resume=true", "progress=true"
+    )  # neutral keys: the same job
 
 
 def test_job_dirs_are_named_by_the_method_preset():
@@ -123,7 +127,7 @@ def test_sweep_resume_refuses_a_job_of_another_config(run_main, tmp_path, zoo):
     cd.mkdir(parents=True)
     (cd / "a9.yaml").write_text("# @package _global_\nalpha: 0.9\n")
     sd = tmp_path / "sweep"
-    sweep = ["-m", *RUN, f"hydra.sweep.dir={sd}"]
+    sweep = ["-m", *RUN, "method=task_arithmetic", f"hydra.sweep.dir={sd}"]
     rc, _, err = run_main(*sweep)
     assert rc == 0, err[-5:]
     (job,) = [p for p in sd.iterdir() if p.is_dir()]
@@ -171,3 +175,26 @@ def test_a_sweep_job_dir_planted_as_a_link_is_refused(run_main, tmp_path, zoo):
         rc, _, err = run_main("-m", *RUN, f"hydra.sweep.dir={sd}")
     assert rc == 2, err[-5:]
     assert any("is a symbolic link" in s for s in err), err[-5:]
+
+
+@pytest.mark.parametrize("code", ["EROFS", "EACCES", "ENOSPC"])
+def test_an_oserror_anywhere_in_a_run_is_one_line_and_keeps_the_result(
+    run_main, tmp_path, zoo, monkeypatch, code
+):
+    import errno
+    import os
+
+    from otmf_exp.reporting import metrics
+
+    out = tmp_path / "o"
+    _done(run_main, out)
+    before = {k: v for k, v in tree_digest(out).items() if k in NAMES}
+
+    def fail(*a, **k):
+        num = getattr(errno, code)
+        raise OSError(num, os.strerror(num), str(out / "acc_matrix.csv"))
+
+    monkeypatch.setattr(metrics, "matrix_csv", fail)
+    rc, _, err = run_main(*RUN, f"out_dir={out}", "seed=1")
+    one_error(err, 2, rc, os.strerror(getattr(errno, code)))
+    assert {k: v for k, v in tree_digest(out).items() if k in NAMES} == before

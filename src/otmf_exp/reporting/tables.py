@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from otmf_exp.errors import UserError
-from otmf_exp.reporting.runs import METRICS, is_missing, result_keys
+from otmf_exp.reporting.runs import METRICS, NO_RESULT, is_missing, result_keys
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,9 @@ def label_runs(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     df["tasks"] = [_task_order(r) for _, r in df.iterrows()]
     df["_task_set"] = df["tasks"].map(lambda ts: ",".join(sorted(ts)))
     df["_extra"] = [", ".join(f"{k}={py(r[k])}" for k in by) for _, r in df.iterrows()]
-    method_cols = sorted(c for c in df if c.startswith("method.") and c != "method.name")
+    method_cols = sorted(
+        c for c in df if c.startswith("method.") and c != "method.name" and c not in NO_RESULT
+    )
     # every other result-relevant setting (eval_split, backbone options, ...) must agree too
     keys_of = df["config_keys"] if "config_keys" in df else pd.Series([[]] * len(df), index=df.index)
     other = {"method", "task_seq", "backbone", "protocol", "task_seq.tasks", *by}

@@ -154,13 +154,14 @@ OFFSET = ".otmf_append_offset"
 
 
 def existing_jobs(sweep_dir: str | Path) -> list[Path]:
-    """The job dirs of an earlier sweep in ``sweep_dir``: subdirs holding a ``metrics.json``."""
+    """The job dirs of an earlier sweep in ``sweep_dir``: subdirs holding a complete result set
+    (``runtime/results.py``: its ``metrics.json``)."""
+    from otmf_exp.runtime.results import COMPLETE
+
     root = Path(sweep_dir)
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "metrics.json").is_file()
-    )
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / COMPLETE).is_file())
 
 
 def check_existing(sweep_dir: str | Path, mode: str) -> None:
