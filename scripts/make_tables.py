@@ -72,6 +72,8 @@ def _main(argv: list[str] | None = None) -> int:
         help="LaTeX caption of each summary table, {block} = the block's title (default: %(default)s)",
     )
     args = p.parse_args(argv)
+    if not 0 <= args.decimals <= 10:
+        p.error(f"--decimals must be an integer in [0, 10], got {args.decimals}")
     options = render.TableOptions(
         columns=args.columns.split(",") if args.columns is not None else None,
         bold=not args.no_bold,
@@ -86,6 +88,9 @@ def _main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} is a file; give a directory", file=sys.stderr)
         return 2
+    if out.is_symlink():
+        print(f"error: --out {out} is a symbolic link; give the real directory", file=sys.stderr)
+        return 2
     notes: list[str] = []
     runs = load_runs(args.paths, args.wandb_export, keep_duplicates=args.keep_duplicates, notes=notes)
     if runs.empty:
@@ -99,7 +104,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.published_only:
         extra = tables.reference_only_rows(summary, reference)
         summary = tables.sort_rows(pd.concat([summary, extra], ignore_index=True))
-    notes += tables.table_notes(runs)
+    notes += tables.table_notes(runs, args.by)
     try:
         files = render.write_all(summary, reference, out, args.decimals, notes, options)
     except OSError as e:

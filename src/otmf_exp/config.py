@@ -11,6 +11,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,7 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from otmf_exp.errors import UserError
-from otmf_exp.schema import SEED_MAX, SPLITS, checked_by, choice, declarations, num
+from otmf_exp.schema import SEED_MAX, SPLITS, checked_by, choice, declarations, neutral, neutral_keys, num
 from otmf_exp.schema import check as check_declared
 
 
@@ -44,8 +45,8 @@ class BackboneConfig:
     #: OTMF features for text models: mean_pool (encoder states over non-pad tokens) | first_token
     features: str = choice("mean_pool", ("mean_pool", "first_token"))
     #: inputs per batch for evaluation and feature extraction, and data-loader workers
-    batch_size: int = num(128, ge=1)
-    num_workers: int = num(0, ge=0)
+    batch_size: int = neutral(num(128, ge=1), tables_only=True)
+    num_workers: int = neutral(num(0, ge=0))
     #: float32 | bfloat16 | float16 autocast for forward passes on GPU (merging maths stays fp32)
     autocast: str = choice("float32", ("float32", "bfloat16", "float16"))
     #: text-to-text models: answer length for evaluation (greedy generate) and prompt truncation
@@ -86,7 +87,7 @@ class RunConfig:
     task_seq: TaskSeqConfig = MISSING
     #: the method's own ``Config`` (``merging.METHODS[name].Config``), checked by its declarations
     method: Any = checked_by(MISSING, "the method's Config")
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = neutral(field(default_factory=LoggerConfig))
     #: overrides the method's main coefficient (OTMF α, OPCM α, λ of TA/TIES/MagMax); null = default
     alpha: float | None = num(None, ge=0, le=1)
     seed: int = num(0, ge=0, le=SEED_MAX, integer=True)
@@ -95,30 +96,30 @@ class RunConfig:
     order_seed: int = num(0, ge=0, le=SEED_MAX, integer=True)
     #: continual | joint
     protocol: str = choice("continual", ("continual", "joint"))
-    save_merged: bool = False
+    save_merged: bool = neutral(False)
     eval_split: str = choice("test", SPLITS)
     #: evaluate each fine-tuned model on its task (needed for normalized ACC)
-    eval_individual: bool = True
+    eval_individual: bool = neutral(True, tables_only=True)
     #: auto | cpu | cuda | cuda:N
-    device: str = "auto"
-    progress: bool = True
+    device: str = neutral("auto", tables_only=True)
+    progress: bool = neutral(True)
     #: run directory; null = Hydra's run dir (outputs/...)
-    out_dir: str | None = None
+    out_dir: str | None = neutral(None)
     #: continue from the last completed step's checkpoint in out_dir
-    resume: bool = False
+    resume: bool = neutral(False)
     #: last | all | none
-    keep_checkpoints: str = choice("last", ("last", "all", "none"))
+    keep_checkpoints: str = neutral(choice("last", ("last", "all", "none")))
     #: use deterministic torch algorithms
     deterministic: bool = True
     #: torch intra-op threads: auto (the CPUs this process may use, divided by a joblib sweep's
     #: concurrent jobs; 1 for the tiny digits tower) or an integer >= 1; recorded in metrics.json
-    threads: Any = num("auto", ge=1, integer=True, also=("auto",))
+    threads: Any = neutral(num("auto", ge=1, integer=True, also=("auto",)))
     #: resume=true normally refuses a checkpoint written by another code version (git sha)
-    resume_across_versions: bool = False
+    resume_across_versions: bool = neutral(False)
     #: a -m sweep into a hydra.sweep.dir that holds results: refuse (one line, exit 2) | append (new
     #: job dirs numbered after the existing ones; the old multirun.yaml kept as multirun.N.yaml) |
     #: resume (the same jobs, each with resume=true)
-    sweep_existing: str = choice("refuse", ("refuse", "append", "resume"))
+    sweep_existing: str = neutral(choice("refuse", ("refuse", "append", "resume")))
     #: torch.set_float32_matmul_precision, applied once per run before any model work: highest (full
     #: float32, default) | high | medium (TF32 on CUDA; bf16 on CPUs with bf16 instructions such as
     #: AVX512-BF16; the OTMF authors' scripts/_common.py sets medium)
@@ -149,12 +150,30 @@ def _job_suffix(override_dirname: str) -> str:
     return f"_{s}" if s else ""
 
 
+def _job_method(choice: str | None) -> str:
+    """The method preset a sweep job composed (``hydra.runtime.choices.method``: ``adamerging_plus``,
+    which ``method.name`` shares with ``adamerging``), path separators replaced: a job dir's name."""
+    return re.sub(r"[/\\\s:]+", "_", str(choice or "method")).strip("_") or "method"
+
+
 def register_resolvers() -> None:
     """``${stamp:}`` (a unique run-dir name), ``${run_dir:${out_dir},default}`` (``hydra.run.dir``)
     and ``${job_suffix:${hydra.job.override_dirname}}`` (sweep job dirs named by their values)."""
     OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("job_suffix", _job_suffix, replace=True)
+    OmegaConf.register_new_resolver("job_method", _job_method, replace=True)
+
+
+def neutral_config_keys(tables: bool = False) -> tuple[str, ...]:
+    """Every config key declared ``result_neutral`` (:func:`otmf_exp.schema.neutral`): the run's
+    own fields and each method's (``method.<field>``); ``tables=True`` adds the ``tables_only`` ones."""
+    from otmf_exp.merging import METHODS
+
+    keys = set(neutral_keys(RunConfig, tables=tables))
+    for cls in METHODS.values():
+        keys.update(neutral_keys(cls.Config, "method.", tables))
+    return tuple(sorted(keys))
 
 
 def register_configs() -> None:
@@ -328,3 +347,37 @@ def check_values(cfg: DictConfig) -> None:
     cls = METHODS.get(method.get("name")) if isinstance(method, dict) else None
     if cls is not None:
         check_declared(cls.Config, method, "method.")
+
+
+# ---- cross-field rules: degenerate settings refused before any model or data is loaded ------------
+def check_cross_fields(cfg: DictConfig, order: list[str]) -> None:
+    """Rules no single field's range can say (one :class:`UserError` line): consensus ``k`` against
+    the number of task masks it counts, ``continual_finetune`` training on the evaluated split, an
+    offload directory that is not a directory."""
+    m, n = cfg.method, len(order)
+    if m.name == "consensus":
+        masks = n if cfg.protocol == "joint" else min(n, 2)  # continual: m_old + m_t at each step
+        if int(m.k) == 0:
+            raise UserError(
+                "method.k=0 keeps every entry (no consensus mask: plain task arithmetic); use "
+                "method=task_arithmetic, or k >= 1"
+            )
+        if int(m.k) > masks:
+            raise UserError(
+                f"method.k={m.k} exceeds the {masks} task masks a consensus counts here ({cfg.protocol}, "
+                f"{n} tasks), so it keeps no entry and merges nothing; use k <= {masks}"
+            )
+    if (
+        m.name == "continual_finetune"
+        and str(m.split) == str(cfg.eval_split)
+        and not m.get("train_on_eval_split")
+    ):
+        raise UserError(
+            f"method.split={m.split} trains on the split that is evaluated (eval_split={cfg.eval_split}): "
+            "the accuracies would be on training data; use method.split=train, or pass "
+            "method.train_on_eval_split=true to do it on purpose (recorded)"
+        )
+    where = m.get("offload_dir") if "offload_dir" in m else None
+    if where and not Path(str(where)).is_dir():
+        what = "is a file" if Path(str(where)).exists() else "does not exist"
+        raise UserError(f"method.offload_dir={where} {what}; give an existing directory (or null: $TMPDIR)")

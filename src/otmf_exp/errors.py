@@ -124,9 +124,10 @@ def one_line(e: BaseException) -> str:
 
 def is_config_error(e: BaseException) -> bool:
     """An OmegaConf / Hydra error about the configuration (a bad override, an unknown resolver
-    such as ``${eval:1}``, a missing ``???`` value, an unknown config group choice): bad input."""
+    such as ``${eval:1}``, a missing ``???`` value, an unknown config group choice, a preset that
+    is not valid YAML, e.g. one in a ``--config-dir``): bad input."""
     mod = type(e).__module__ or ""
-    return mod.startswith(("omegaconf", "hydra.errors")) or type(e).__name__ in (
+    return mod.startswith(("omegaconf", "hydra.errors", "yaml.")) or type(e).__name__ in (
         "ConfigCompositionException",
         "MissingConfigException",
         "OverrideParseException",

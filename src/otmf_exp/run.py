@@ -17,18 +17,30 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
-from pathlib import Path
-from typing import Any
+import threading
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
 
-from otmf_exp.config import check_registry, register_configs
-from otmf_exp.errors import (
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the heavy modules (torch, Hydra) are imported: one line, exit 130, nothing written."""
+    os.write(2, b"interrupted while starting up; nothing was run or written\n")
+    os._exit(130)
+
+
+_MAIN = threading.current_thread() is threading.main_thread()
+_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _MAIN else None
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from otmf_exp.config import check_registry, register_configs  # noqa: E402
+from otmf_exp.errors import (  # noqa: E402
     EXIT_USER_ERROR,
     RunInterrupted,
     UserError,
@@ -37,12 +49,14 @@ from otmf_exp.errors import (
     one_line,
     watch_interrupts,
 )
-from otmf_exp.reporting.summary import print_summary
-from otmf_exp.runner import run_experiment
-from otmf_exp.runtime import sweep
+from otmf_exp.reporting.summary import print_summary  # noqa: E402
+from otmf_exp.runner import run_experiment  # noqa: E402
+from otmf_exp.runtime import sweep  # noqa: E402
 
 log = logging.getLogger("otmf_exp")
 register_configs()
+if _MAIN:  # imports done: Ctrl-C is handled by cli_main / watch_interrupts again
+    signal.signal(signal.SIGINT, _BEFORE)
 
 #: the job running now, for the Ctrl-C line: its overrides
 _CURRENT: dict[str, Any] = {}
@@ -102,7 +116,7 @@ def _main(cfg: DictConfig) -> Any:
         if requeue:
             sweep.mark_requeued(out_dir)
     except Exception as e:
-        if not isinstance(e, UserError) and not is_config_error(e):
+        if not isinstance(e, (UserError, OSError)) and not is_config_error(e):
             if not multirun:
                 raise  # a crash in a single run is a bug: its traceback, exit 1
             log.exception("job #%s crashed", hc.job.num)  # a crash in one job must not end the sweep
@@ -111,7 +125,8 @@ def _main(cfg: DictConfig) -> Any:
                 hc.sweep.dir, int(hc.job.num), overrides, f"{type(e).__name__}: {first}", type(e).__name__
             )
             return None
-        line = str(e) if isinstance(e, UserError) else one_line(e)  # bad input, a config error included
+        # bad input, a config error, or the environment (ENOSPC, EACCES, EROFS anywhere in a run)
+        line = str(e) if isinstance(e, UserError) else os_error(e) if isinstance(e, OSError) else one_line(e)
         if not (multirun and sweep.repeated(hc.sweep.dir, line)):  # the same error: printed once
             print(f"error: job #{hc.job.num}: {line}" if multirun else f"error: {line}", file=sys.stderr)
         if not cfg.out_dir or multirun:
@@ -125,6 +140,14 @@ def _main(cfg: DictConfig) -> Any:
             _drop_if_empty(job_dir)  # the sweep's job dir, unused when out_dir was given
     show_summary(result, out_dir.resolve())
     return result["acc"]
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OSError a run met (a full disk, a read-only or unwritable dir): the file,
+    the reason and what to do; the previous result set is restored by the runner."""
+    from otmf_exp.errors import os_error_line
+
+    return f"{os_error_line(e)}; free space or make it writable and rerun (an earlier result was kept)"
 
 
 def show_summary(result: dict[str, Any], out_dir: Path) -> None:
@@ -197,7 +220,7 @@ def _cli() -> int:
             "see one job's config, or use --dry-run to list the sweep's jobs"
         )
     if {"-m", "--multirun"} & set(argv):  # a sweep dir holding results: refused before any job runs
-        sweep.check_sweep_dir([a for a in argv if not a.startswith("-")])
+        sweep.check_sweep_dir(argv)
     watch_interrupts()
     logging.raiseExceptions = False  # a console that went away (closed pipe) must not fail the run
     # Hydra prints its own multi-line report of a config error and exits 1; let it raise instead, so

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 
-from otmf_exp.config import check_run_config, method_config, resolve_order
+from otmf_exp.config import check_cross_fields, check_run_config, method_config, resolve_order
 from otmf_exp.data import build_task_data
 from otmf_exp.errors import RunInterrupted, UserError, interrupted
 from otmf_exp.merging import METHODS, ContinualState, MethodContext, TaskInput
@@ -52,6 +53,7 @@ class Experiment:
         # --- validation before any heavy work (nothing in out_dir is touched before it passes) ---
         check_run_config(cfg)
         self.order = resolve_order(cfg)
+        check_cross_fields(cfg, self.order)  # degenerate settings, before any heavy work
         self.method_cfg = method_config(cfg)
         self.result_config = resume.result_config(
             OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(self.method_cfg, resolve=True)
@@ -163,6 +165,8 @@ class Experiment:
             try:
                 manifest.restore_left_over(self.out_dir)  # a killed rerun's old result goes back
                 manifest.check_owned(self.out_dir)  # never overwrite a file no run of ours wrote
+                if self.cfg.resume:  # the same run (its identity: the result-relevant config) or refused
+                    manifest.check_identity(self.out_dir, self.result_config)
                 # before heavy work
                 self.resumed_from_version = resume.precheck(self.cfg, self.out_dir, self.result_config)
                 self.setup()
@@ -348,15 +352,18 @@ class Experiment:
             "device": str(self.device),
             "provenance": {**self.provenance, "models": dict(self.identity)},
         }
-        manifest.claim(
-            self.out_dir, "acc_matrix.csv", "metrics.json", *(["merged.safetensors"] * cfg.save_merged)
-        )
+        merged_names = ["merged.safetensors", "merged_model"] if cfg.save_merged else []
+        manifest.claim(self.out_dir, "acc_matrix.csv", "metrics.json", *merged_names)
+        manifest.record_config(self.out_dir, self.result_config, resume.config_hash(self.result_config))
         if cfg.save_merged:
             merged = self.method.merged(state, self.pretrained)
             files.write_safetensors(
                 self.out_dir / "merged.safetensors", {k: v.cpu() for k, v in merged.items()}
             )
-            export.save_run_model(self, state, merged, out)  # merged_model/: the backbone's own format
+            try:  # merged_model/: the backbone's own format; a full disk is one line, the old result restored
+                export.save_run_model(self, state, merged, out)
+            except (OSError, SafetensorError) as e:
+                raise files.write_error(self.out_dir / "merged_model", e) from None
         files.write_text(self.out_dir / "acc_matrix.csv", metrics.matrix_csv(matrix, self.order))
         files.write_json(self.out_dir / "metrics.json", out)
         return out

@@ -143,6 +143,42 @@ def checked_by(default: Any, where: str) -> Any:
     return _field(default, Rule(checked_by=where))
 
 
+_NEUTRAL = "otmf_exp.result_neutral"
+
+
+def neutral(default: Any, *, tables_only: bool = False) -> Any:
+    """A field declared ``result_neutral``: its value cannot change a result (where output goes, the
+    console, threads, a bit-identical memory lever such as ``method.offload``), so it never splits
+    table rows and a resume never compares it. ``tables_only=True``: results agree to float noise
+    only (``device``, evaluation batching): tables pool them, a resume still compares them.
+    ``default`` may be a value or another declaration (``neutral(num("auto", ge=1))``)."""
+    scope = "tables" if tables_only else "result"
+    if isinstance(default, dataclasses.Field):
+        meta = {**default.metadata, _NEUTRAL: scope}
+        if default.default_factory is not dataclasses.MISSING:
+            return field(default_factory=default.default_factory, metadata=meta)
+        return field(default=default.default, metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={_NEUTRAL: scope})
+    return field(default=default, metadata={_NEUTRAL: scope})
+
+
+@functools.cache
+def neutral_keys(cls: type, prefix: str = "", tables: bool = False) -> tuple[str, ...]:
+    """Dotted paths of the fields of dataclass ``cls`` (nested dataclasses included) declared
+    :func:`neutral`; ``tables=True`` adds the ``tables_only`` ones."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        scope = f.metadata.get(_NEUTRAL)
+        tp, _ = _strip_optional(hints[f.name])
+        if scope == "result" or (tables and scope == "tables"):
+            out.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(tp):
+            out.extend(neutral_keys(tp, f"{prefix}{f.name}.", tables))
+    return tuple(out)
+
+
 # ---- collecting the declarations ---------------------------------------------------------------
 class SchemaError(UserError):
     """A schema field without a declaration (a bug of the code, found at registration time)."""

@@ -64,11 +64,11 @@ def test_failure_and_ctrl_c_at_the_end_keep_the_old_result(run_main, tmp_path, z
 
 def test_killed_rerun_is_restored_then_replaced(run_main, tmp_path, zoo):
     out = tmp_path / "o"
-    before = _results(_done(run_main, out))
+    _done(run_main, out)
     # what a rerun killed (-9) after moving the old set aside leaves: .previous/ + a partial steps.jsonl
-    (out / ".previous").mkdir()
-    for name in before:
-        (out / name).rename(out / ".previous" / name)
+    from otmf_exp.runtime import manifest
+
+    assert manifest.set_aside(out)
     (out / "steps.jsonl").write_text("{}\n")
     acc = json.loads((out / ".previous" / "metrics.json").read_text())["acc_matrix"]
     _done(run_main, out)

@@ -42,6 +42,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from otmf_exp.errors import UserError  # noqa: E402
 from otmf_exp.reporting.runs import flatten, load_runs  # noqa: E402
 from otmf_exp.reporting.tables import aggregate, py  # noqa: E402
+from otmf_exp.runtime.files import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _save(fig: Any, path: Path, formats: Iterable[str] = FORMATS, dpi: int = DPI
     try:
         for f in check_formats(formats):
             target = path.parent / f"{path.name}.{f}"
-            fig.savefig(target, dpi=dpi, format=f)
+            with atomic_path(target) as tmp:  # the one writer: temp + rename, never through a link
+                fig.savefig(tmp, dpi=dpi, format=f)
             out.append(target)
     finally:
         plt.close(fig)

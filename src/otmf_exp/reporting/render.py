@@ -25,6 +25,7 @@ import pandas as pd
 
 from otmf_exp.errors import UserError
 from otmf_exp.reporting.tables import ROW_KEYS, per_task, py
+from otmf_exp.runtime.files import write_text
 
 SUMMARY_HEAD = ["method", "n", "ACC", "ACC (published)", "Δ ACC", "BWT", "BWT (published)", "Δ BWT"]
 SUMMARY_HEAD += ["norm. ACC", "time/run (s)", "peak mem (MB)", "source"]
@@ -262,8 +263,15 @@ def render(
         notes = reference.groupby("source", sort=False)["note"].first().fillna("")
         md.append("\nSources: " + "; ".join(f"`{s}` = {notes.get(s, '')}" for s in used) + "\n")
     if left_out:
-        md += ["\nNot counted (n counts exactly the runs in each mean):\n", *(f"- {x}" for x in left_out), ""]
-        tex += ["% not counted (n counts exactly the runs in each mean):", *(f"% {x}" for x in left_out)]
+        md += [
+            "\nNot counted (n counts exactly the runs in each mean):\n",
+            *(f"- {safe_note(x)}" for x in left_out),
+        ]
+        md.append("")
+        tex += [
+            "% not counted (n counts exactly the runs in each mean):",
+            *(f"% {safe_note(x)}" for x in left_out),
+        ]
     return "\n".join(md), "\n".join(tex)
 
 
@@ -286,5 +294,12 @@ def write_all(
         "per_task_csv": out / "per_task.csv",
     }
     for key, text in zip(files, (md, tex, *csv_text(summary))):
-        files[key].write_text(text)
+        write_text(files[key], text)  # the one writer: temp + rename, never through a link
     return files
+
+
+def safe_note(text: str) -> str:
+    """A note (it may name a run dir: any characters a file name holds) made inert for one LaTeX
+    ``%`` comment line and one Markdown list item: control characters (a newline would end the
+    comment and start a live LaTeX line) written as ``\\xNN``."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in str(text))

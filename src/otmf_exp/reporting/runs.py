@@ -42,23 +42,19 @@ _LEAD = ("run_dir", "method", "task_seq", "backbone", "protocol", "seed", "order
 _LEAD += ("settings_hash",)
 #: what identifies a run besides its config values: the names and the task order it ran
 _IDENTITY = ("method", "task_seq", "backbone", "protocol", "seed", "alpha", "order")
+
+
 #: config values that cannot change a result (where and how a run was logged, saved, run, and the
 #: evaluation's batching): they neither split table rows nor make two runs different (a run
-#: repeated with another ``backbone.batch_size`` is a duplicate, not a second replicate)
-NO_RESULT = (
-    "out_dir",
-    "progress",
-    "resume",
-    "keep_checkpoints",
-    "save_merged",
-    "device",
-    "threads",
-    "resume_across_versions",
-    "eval_individual",
-    "backbone.batch_size",
-    "backbone.num_workers",
-    "method.offload_dir",
-)
+#: repeated with another ``backbone.batch_size`` is a duplicate, not a second replicate). Declared
+#: on the schema fields (``result_neutral``: :func:`otmf_exp.schema.neutral`), never listed here.
+def _no_result() -> tuple[str, ...]:
+    from otmf_exp.config import neutral_config_keys
+
+    return neutral_config_keys(tables=True)
+
+
+NO_RESULT = _no_result()
 _NOT_IDENTITY = set(NO_RESULT)
 #: config values that make replicates of one experiment (mean ± std over them), never a new row;
 #: ``alpha`` is applied to the method's own field (``method.*``), which is compared instead

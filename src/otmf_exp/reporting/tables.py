@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from otmf_exp.reporting.runs import METRICS, is_missing, result_keys
+from otmf_exp.errors import UserError
+from otmf_exp.reporting.runs import METRICS, NO_RESULT, is_missing, result_keys
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,14 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     """The published numbers: ``source, protocol, backbone, task_seq, method, metric, value, std,
     note`` (``std`` NaN when the paper gives none)."""
     src = Path(path) if path else resources.files("otmf_exp") / "data" / "reference_numbers.csv"
-    with src.open() as f:
-        return pd.read_csv(f, dtype={"value": float, "std": float})
+    try:
+        with src.open(encoding="utf-8") as f:
+            return pd.read_csv(f, dtype={"value": float, "std": float})
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # not UTF-8, not a CSV, a bad value
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"--reference {src} is not a UTF-8 CSV of published numbers ({first}); fix or drop it"
+        ) from None
 
 
 def reference_method(method: str, cfg: Mapping[str, Any], protocol: str | None = None) -> str | None:
@@ -211,7 +218,9 @@ def label_runs(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     df["tasks"] = [_task_order(r) for _, r in df.iterrows()]
     df["_task_set"] = df["tasks"].map(lambda ts: ",".join(sorted(ts)))
     df["_extra"] = [", ".join(f"{k}={py(r[k])}" for k in by) for _, r in df.iterrows()]
-    method_cols = sorted(c for c in df if c.startswith("method.") and c != "method.name")
+    method_cols = sorted(
+        c for c in df if c.startswith("method.") and c != "method.name" and c not in NO_RESULT
+    )
     # every other result-relevant setting (eval_split, backbone options, ...) must agree too
     keys_of = df["config_keys"] if "config_keys" in df else pd.Series([[]] * len(df), index=df.index)
     other = {"method", "task_seq", "backbone", "protocol", "task_seq.tasks", *by}
@@ -280,7 +289,10 @@ def aggregate(
     metric_cols = [*METRICS, *(c for c in df if c.startswith("per_task."))]
     df = df.reindex(columns=[*df.columns, *(m for m in METRICS if m not in df)])
     df[metric_cols] = df[metric_cols].replace([np.inf, -np.inf], np.nan)  # ±inf: in no n, no mean
-    keys = ["protocol", "backbone", "task_seq", "table_seq", "_task_set", "method", "variant"]
+    for c in _bounded(metric_cols):  # an accuracy outside [0, 100]: in no n, no mean (a note says so)
+        v = pd.to_numeric(df[c], errors="coerce")
+        df[c] = v.where(~((v < ACC_RANGE[0]) | (v > ACC_RANGE[1])), np.nan)
+    keys = ROW_GROUP
     df["_row"] = df.groupby(keys, dropna=False, sort=False).ngroup()
     g = df.groupby("_row")
     stats = g[metric_cols].agg(["mean", "std"])  # pandas' std is the sample std (ddof=1)
@@ -301,12 +313,20 @@ def aggregate(
     return sort_rows(out)
 
 
-def table_notes(runs: pd.DataFrame) -> list[str]:
-    """One line per run that is in ``runs`` but in no mean: a missing or non-finite ``acc``."""
-    if runs.empty or "acc" not in runs:
-        return []
-    bad = runs[~np.isfinite(pd.to_numeric(runs["acc"], errors="coerce").astype(float))]
-    return [f"acc is not a finite number, not counted in n or the mean: {r}" for r in bad["run_dir"]]
+#: the range of an accuracy in %: ``acc`` and ``per_task.<task>`` outside it are refused from tables
+ACC_RANGE = (0.0, 100.0)
+ROW_GROUP = ["protocol", "backbone", "task_seq", "table_seq", "_task_set", "method", "variant"]
+
+
+def _bounded(cols: Sequence[str]) -> list[str]:
+    return [c for c in cols if c == "acc" or (c.startswith("per_task.") and not c.endswith(("_ref", "_std")))]
+
+
+def table_notes(runs: pd.DataFrame, by: Sequence[str] = ()) -> list[str]:
+    """The ``note:`` lines of a table (:func:`otmf_exp.reporting.notes.table_notes`)."""
+    from otmf_exp.reporting.notes import table_notes as notes
+
+    return notes(runs, by)
 
 
 def reference_only_rows(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:

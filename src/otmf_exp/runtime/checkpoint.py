@@ -5,11 +5,14 @@ is written under a temp name and renamed (atomic), and older steps are removed o
 new one is in place, so a failed write (full disk) keeps the last good checkpoint. Tensors go to
 safetensors (never pickle); which tensors make up a state is the method's business
 (``MergeMethod.state_tensors`` / ``load_state``), so this module knows nothing about any method.
+``progress.json`` records the sha256 of its step's ``state.safetensors`` (``state_sha256``); loading
+checks it, so a state file swapped in from another run (or damaged) is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from otmf_exp.errors import UserError
+from otmf_exp.runtime.digest import sha256_file
 from otmf_exp.runtime.files import atomic_dir, strict_dumps, write_error
+
+log = logging.getLogger(__name__)
 
 STATE, DOC = "state.safetensors", "progress.json"
 
@@ -68,8 +74,10 @@ def save(out_dir: Path, step: int, tensors: dict[str, Tensor], doc: dict[str, An
     try:
         with atomic_dir(target) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE))
+            sha = sha256_file(tmp / STATE)
             current = target / DOC
-            (tmp / DOC).write_text(strict_dumps({"step": step, **doc}, str(target / DOC)))
+            body = {"step": step, **doc, "state_sha256": sha}
+            (tmp / DOC).write_text(strict_dumps(body, str(target / DOC)))
     except Exception as e:  # OSError, or safetensors' wrapper of one (full disk, permissions)
         raise write_error(current, e, f"{kept}; resume with resume=true") from None
     if keep == "last":
@@ -123,7 +131,28 @@ def load_latest(
     for k, t in tensors.items():  # every floating tensor finite (integers: a method's indices, as saved)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UserError(broken_message(d / STATE, f"{k!r} has non-finite values (NaN/inf)"))
+    check_state_digest(d, doc)  # after the specific checks: a finite file that is not this step's
     return int(doc["step"]), tensors, doc
+
+
+def check_state_digest(d: Path, doc: dict[str, Any]) -> None:
+    """Refuse a step whose ``state.safetensors`` is not the file its ``progress.json`` was written
+    with (sha256); a checkpoint of an older version (no ``state_sha256``) is loaded with a warning."""
+    want = doc.get("state_sha256")
+    if want is None:
+        log.warning("checkpoint %s records no digest of its state file (older version): not checked", d)
+        return
+    try:
+        got = sha256_file(d / STATE)
+    except OSError as e:
+        raise UserError(broken_message(d / STATE, _reason(e))) from None
+    if got != want:
+        raise UserError(
+            broken_message(
+                d / STATE,
+                f"its sha256 {got[:12]} is not the {str(want)[:12]} its {DOC} records: swapped or damaged",
+            )
+        )
 
 
 def _doc_problem(doc: Any) -> str | None:

@@ -1,7 +1,8 @@
-"""Content identity of every model file a run reads: streamed sha256, cached by (realpath, size, mtime_ns).
+"""Content identity of every model file a run reads: streamed sha256, cached by the file's stat stamp.
 
-:func:`file_digest` hashes a file once; later calls with the same real path, size and mtime read the
-digest from ``$OTMF_EXP_CACHE/digests.json`` (written atomically). :func:`collecting` gathers the
+:func:`file_digest` hashes a file once; later calls with the same real path, inode, size, mtime_ns and
+ctime_ns read the digest (a rewrite that keeps the old mtime, ``cp -p`` / ``rsync -t`` / ``touch -r``,
+still changes ctime, which no user call can set back, so it is re-hashed) from ``$OTMF_EXP_CACHE/digests.json`` (written atomically). :func:`collecting` gathers the
 digests of the model files read inside it (the zoo and the hub resolver call :func:`record`), so the
 runner can name θ₀ and each θ_t by content (its ``ModelIdentity``: ``{"pretrained": sha, task: sha}``).
 """
@@ -59,15 +60,15 @@ def sha256_file(path: Path) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of ``path``'s bytes; cached by (real path, size, mtime_ns)."""
+    """sha256 of ``path``'s bytes; cached by (real path, inode, size, mtime_ns, ctime_ns)."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     cache = _cache_file()
     data = read_map(cache)
     hit = data.get(real)
-    if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
-        return str(hit[2])
+    if isinstance(hit, list) and len(hit) == len(stamp) + 1 and hit[:-1] == stamp:
+        return str(hit[-1])
     sha = sha256_file(Path(real))
     data = read_map(cache)  # another process may have added entries meanwhile
     data[real] = [*stamp, sha]

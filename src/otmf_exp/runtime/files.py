@@ -1,4 +1,8 @@
-"""Atomic file writes (a reader never sees a half-written result) and strict JSON.
+"""The one writer: atomic, never through a link (a reader never sees a half-written result), strict JSON.
+
+Every file an entry point writes (a run's results, ``make_tables``, ``plot.py``, exports) goes
+through :func:`atomic_path`: the name and the directory it is written into must not be symbolic
+links (one :class:`UserError` line), the bytes go to a temp file beside it, renamed over the name.
 
 JSON written here is strict (RFC 8259: no ``NaN`` / ``Infinity`` tokens): a non-finite float is
 written as ``null`` and logged as a warning naming its key (:func:`finite_or_null`). A failed
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from otmf_exp.errors import UserError
+from otmf_exp.runtime.results import WRITTEN
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     :class:`UserError`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_target(path)
     tmp = temp_file(path)
     try:
         yield Path(tmp)
@@ -57,6 +63,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_target(path: Path) -> None:
+    """One :class:`UserError` line when ``path`` or the directory it is written into is a symbolic
+    link (a write would land in the link's target, outside where it was asked to go)."""
+    for p, what in ((path, "file"), (path.parent, "directory")):
+        if p.is_symlink():
+            raise UserError(
+                f"{p} is a symbolic link (to {os.readlink(p)}); otmf_exp never writes through links: "
+                f"remove the link or give the real {what} ({os.path.realpath(p)})"
+            )
 
 
 def write_error(path: str | Path, e: BaseException, fix: str | None = None) -> UserError:
@@ -174,24 +191,19 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-#: the names a run writes in its directory (README "Outputs"); none may be a symbolic link
-RUN_NAMES = (
-    ".lock",
-    "run.log",
-    "config.yaml",
-    "steps.jsonl",
-    "acc_matrix.csv",
-    "metrics.json",
-    "merged.safetensors",
-    "merged_model",
-    "checkpoints",
-)
+#: the names a run writes in its directory (declared once, in :mod:`otmf_exp.runtime.results`)
+RUN_NAMES = WRITTEN
 
 
 def refuse_links(out_dir: Path) -> None:
     """One :class:`UserError` line when a name the run writes in ``out_dir`` (:data:`RUN_NAMES`, and
     each ``checkpoints/step_XXX``) is a symbolic link: a run never writes, appends or deletes through
     a link (it would truncate the link's target, or delete files outside ``out_dir``)."""
+    if out_dir.is_symlink():  # e.g. a sweep job dir planted as a link: the whole run would land elsewhere
+        raise UserError(
+            f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}); a run never writes through links: "
+            f"remove the link or give the real directory ({os.path.realpath(out_dir)})"
+        )
     names = [out_dir / n for n in RUN_NAMES]
     ckpt = out_dir / "checkpoints"
     if ckpt.is_dir() and not ckpt.is_symlink():
@@ -219,6 +231,7 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
 def check_writable(out_dir: Path) -> None:
     """Create ``out_dir``, refuse links among the names the run writes (:func:`refuse_links`) and
     prove a file can be written there."""
+    refuse_links(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_probe_{uuid.uuid4().hex}"

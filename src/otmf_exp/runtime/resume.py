@@ -1,7 +1,7 @@
 """What a checkpoint must agree with before a run resumes from it: the config that produced it.
 
 A checkpoint's ``progress.json`` records ``config`` = the run's resolved config minus the keys
-that cannot change a result (:data:`IGNORED`), with the method's effective config (top-level
+that cannot change a result (:func:`ignored`), with the method's effective config (top-level
 ``alpha`` applied), and ``config_hash`` = its sha256. ``resume=true`` compares the checkpoint's
 config with the run's, key by key, before any model or data is loaded (:func:`precheck`), and
 refuses the first difference with one line naming the key and both values. A ``progress.json``
@@ -22,20 +22,14 @@ from otmf_exp.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: top-level keys (or dotted paths) that change how a run is shown or stored, never its numbers
-IGNORED = (
-    "progress",
-    "logger",
-    "out_dir",
-    "resume",
-    "keep_checkpoints",
-    "save_merged",
-    "backbone.num_workers",
-    "threads",
-    "resume_across_versions",
-    "sweep_existing",
-    "method.offload_dir",
-)
+
+def ignored() -> tuple[str, ...]:
+    """The keys a resume never compares: every field declared ``result_neutral`` on the schema
+    (:func:`otmf_exp.config.neutral_config_keys`; no hand list, so a new lever declares itself)."""
+    from otmf_exp.config import neutral_config_keys
+
+    return neutral_config_keys()
+
 
 #: the runner's ``progress`` part of ``progress.json``: key -> type
 _PROGRESS = {"order": list, "method": str, "rows": list, "records": list, "individual": dict, "config": dict}
@@ -43,9 +37,9 @@ _PROGRESS = {"order": list, "method": str, "rows": list, "records": list, "indiv
 
 def result_config(cfg: dict[str, Any], method_cfg: dict[str, Any]) -> dict[str, Any]:
     """The result-relevant config: ``cfg`` (a plain resolved dict) with ``method`` replaced by the
-    effective ``method_cfg`` and the :data:`IGNORED` keys dropped; JSON-normalised."""
+    effective ``method_cfg`` and the :func:`ignored` keys dropped; JSON-normalised."""
     out = json.loads(json.dumps({**cfg, "method": method_cfg}, default=str))
-    for key in IGNORED:
+    for key in ignored():
         node, _, leaf = key.rpartition(".")
         parent = _get(out, node) if node else out
         if isinstance(parent, dict):
@@ -111,8 +105,10 @@ def _is_acc(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 100
 
 
-def check_same_config(saved: dict[str, Any], now: dict[str, Any], ckpt_dir: Path) -> None:
-    """Refuse to resume when a result-relevant value differs from the checkpoint's."""
+def check_same_config(
+    saved: dict[str, Any], now: dict[str, Any], ckpt_dir: Path, whose: str = "the checkpoint's"
+) -> None:
+    """Refuse to resume when a result-relevant value differs from the checkpoint's (``whose``)."""
     if config_hash(saved) == config_hash(now):
         return
     diff = first_difference(saved, now)
@@ -121,7 +117,7 @@ def check_same_config(saved: dict[str, Any], now: dict[str, Any], ckpt_dir: Path
     key, was, is_ = diff
     raise UserError(
         f"cannot resume from {ckpt_dir}: it was run with {key}={json.dumps(was)}, this run has "
-        f"{key}={json.dumps(is_)}; use the checkpoint's value or a new out_dir (or drop resume=true "
+        f"{key}={json.dumps(is_)}; use {whose} value or a new out_dir (or drop resume=true "
         "to start over there)"
     )
 

@@ -154,13 +154,14 @@ OFFSET = ".otmf_append_offset"
 
 
 def existing_jobs(sweep_dir: str | Path) -> list[Path]:
-    """The job dirs of an earlier sweep in ``sweep_dir``: subdirs holding a ``metrics.json``."""
+    """The job dirs of an earlier sweep in ``sweep_dir``: subdirs holding a complete result set
+    (``runtime/results.py``: its ``metrics.json``)."""
+    from otmf_exp.runtime.results import COMPLETE
+
     root = Path(sweep_dir)
     if not root.is_dir():
         return []
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "metrics.json").is_file()
-    )
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / COMPLETE).is_file())
 
 
 def check_existing(sweep_dir: str | Path, mode: str) -> None:
@@ -207,19 +208,58 @@ def append_dir(sweep_dir: str | Path, job_dir: Path, num: int) -> Path:
     return job_dir.with_name(f"{num + offset}{sep}{tail}")
 
 
-def check_sweep_dir(overrides: list[str]) -> None:
-    """:func:`check_existing` for ``python -m otmf_exp.run -m <overrides>`` (Hydra's callbacks
-    swallow exceptions, so this runs before Hydra starts); a sweep dir that needs Hydra's runtime
-    to resolve (the default ``multirun/<date>/<time>``) is new by construction and skipped."""
-    from hydra import compose, initialize_config_module
+def compose_argv(argv: list[str]) -> Any:
+    """The config (``hydra`` node included) that ``python -m otmf_exp.run -m <argv>`` composes for its
+    first job, read the way Hydra reads argv: its own argument parser (every flag form,
+    ``--config-dir DIR`` / ``--config-dir=DIR``, ``--config-name``, ``-cp``), the extra config dir
+    prepended to the search path as Hydra does, swept values left to the sweeper. A bad override,
+    a missing config dir, a preset that is not valid YAML raise (one line for the caller)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    search_path = create_config_search_path(args.config_path or "pkg://otmf_exp.conf")
+    if args.config_dir is not None:
+        where = os.path.abspath(args.config_dir)
+        if not os.path.isdir(where):
+            raise FileNotFoundError(f"--config-dir {where} is not a directory")
+        search_path.prepend(
+            provider="command-line", path=f"file://{where}", anchor=SearchPathQuery(provider="schema")
+        )
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2(task_name="run", config_search_path=search_path)
+        return hydra.compose_config(
+            args.config_name or "run", fixed, run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_sweep_dir(argv: list[str]) -> None:
+    """:func:`check_existing` for ``python -m otmf_exp.run -m <argv>`` (Hydra's callbacks swallow
+    exceptions, so this runs before Hydra starts); the config is composed as Hydra will
+    (:func:`compose_argv`), and one that does not compose is one :class:`UserError` line here. A
+    sweep dir that needs Hydra's runtime to resolve (the default ``multirun/<date>/<time>``) is new
+    by construction and skipped."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from otmf_exp.errors import UserError, is_config_error, one_line
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        with initialize_config_module(config_module="otmf_exp.conf", version_base="1.3"):
-            cfg = compose(config_name="run", overrides=fixed, return_hydra_config=True)
-        sweep_dir, mode = str(cfg.hydra.sweep.dir), str(cfg.get("sweep_existing", "refuse"))
-    except Exception:  # a bad override: Hydra says so in one line next
+        cfg = compose_argv(argv)
+    except Exception as e:
+        if is_config_error(e) or isinstance(e, OSError):
+            raise UserError(one_line(e)) from None
+        raise
+    try:
+        sweep_dir = str(cfg.hydra.sweep.dir)
+    except InterpolationResolutionError:  # needs Hydra's runtime: a new dir
         return
-    check_existing(sweep_dir, mode)
+    check_existing(sweep_dir, str(cfg.get("sweep_existing", "refuse")))

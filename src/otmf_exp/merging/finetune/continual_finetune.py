@@ -68,6 +68,8 @@ class ContinualFinetuneConfig:
     batch_size: int = num(16, ge=1)
     #: labelled split trained on
     split: str = choice("train", SPLITS)
+    #: train on the evaluated split (eval_split) on purpose; else that leakage is refused
+    train_on_eval_split: bool = False
     #: cosine: CosineAnnealingLR(T_max=steps) from lr to 0, reset per task (the reference) | constant
     scheduler: str = choice("cosine", SCHEDULERS)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -28,7 +28,7 @@ from otmf_exp.merging.otmf.head_tuning import FeatureStream, train_head
 from otmf_exp.merging.otmf.ot_fusion import FusionStep, adam_in_backward_exact
 from otmf_exp.merging.otmf.ot_masks import masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
-from otmf_exp.schema import SPLITS, choice, need, num
+from otmf_exp.schema import SPLITS, choice, need, neutral, num
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,10 @@ class OTMFConfig:
     #: select=authors' copy of the best masks (so best_masks=on_write never replays). CUDA: pinned
     #: host memory | CPU: an anonymous temporary file in offload_dir (its pages may stay in the page
     #: cache, outside the RSS)
-    offload: bool = False
+    offload: bool = neutral(False)  # bit-identical results: never splits a table row
     #: offload's directory on the CPU (null: $TMPDIR, i.e. tempfile.gettempdir()); a tmpfs (RAM)
     #: there is warned about: the tensors would stay in memory
-    offload_dir: str | None = None
+    offload_dir: str | None = neutral(None)
     #: backpropagate the OT loss this many inputs at a time (null: the whole batch at once); a
     #: smaller chunk keeps fewer activations alive for one more forward per iteration
     backward_chunk: int | None = num(None, ge=1)
