@@ -1,0 +1,37 @@
+"""Parity rows of DOP (``method=dop``, continual) against FusionBench's ``ContinualDOPForCLIP``."""
+
+from __future__ import annotations
+
+from otmf_exp.parity.core import Case
+from otmf_exp.parity.ours import steps_of
+from otmf_exp.parity.reference.dop import TASKS
+
+REF = "otmf_exp.parity.reference.dop"
+SETTINGS = "continual, rot90,flip,invert, 200 Adam steps, svd_rank=below, fusionbench_compat=true"
+OPTS = {"svd_rank": "below", "fusionbench_compat": True}
+
+CASES: list[Case] = [
+    Case(
+        name="dop",
+        method="dop",
+        settings=SETTINGS,
+        reference="fusion_bench.method.dop.dop.ContinualDOPForCLIP",
+        compared="merged weights, every step",
+        bound=1e-4,
+        why="float32 rounding through 200 Adam steps per Linear; the float64 row shows the semantics",
+        ours=steps_of("dop", "continual", tasks=TASKS, **OPTS),
+        theirs=f"{REF}:dop",
+    ),
+    Case(
+        name="dop_f64",
+        method="dop",
+        settings=SETTINGS,
+        reference="fusion_bench.method.dop.dop.ContinualDOPForCLIP",
+        compared="merged weights, every step",
+        bound=1e-10,
+        why="float64 on both sides: the same semantics",
+        ours=steps_of("dop", "continual", tasks=TASKS, dtype="float64", **OPTS),
+        theirs=f"{REF}:dop_f64",
+        dtype="float64",
+    ),
+]
