@@ -43,7 +43,15 @@ def collect(modules: list[str]) -> list[Case]:
     """Every module's ``CASES`` in order; duplicate names are a :class:`UserError`."""
     cases: list[Case] = []
     for m in modules:
-        cases += importlib.import_module(f"otmf_exp.parity.{m}").CASES
+        try:
+            module = importlib.import_module(f"otmf_exp.parity.{m}")
+        except ModuleNotFoundError as e:
+            if e.name != f"otmf_exp.parity.{m}":
+                raise
+            raise UserError(
+                f"this checkout has no otmf_exp.parity.{m} (its parity rows are not merged yet)"
+            ) from None
+        cases += module.CASES
     names = [c.name for c in cases]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -94,8 +102,7 @@ def run_theirs(cases: list[Case], zoo: Path, work: Path, python: str, env: dict[
     t0 = time.perf_counter()
     env = {**os.environ, **env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     with open(work / "reference.log", "w") as logfile:  # FusionBench's chatter, kept for a failure
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=logfile, text=True)
-    print(proc.stdout, end="", flush=True)
+        proc = subprocess.run(cmd, env=env, stderr=logfile)  # its stdout: one line per case
     if proc.returncode != 0:
         tail = (work / "reference.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"the reference runner ({python}) exited {proc.returncode}: {tail[0]}")
@@ -139,6 +146,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--authors", action="store_true", help="the rows against the authors' code (parity-authors)"
     )
+    p.add_argument(
+        "--check-repos", action="store_true", help="with --authors: only check OTMF_REPO / MINGLE_REPO"
+    )
     p.add_argument("--md", type=Path, metavar="JSON", help="print JSON (a parity.json) as a Markdown table")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -155,6 +165,10 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"parity-authors needs clones of the authors' code: {how}")
             return 2
         env = {v: str(Path(os.environ[v]).resolve()) for v in AUTHOR_REPOS}
+        if a.check_repos:
+            return 0
+    if a.authors and a.json == Path("parity.json"):
+        a.json = Path("parity-authors.json")
     check_python(a.python)
     cases = select(collect(AUTHOR_MODULES if a.authors else MODULES), a.cases)
     with tempfile.TemporaryDirectory(prefix="otmf-parity-") as tmp:

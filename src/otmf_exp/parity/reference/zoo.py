@@ -101,3 +101,39 @@ def steps(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Save named tensors (contiguous, detached) as safetensors."""
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+
+
+class Encoder(nn.Module):
+    """Plays the OTMF authors' ``ImageEncoder`` (images -> embedding; the tower under ``.model``, so
+    the state-dict keys are ``model.*`` as theirs)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.model = tower
+        self.train_preprocess = self.val_preprocess = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).image_embeds
+
+
+def tracing_adam(trace: list, lr: float | None = None) -> type:
+    """``torch.optim.Adam`` that appends its (first) parameter after every step to ``trace``; ``lr``
+    replaces the learning rate a script hard-codes (cases off the authors' constants)."""
+
+    class TracingAdam(torch.optim.Adam):
+        def __init__(self, params, **kw):
+            super().__init__(params, **({**kw, "lr": lr} if lr is not None else kw))
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            trace.append(self.param_groups[0]["params"][0].detach().clone())
+            return out
+
+    return TracingAdam
+
+
+def logged(name: str, it, log: list):
+    """Yield from ``it``, recording ``(name, images)`` of every batch (images = batch[0])."""
+    for b in it:
+        log.append((name, b[0]))
+        yield b
