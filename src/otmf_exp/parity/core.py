@@ -17,6 +17,8 @@ import torch
 
 #: the columns of the printed table, in order (``Row`` attribute names)
 COLUMNS = ("method", "settings", "reference", "compared", "max_abs_diff", "bound", "ok")
+#: the ``why`` of a float64 row
+F64_WHY = "float64 on both sides: agreement to rounding of float64 shows the same semantics"
 
 
 @dataclass(frozen=True)

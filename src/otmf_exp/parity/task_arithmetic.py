@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from otmf_exp.parity.core import F64_WHY as F64
 from otmf_exp.parity.core import Case
 from otmf_exp.parity.ours import run
 
@@ -41,7 +42,6 @@ SAME_OPS = "the same float operations in the same order: bit-identical"
 SUM_ORDER = (
     "float32 rounding of the task vectors summed in another order (a few ulp of |θ|); the float64 row agrees"
 )
-F64 = "float64 on both sides: the same semantics"
 CASES: list[Case] = [
     _case("averaging", "averaging", "joint, 8 tasks", FB + "SimpleAverageAlgorithm", 5e-7, SUM_ORDER),
     _case(

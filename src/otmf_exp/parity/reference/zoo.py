@@ -48,12 +48,12 @@ class Zoo:
         keep = set(CLIPVisionConfig().to_dict()) - {"transformers_version", "architectures", "dtype"}
         return CLIPVisionConfig(**{k: v for k, v in self.config["module_config"].items() if k in keep})
 
-    def tower(self, name: str, with_projection: bool = False) -> nn.Module:
-        """``name``'s weights in an HF ``CLIPVisionModel`` (``vision_model.*``; FusionBench's CLIP
-        pools) or, with ``with_projection``, a ``CLIPVisionModelWithProjection``; eval mode."""
+    def tower(self, which: str | dict[str, torch.Tensor], with_projection: bool = False) -> nn.Module:
+        """``which`` (a model's name or a state dict) in an HF ``CLIPVisionModel`` (``vision_model.*``;
+        FusionBench's CLIP pools) or, with ``with_projection``, a ``CLIPVisionModelWithProjection``."""
         from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
-        sd = self.state(name)
+        sd = self.state(which) if isinstance(which, str) else dict(which)
         if with_projection:
             model = CLIPVisionModelWithProjection(self.vision_config())
         else:
