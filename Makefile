@@ -25,13 +25,13 @@ demo: setup ## the default run: OTMF-style continual merging on the offline digi
 XDIST ?= -n auto
 
 test: setup ## the fast tier (unit tests + one end-to-end run per method and protocol), a few minutes
-	$(BIN)/python -m pytest -q $(XDIST) -m 'not full and not slow and not network and not gpu'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not full and not slow and not network and not gpu and not parity'
 
 test-full: setup ## the second tier: CLI subprocesses, hub fixtures, sweeps, resume, reference replays
-	$(BIN)/python -m pytest -q $(XDIST) -m 'full and not slow and not network and not gpu'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'full and not slow and not network and not gpu and not parity'
 
 test-all: setup ## every test including slow ones (still offline)
-	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu and not parity'
 
 lint: setup ## ruff lint + format check
 	$(BIN)/ruff check src tests scripts conf docs/hooks.py
@@ -85,3 +85,31 @@ docs-figures: setup ## regenerate docs/figures/ from two real digits8 runs (OTMF
 	for m in otmf task_arithmetic; do \
 	  cp $(FIGURES_RUNS)/plots/heatmap/*$$m*.png docs/figures/heatmap_$$m.png; \
 	  cp $(FIGURES_RUNS)/plots/forgetting/*$$m*.png docs/figures/forgetting_$$m.png; done
+
+# ---- parity: every "= reference" claim re-proved against FusionBench 0.2.33 (docs/parity.md) ----
+PARITY_VENV ?= .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+OTMF_REPO ?=
+MINGLE_REPO ?=
+.PHONY: parity parity-venv parity-test parity-md parity-authors
+
+$(PARITY_PY):
+	$(PY) -m venv $(PARITY_VENV)
+	$(PARITY_PY) -m pip install -q $(TORCH)
+	$(PARITY_PY) -m pip install -q 'fusion-bench==0.2.33' 'transformers<5' 'datasets<4'
+
+parity-venv: $(PARITY_PY) ## create .venv-parity (torch, fusion-bench==0.2.33, transformers<5, datasets<4)
+
+parity: setup $(PARITY_PY) ## every FusionBench parity row: prints the table, writes parity.json, fails on a row over its bound
+	$(BIN)/python -m otmf_exp.parity --python $(PARITY_PY)
+
+parity-test: setup $(PARITY_PY) ## the tests that need the FusionBench venv (marker parity: a perturbed row must fail)
+	$(BIN)/python -m pytest -q -m parity tests/parity
+
+parity-md: setup ## parity.json as a Markdown table (what the docs show)
+	@$(BIN)/python -m otmf_exp.parity --md parity.json
+
+parity-authors: setup ## rows against the authors' code: make parity-authors OTMF_REPO=DIR MINGLE_REPO=DIR
+	@OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --check-repos
+	$(MAKE) $(PARITY_PY)
+	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --python $(PARITY_PY)

@@ -20,7 +20,18 @@ def test_the_design_card_top_level():
         assert (ROOT / name).exists(), name
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert top == ["__init__.py", "config.py", "errors.py", "run.py", "runner.py", "schema.py"]
-    roles = {"merging", "models", "data", "offline", "hub", "tracking", "reporting", "runtime", "benchmark"}
+    roles = {
+        "merging",
+        "models",
+        "data",
+        "offline",
+        "hub",
+        "tracking",
+        "reporting",
+        "runtime",
+        "benchmark",
+        "parity",
+    }
     assert roles == {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
 
 

@@ -17,7 +17,7 @@ Step 1: θ¹ = θ_1 (τᵐ_1 = τ_1). Step t ≥ 2, with the two "models" A_0 = 
 
 The arithmetic follows the reference op by op (float32, the same graph, the same scalar
 promotions), so the merged weights agree with FusionBench's to float rounding
-(``scripts/compare/dop_fusionbench.py``). Only one Linear is optimised at a time; the step holds
+(``make parity``, rows ``dop`` and ``dop_f64``). Only one Linear is optimised at a time; the step holds
 τᵐ, θ_t and that layer's temporaries (its W, two Adam moments and the two truncated bases).
 
 Options for the reference's quirks (docs/methods/dop.md):
