@@ -69,7 +69,10 @@ def run_case(case: Case, zoo_dir: Path, work_dir: Path, python: str) -> dict:
     theirs = run_theirs(case.theirs, zoo_dir, work_dir, python)
     d = max_abs_diff(ours, theirs)
     per = {k: max_abs_diff({k: ours[k]}, {k: theirs[k]}) for k in set(ours) & set(theirs)}
-    worst = sorted(per, key=per.get)[-3:] if per else []
+    worst = sorted(per, key=per.get)[-3:]
+    groups = {k.split("/")[0] for k in per}
+    for g in sorted(groups):  # max |Δ| per compared quantity
+        print(g, max(v for k, v in per.items() if k.split("/")[0] == g), file=sys.stderr)
     only = sorted(set(ours) ^ set(theirs))[:5]
     return {
         "name": case.name,

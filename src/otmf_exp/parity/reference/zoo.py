@@ -46,8 +46,9 @@ class Zoo:
         return m.eval().to(dtype)
 
     def projection(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The pre-trained visual projection (a bias-free ``nn.Linear``), frozen."""
+        """The pre-trained visual projection (a bias-free ``nn.Linear``), frozen; draws nothing from the
+        global RNG (a reference seeded before it is built would see other noise)."""
         w = self.pretrained["visual_projection.weight"]
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False)
         lin.weight.data.copy_(w)
         return lin.to(dtype).requires_grad_(False)
