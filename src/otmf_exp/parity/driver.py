@@ -29,7 +29,7 @@ from otmf_exp.parity.core import Case, Row
 log = logging.getLogger(__name__)
 
 #: the family modules whose ``CASES`` make up ``make parity`` (one line to extend)
-MODULES = ["task_arithmetic", "opcm", "dop", "fisher_regmean"]
+MODULES = ["task_arithmetic", "opcm", "dop", "fisher_regmean", "adamerging", "concrete", "wemoe", "finetune"]
 #: the modules of ``make parity-authors`` (references that are not packages: OTMF's and MINGLE's code)
 AUTHOR_MODULES = ["authors"]
 AUTHOR_REPOS = {

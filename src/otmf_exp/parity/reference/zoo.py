@@ -48,9 +48,15 @@ class Zoo:
         keep = set(CLIPVisionConfig().to_dict()) - {"transformers_version", "architectures", "dtype"}
         return CLIPVisionConfig(**{k: v for k, v in self.config["module_config"].items() if k in keep})
 
-    def tower(self, which: str | dict[str, torch.Tensor], with_projection: bool = False) -> nn.Module:
+    def tower(
+        self,
+        which: str | dict[str, torch.Tensor],
+        with_projection: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
         """``which`` (a model's name or a state dict) in an HF ``CLIPVisionModel`` (``vision_model.*``;
-        FusionBench's CLIP pools) or, with ``with_projection``, a ``CLIPVisionModelWithProjection``."""
+        FusionBench's CLIP pools) or, with ``with_projection``, a ``CLIPVisionModelWithProjection``;
+        in ``dtype`` (default: the zoo's)."""
         from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
         sd = self.state(which) if isinstance(which, str) else dict(which)
@@ -60,7 +66,7 @@ class Zoo:
             model = CLIPVisionModel(self.vision_config())
             sd = vision_only(sd)
         model.load_state_dict(sd, strict=True)
-        return model.to(self.dtype).eval()
+        return model.to(dtype or self.dtype).eval()
 
     def towers(self, tasks: list[str] | None = None) -> dict[str, nn.Module]:
         """``{"_pretrained_": θ₀, task: θ_t, ...}`` as ``CLIPVisionModel`` (a model pool's models)."""
@@ -75,12 +81,14 @@ class Zoo:
             model.save_pretrained(paths[name])
         return paths
 
-    def projection(self) -> nn.Linear:
-        """The pre-trained ``visual_projection`` (frozen), as FusionBench's CLIP algorithms hold it."""
+    def projection(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """The pre-trained ``visual_projection`` (frozen), as FusionBench's CLIP algorithms hold it.
+        Built without an init, so it draws nothing from the global RNG (a reference seeded before it
+        is built sees the same noise as ours)."""
         w = self.pretrained["visual_projection.weight"]
-        proj = nn.Linear(w.shape[1], w.shape[0], bias=False).to(self.dtype)
+        proj = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False)
         proj.weight.data.copy_(w)
-        return proj.requires_grad_(False)
+        return proj.to(dtype or self.dtype).requires_grad_(False)
 
 
 def vision_only(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

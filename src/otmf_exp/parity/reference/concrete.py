@@ -1,0 +1,87 @@
+"""FusionBench 0.2.33's Concrete subspace algorithms (task arithmetic, task-wise AdaMerging) on the zoo,
+``run()`` unchanged: a ``CLIPVisionModelPool`` of the zoo's towers, the batches our side recorded,
+the zoo's heads, its global RNG seeded with our mask seed after the model setup."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from otmf_exp.parity.reference.adamerging import heads_setup, served, weights
+from otmf_exp.parity.reference.zoo import Zoo
+
+TASKS = ["rot90", "flip", "invert"]
+MASK_STEPS, ADAMERGING_STEPS, BATCH = 20, 20, 16
+YAMLS = {
+    "task_arithmetic": ("clip_concrete_task_arithmetic", "ConcreteTaskArithmeticAlgorithmForCLIP"),
+    "adamerging": ("clip_concrete_task_wise_adamerging", "ConcreteTaskWiseAdaMergingForCLIP"),
+}
+
+
+def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    import lightning as L
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    zoo = Zoo(zoo_dir)
+    yaml_name, cls_name = YAMLS[merge]
+    cfg_dir = Path(importlib.import_module("fusion_bench_config").__path__[0])
+    cfg = OmegaConf.load(cfg_dir / "method" / "concrete_subspace" / f"{yaml_name}.yaml")
+    cfg.max_steps, cfg.batch_size, cfg.save_interval = MASK_STEPS, BATCH, 10**9
+    if "max_adamerging_steps" in cfg:
+        cfg.max_adamerging_steps = ADAMERGING_STEPS
+    mod = "clip_concrete_task_arithmetic" if merge == "task_arithmetic" else "clip_concrete_adamerging"
+    cls = getattr(importlib.import_module(f"fusion_bench.method.concrete_subspace.{mod}"), cls_name)
+    paths = {}
+    for name in ["_pretrained_", *TASKS]:
+        paths[name] = str(work_dir / f"{key}.models" / name)
+        zoo.tower("pretrained" if name == "_pretrained_" else name, dtype=dtype).save_pretrained(paths[name])
+    target = "transformers.CLIPVisionModel.from_pretrained"
+    pool = CLIPVisionModelPool(
+        models={k: {"_target_": target, "pretrained_model_name_or_path": v} for k, v in paths.items()}
+    )
+    algo = cls(cfg)
+    algo.fabric = L.Fabric(accelerator="cpu", devices=1)
+    algo.log_hyperparams = lambda *a, **k: None
+    streams = served(work_dir, key, TASKS, dtype)
+    algo.get_shuffled_test_loader_iter = lambda task: streams[task]
+    algo.setup_zero_shot_classification_head = heads_setup(algo, zoo, TASKS, dtype)
+    seed = json.loads((work_dir / f"{key}.spec.json").read_text())["mask_seed"]
+    seen: dict[str, Any] = {}
+    setup_models = algo.setup_models
+
+    def seeded_setup() -> Any:
+        out = setup_models()
+        seen["mask_model"] = out[1]
+        sample = out[1].sample_mask
+
+        def keep(*a: Any, **k: Any) -> Any:
+            seen["mask"] = sample(*a, **k)  # the dict run() rescales in place
+            return seen["mask"]
+
+        out[1].sample_mask = keep
+        torch.manual_seed(seed)
+        seen["module"] = out[0]
+        return out
+
+    algo.setup_models = seeded_setup
+    model = algo.run(pool)
+    out = {f"weights/{k}": v for k, v in weights(model).items()}
+    out.update({f"logits/{k}": v.detach() for k, v in seen["mask_model"].named_parameters()})
+    out.update({f"mask/{k}": v.detach() for k, v in seen["mask"].items()})
+    if merge == "adamerging":
+        out["coef"] = seen["module"].merge_weight.detach().reshape(-1)
+    return out
+
+
+def task_arithmetic(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "task_arithmetic", "concrete_ta", torch.float32)
+
+
+def adamerging(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "adamerging", "concrete_adamerging", torch.float32)

@@ -1,0 +1,80 @@
+"""Parity row: joint ``method=wemoe`` against FusionBench 0.2.33's ``CLIPWeightEnsemblingMoEAlgorithm``:
+router initialisation, the whole test-time adaptation loop and the final per-sample routing.
+
+FusionBench's ``run()`` is called unchanged but for plumbing: its routers draw N(0, 0.01²) from the
+global RNG, which is set before each draw of a gate's ``init_weight`` to the state our block's router
+generator has for it (the init code and draws stay FusionBench's); its ``task_arithmetic_merge`` (whose strict
+``state_dict_add`` refuses Parameter + Tensor in 0.2.33) is replaced by the same sum θ₀ + λ·Σ τ_i;
+batches are those our side recorded. Compared: every router tensor before and after adaptation, the
+routing mode of the returned model's MoE layers and the logits of 32 test images per task through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from torch import Tensor
+
+from otmf_exp.parity.adamerging import setup
+from otmf_exp.parity.core import Case
+
+TASKS = ["rot90", "flip", "invert"]
+STEPS, BATCH, N_EVAL = 10, 16, 32
+
+
+def ours(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    from otmf_exp.merging.wemoe.wemoe import WEMoE
+    from otmf_exp.merging.wemoe.wemoe_config import WEMoEConfig
+
+    s = setup(zoo_dir, TASKS)
+    cfg = OmegaConf.structured(WEMoEConfig(max_steps=STEPS, batch_size=BATCH, eval_batch_reduce=True))
+    ctx = s.ctx()
+    m = WEMoE(cfg, ctx, "joint")
+    out: dict[str, Tensor] = {}
+    adapt = m._adapt
+
+    def keep_init(extra: dict, *a: Any, **k: Any) -> None:
+        out.update({f"init/{n}": v.clone() for n, v in extra.items() if "/router." in n})
+        adapt(extra, *a, **k)
+
+    m._adapt = keep_init
+    state = m.joint(s.pre, [s.task(i, t) for i, t in enumerate(TASKS)])
+    out.update({f"router/{n}": v for n, v in state.extra.items() if "/router." in n})
+    out["batch_reduce"] = torch.tensor([float(cfg.eval_batch_reduce)] * len(m.blocks()))
+    s.save_batches(work_dir / "wemoe.batches.safetensors")
+    seeds = [
+        (ctx.seed_for("wemoe", "hidden", b.name), ctx.seed_for("wemoe", "joint", b.name)) for b in m.blocks()
+    ]
+    evals = {t: s.datas[t].data.splits["test"][0][:N_EVAL].contiguous() for t in TASKS}
+    save_file({f"{t}/x": x for t, x in evals.items()}, str(work_dir / "wemoe.eval.safetensors"))
+    spec = {
+        "router_seeds": seeds,
+        "steps": STEPS,
+        "batch_size": BATCH,
+        "blocks": [b.name for b in m.blocks()],
+    }
+    (work_dir / "wemoe.spec.json").write_text(json.dumps(spec))
+    weights = m.merged(state, s.pre)
+    with torch.no_grad(), m.forward_context(state):
+        for t, x in evals.items():
+            out[f"logits/{t}"] = s.bb.logits(weights, s.heads[t], x)
+    return out
+
+
+_WHY = (
+    "same router RNG states, batches and entropy (−Σ p log(p + 1e-8)): init equal (0), routers after 10 steps "
+    "7.6e-6 (moved ~1e-3), logits 1.0e-5 (float32 rounding of the expert sums, through Adam). FusionBench's "
+    "run() sets batch_reduce=False on the wrapper only: every MoE layer of the model it returns still routes "
+    "per batch (compared as batch_reduce), so ours runs with eval_batch_reduce=true here"
+)
+CASES: list[Case] = [
+    Case("wemoe", "wemoe", f"joint, 3 tasks ({', '.join(TASKS)}), router depth 2, init_lambda 0.3, {STEPS} Adam "
+         f"steps lr 1e-4, batch {BATCH}, batch_reduce in adaptation and after (eval_batch_reduce=true)",
+         "CLIPWeightEnsemblingMoEAlgorithm", "router init, routers after adaptation, eval routing mode, logits",
+         1e-4, _WHY, ours, "otmf_exp.parity.reference.wemoe:joint"),
+]  # fmt: skip
