@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-full test-all lint format clean-outputs tables plots bench bench-quick gpu-prepare
+.PHONY: help setup demo test test-full test-all lint format clean-outputs tables plots bench bench-quick bench-peer bench-peer-quick gpu-prepare
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -55,6 +55,15 @@ bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if
 
 bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 3 h on 2 cores)
 	$(BIN)/python scripts/bench.py --quick --live-rss
+
+PARITY_PY ?= .venv-parity/bin/python
+bench-peer: setup ## every shared method, ours beside FusionBench 0.2.33's class (ViT-B/32, 8 tasks, 1 thread and auto, min of 3)
+	@test -x $(PARITY_PY) || { echo "error: no FusionBench Python at $(PARITY_PY); run make parity-venv first"; exit 2; }
+	$(BIN)/python scripts/bench.py --peer --fusionbench-python $(PARITY_PY)
+
+bench-peer-quick: setup ## the same at the quick size (ViT-B/32 widths, 4 of 12 blocks): what a 2-core CPU box runs
+	@test -x $(PARITY_PY) || { echo "error: no FusionBench Python at $(PARITY_PY); run make parity-venv first"; exit 2; }
+	$(BIN)/python scripts/bench.py --peer --quick --fusionbench-python $(PARITY_PY)
 
 gpu-prepare: ## wheels for a GPU machine that lacks them (.whl/); then scripts/gpu/bench.sh main|rest there
 	bash scripts/gpu/prepare.sh
