@@ -23,7 +23,9 @@ def tsvm_shapes(arch: str) -> list[tuple[int, int]]:
     """``[m, n]`` of every 2-D mergeable tensor of the synthetic tower ``arch``."""
     from otmf_exp.offline.synthetic import SyntheticBackbone
 
-    return [tuple(v.shape) for v in SyntheticBackbone(arch, "cpu").pretrained_state().values() if v.dim() == 2]
+    return [
+        tuple(v.shape) for v in SyntheticBackbone(arch, "cpu").pretrained_state().values() if v.dim() == 2
+    ]
 
 
 def tsvm_floor(shapes: list[tuple[int, int]], tasks: int, repeats: int = 3) -> dict:
