@@ -3,10 +3,13 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
+# FusionBench 0.2.33's venv: the reference of make parity and make bench-peer (created on first use)
+PARITY_VENV ?= .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-full test-all lint format clean-outputs tables plots bench bench-quick gpu-prepare \
-	docs docs-build docs-setup docs-figures
+.PHONY: help setup demo test test-full test-all lint format clean-outputs tables plots bench bench-quick bench-peer \
+	bench-peer-quick gpu-prepare docs docs-build docs-setup docs-figures
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -57,6 +60,12 @@ bench: setup ## time/memory benchmarks on the real ViT-B/32 architecture (GPU if
 bench-quick: setup ## same measurements with fewer iterations, live RSS on CPU (CPU-sized, about 3 h on 2 cores)
 	$(BIN)/python scripts/bench.py --quick --live-rss
 
+bench-peer: setup $(PARITY_PY) ## every shared method, ours beside FusionBench 0.2.33's class (ViT-B/32, 8 tasks, 1 thread and auto, min of 3)
+	$(BIN)/python scripts/bench.py --peer --fusionbench-python $(PARITY_PY)
+
+bench-peer-quick: setup $(PARITY_PY) ## the same at the quick size (ViT-B/32 widths, 4 of 12 blocks): what a 2-core CPU box runs
+	$(BIN)/python scripts/bench.py --peer --quick --fusionbench-python $(PARITY_PY)
+
 gpu-prepare: ## wheels for a GPU machine that lacks them (.whl/); then scripts/gpu/bench.sh main|rest there
 	bash scripts/gpu/prepare.sh
 
@@ -87,8 +96,6 @@ docs-figures: setup ## regenerate docs/figures/ from two real digits8 runs (OTMF
 	  cp $(FIGURES_RUNS)/plots/forgetting/*$$m*.png docs/figures/forgetting_$$m.png; done
 
 # ---- parity: every "= reference" claim re-proved against FusionBench 0.2.33 (docs/parity.md) ----
-PARITY_VENV ?= .venv-parity
-PARITY_PY := $(PARITY_VENV)/bin/python
 OTMF_REPO ?=
 MINGLE_REPO ?=
 .PHONY: parity parity-venv parity-test parity-md parity-authors

@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         "same towers (e.g. a venv made with `pip install fusion-bench==0.2.33 'transformers<5' 'datasets<4'`)",
     )
     ap.add_argument(
+        "--peer",
+        action="store_true",
+        help="only the peer table: every shared method, ours beside FusionBench's class (needs "
+        "--fusionbench-python); merged into benchmarks.json and BENCHMARKS.md in --out",
+    )
+    ap.add_argument("--peer-methods", default=None, help="comma-separated subset of the peer rows")
+    ap.add_argument("--peer-threads", default="1,auto", help="thread settings of the peer table")
+    ap.add_argument(
         "--authors-python",
         default=None,
         help="authors part: a Python that can import the OTMF authors' checkout (--authors-repo) and "
@@ -127,6 +135,10 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.peer:
+        from otmf_exp.benchmark.peer_cli import main_peer
+
+        return main_peer(args, argv if argv is not None else sys.argv[1:], ROOT)
     if args.live_rss:  # read by the measured runs (they inherit the environment) and recorded by machine()
         os.environ.update(LIVE_RSS_ENV)
     try:

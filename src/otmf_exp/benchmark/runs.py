@@ -103,14 +103,16 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
     }
 
 
-def _run_reference(module: str, what: str, spec: dict, python: str, log: Callable[[str], None]) -> dict:
-    """``python -m module SPEC`` in a reference's own env (this package on its path); the result is
-    its last ``MARK`` line. A failed run ends the bench with one line naming the command."""
+def _run_reference(
+    module: str, what: str, spec: dict, python: str, log: Callable[[str], None], *verb: str
+) -> dict:
+    """``python -m module [VERB] SPEC`` in a reference's own env (this package on its path); the result
+    is its last ``MARK`` line. A failed run ends the bench with one line naming the command."""
     import otmf_exp
 
     env = _env(spec)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(otmf_exp.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [python, "-m", module, json.dumps(spec)]
+    cmd = [python, "-m", module, *verb, json.dumps(spec)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]

@@ -54,6 +54,16 @@ ARCHS: dict[str, dict[str, int]] = {
         patch_size=14,
         projection_dim=768,
     ),
+    # ViT-B/32's widths with 4 of its 12 blocks: the bench's --quick size (same shapes per matrix)
+    "vit_b32_l4": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        projection_dim=512,
+    ),
     "tiny": dict(
         hidden_size=32,
         intermediate_size=64,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, add
 
@@ -28,5 +30,10 @@ class Averaging(MergeMethod):
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
         t = state.step + 1
-        merged = running_mean(state.merged, task.task_vector(pretrained), t)
+        tv = task.task_vector(pretrained)
+        if task.owned:  # τ_t is this step's own buffer: (1/t)·τ_t + ((t−1)/t)·τᵐ in it
+            with torch.no_grad():
+                merged = {k: tv[k].mul_(1.0 / t).add_(m * ((t - 1) / t)) for k, m in state.merged.items()}
+        else:
+            merged = running_mean(state.merged, tv, t)
         return state.advance(merged)

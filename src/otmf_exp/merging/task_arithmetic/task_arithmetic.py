@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, add
 from otmf_exp.schema import num
@@ -29,5 +31,10 @@ class TaskArithmetic(MergeMethod):
     main_coef = "scaling"
 
     def step(self, state: ContinualState, task: TaskInput, pretrained: StateDict) -> ContinualState:
-        merged = task_arithmetic_step(state.merged, task.task_vector(pretrained), self.cfg.scaling)
+        tv, lam = task.task_vector(pretrained), self.cfg.scaling
+        if task.owned:  # τ_t is this step's own buffer: λ·τ_t + τᵐ in it, no new weight-sized tensor
+            with torch.no_grad():
+                merged = {k: tv[k].mul_(lam).add_(m) for k, m in state.merged.items()}
+        else:
+            merged = task_arithmetic_step(state.merged, tv, lam)
         return state.advance(merged)

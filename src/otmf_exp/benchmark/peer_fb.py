@@ -1,0 +1,135 @@
+"""FusionBench 0.2.33's own algorithm classes on the bench's synthetic towers: the other side of ``bench-peer``.
+
+Run with a Python that has ``fusion-bench==0.2.33`` (and ``transformers<5``), this package on its path:
+
+    FB_PY -m otmf_exp.benchmark.peer_fb export '{"arch": "vit_b32", "tasks": 8, "weights": "W", "dir": "MODELS"}'
+    FB_PY -m otmf_exp.benchmark.peer_fb run '{"row": "ties", "dir": "MODELS", "merged_to": "OUT"}'
+
+``export`` writes θ₀ and θ_t of ``backbone=synthetic`` (the weights our runner merges, saved by our
+Python with :func:`write_weights`) as ``CLIPVisionModel.save_pretrained`` checkpoints, once per bench, outside every timed run. ``run`` calls
+the row's FusionBench class unchanged on a ``CLIPVisionModelPool`` of those paths. Time: ``run()`` minus
+the time spent inside the pool's ``load_model`` (reading a checkpoint is loading, not merging: our
+runner subtracts it the same way). Memory: the process's sampled peak RSS during ``run()``, loading
+included (what a user's process holds). Prints ``BENCH_RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from otmf_exp.benchmark.throughput import MARK
+
+
+def model_names(tasks: int) -> list[str]:
+    """θ₀ first, then the task models, as FusionBench pools name them."""
+    return ["_pretrained_"] + [f"task{i:02d}" for i in range(tasks)]
+
+
+def write_weights(arch: str, tasks: int, root: Path) -> None:
+    """θ₀ and θ_t as plain safetensors, written by *our* Python: the seeded init of a CLIP tower differs
+    between transformers versions, so the weights must come from the side whose runner merges them."""
+    from safetensors.torch import save_file
+
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+
+    root.mkdir(parents=True, exist_ok=True)
+    bb = SyntheticBackbone(arch, "cpu")
+    for name in model_names(tasks):
+        weights = bb.pretrained_state() if name == "_pretrained_" else bb.load_finetuned(name)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(root / f"{name}.safetensors"))
+        del weights
+
+
+def export(spec: dict) -> dict:
+    """The weights of :func:`write_weights` (``spec["weights"]``) as FusionBench-style ``CLIPVisionModel``
+    checkpoints in ``spec["dir"]`` (run in FusionBench's Python, its transformers)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from otmf_exp.offline.synthetic import ARCHS
+
+    root, src = Path(spec["dir"]), Path(spec["weights"])
+    cfg = CLIPVisionConfig(**{k: v for k, v in ARCHS[spec["arch"]].items() if k != "projection_dim"})
+    for name in model_names(int(spec["tasks"])):
+        model = CLIPVisionModel(cfg)
+        weights = {
+            k.removeprefix("vision_model."): v for k, v in load_file(src / f"{name}.safetensors").items()
+        }
+        target = model.vision_model if hasattr(model, "vision_model") else model
+        res = target.load_state_dict(weights, strict=False)
+        if res.missing_keys:
+            raise SystemExit(f"error: synthetic weights lack {res.missing_keys[0]}; the towers differ")
+        model.save_pretrained(str(root / name))
+        del model, weights
+    return {"dir": str(root), "models": len(model_names(int(spec["tasks"])))}
+
+
+def _algorithm(row: str):
+    from otmf_exp.benchmark.peer_methods import PEER
+
+    r = PEER[row]
+    module, cls = r.fb_class.rsplit(".", 1)
+    algo = getattr(importlib.import_module(module), cls)(**r.fb_kwargs)
+    # continual classes read the program's task pool only when evaluating on every step (off here)
+    taskpool = type("TaskPool", (), {"_test_datasets": {}})()
+    algo._program = type("Program", (), {"taskpool": taskpool})()
+    return algo
+
+
+def run(spec: dict) -> dict:
+    import psutil
+    import torch
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from safetensors.torch import save_file
+
+    from otmf_exp.runtime.measure import measure
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    root = Path(spec["dir"])
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    pool = CLIPVisionModelPool(
+        models={
+            n: {
+                "_target_": "transformers.CLIPVisionModel.from_pretrained",
+                "pretrained_model_name_or_path": str(root / n),
+            }
+            for n in names
+        }
+    )
+    loading = 0.0
+    load = pool.load_model
+
+    def timed_load(*a, **k):  # loading is not merging: subtracted, as our runner does
+        nonlocal loading
+        t0 = time.perf_counter()
+        out = load(*a, **k)
+        loading += time.perf_counter() - t0
+        return out
+
+    pool.load_model = timed_load
+    algo = _algorithm(spec["row"])
+    baseline = psutil.Process().memory_info().rss / 2**20
+    with measure(torch.device("cpu")) as usage:
+        merged = algo.run(pool)
+    if isinstance(merged, dict):  # some classes return {"merged": model, ...}
+        merged = merged.get("merged", merged)
+    if spec.get("merged_to"):
+        sd = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+        save_file(sd, spec["merged_to"])
+    return {
+        "merge_s": usage.wall_s - loading,
+        "load_s": loading,
+        "peak_mb": usage.peak_memory_mb,
+        "baseline_mb": baseline,
+        "threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":
+    what, arg = sys.argv[1], json.loads(sys.argv[2])
+    print(MARK + json.dumps(export(arg) if what == "export" else run(arg)), flush=True)

@@ -1,0 +1,187 @@
+"""bench-peer's logic: interleaving, min of N, ratios, equal-results check, table, the missing-venv line."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from otmf_exp.benchmark import peer, peer_cli
+from otmf_exp.benchmark.markdown import render, scrub
+from otmf_exp.benchmark.peer_methods import PEER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_schedule_interleaves_sides_and_alternates_who_goes_first():
+    s = peer.schedule(["ties", "opcm"], [1, "auto"], 3)
+    assert len(s) == 2 * 3 * 2 * 2
+    r0 = [x for x in s if x[0] == 1 and x[1] == 0]
+    assert [(row, side) for _, _, row, side in r0] == [
+        ("ties", "ours"),
+        ("ties", "fusionbench"),
+        ("opcm", "ours"),
+        ("opcm", "fusionbench"),
+    ]
+    r1 = [x for x in s if x[0] == 1 and x[1] == 1]
+    assert [side for *_, side in r1][:2] == ["fusionbench", "ours"]
+    assert [x[0] for x in s[: len(s) // 2]] == [1] * (len(s) // 2)  # one thread setting at a time
+
+
+def test_best_is_min_of_each_measure_and_ratios_use_it():
+    raw = {
+        "1": {
+            "ties": {
+                "ours": [{"merge_s": 3.0, "peak_mb": 90.0}, {"merge_s": 2.0, "peak_mb": 100.0}],
+                "fusionbench": [{"merge_s": 4.0, "peak_mb": 200.0}, {"merge_s": 5.0, "peak_mb": 150.0}],
+            },
+            "opcm": {"ours": [{"merge_s": 1.0, "peak_mb": 1.0}], "fusionbench": []},
+        }
+    }
+    t = peer.tabulate(raw)
+    assert t["1"]["ties"]["ours"] == {"merge_s": 2.0, "peak_mb": 90.0, "n": 2}
+    assert t["1"]["ties"]["time_ratio"] == pytest.approx(0.5)
+    assert t["1"]["ties"]["peak_ratio"] == pytest.approx(0.6)
+    assert "opcm" not in t["1"]  # one side missing: no ratio claimed
+
+
+def test_max_abs_diff_matches_keys_without_the_vision_model_prefix():
+    a = {"vision_model.w": torch.zeros(2, 2), "vision_model.b": torch.ones(3)}
+    b = {"w": torch.full((2, 2), 0.25), "b": torch.ones(3), "other": torch.ones(1)}
+    assert peer.max_abs_diff(a, b) == pytest.approx(0.25)
+    assert peer.max_abs_diff(a, {"x": torch.ones(1)}) is None  # nothing shared: no claim
+
+
+def test_measure_peer_runs_the_schedule_and_compares_round_zero_models(tmp_path):
+    from safetensors.torch import save_file
+
+    calls = []
+
+    def fake(side, row, threads, rnd, merged_to):
+        calls.append((side, threads, rnd, merged_to is not None))
+        if merged_to:
+            save_file({"w": torch.full((2,), 1.0 if side == "ours" else 1.5)}, merged_to)
+        return {"merge_s": 1.0 + rnd + (side == "ours"), "peak_mb": 10.0 * (1 + (side == "ours"))}
+
+    got = peer.measure_peer(["ties"], [1, "auto"], 3, fake)
+    assert len(calls) == 12
+    assert [c for c in calls if c[3]] == [("ours", 1, 0, True), ("fusionbench", 1, 0, True)]
+    assert got["max_abs_diff"] == {"ties": pytest.approx(0.5)}
+    row = got["table"]["1"]["ties"]
+    assert row["ours"]["merge_s"] == 2.0 and row["fusionbench"]["merge_s"] == 1.0
+    assert row["time_ratio"] == pytest.approx(2.0) and row["peak_ratio"] == pytest.approx(2.0)
+
+
+def test_missing_fusionbench_python_is_one_line_and_exit_2(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_cli", ROOT / "scripts" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--peer", "--fusionbench-python", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "run make parity-venv first" in err[0]
+    assert peer_cli.check_python(None).endswith("run make parity-venv first")
+
+
+def test_rows_and_threads_reject_bad_input():
+    assert peer_cli.rows_and_threads(None, "1,auto") == (list(PEER), [1, "auto"])
+    with pytest.raises(ValueError, match="unknown peer method"):
+        peer_cli.rows_and_threads("ties,nope", "1")
+    with pytest.raises(ValueError, match="positive integers or auto"):
+        peer_cli.rows_and_threads("ties", "0")
+
+
+def test_peer_table_renders_one_row_per_method_and_thread_with_no_machine_path():
+    table = peer.tabulate(
+        {
+            "1": {
+                "ties": {
+                    "ours": [{"merge_s": 1.0, "peak_mb": 70.0}],
+                    "fusionbench": [{"merge_s": 2.0, "peak_mb": 100.0}],
+                }
+            }
+        }
+    )
+    res = {
+        "peer": {
+            "table": table,
+            "max_abs_diff": {"ties": 1e-7},
+            "command": scrub(
+                "python scripts/bench.py --peer --fusionbench-python /home/u/.venv-parity/bin/python"
+            ),
+            "date": "2026-01-01 00:00 UTC",
+            "quick": True,
+            "repeats": 3,
+            "tasks": 8,
+            "machine": {"cpu": "x86_64", "cpu_cores": 2, "ram_gb": 23.0, "torch": "2.x"},
+        }
+    }
+    text = render(res, peer_only=True)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| ties"))
+    assert "0.500" in line and "0.700" in line and "yes" in line
+    assert "/home/" not in text and "--fusionbench-python PATH" in text
+    assert "TiesMergingAlgorithm" in text
+
+
+def test_scrub_replaces_absolute_paths_only():
+    assert scrub("bench.py --out /x/y --only a,b; then c /z") == "bench.py --out PATH --only a,b; then c PATH"
+    assert (
+        scrub("--fusionbench-python .venv-parity/bin/python")
+        == "--fusionbench-python .venv-parity/bin/python"
+    )
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "averaging"])
+def test_in_place_step_on_owned_inputs_is_bit_identical(name):
+    """The peer table's speed change: an owned τ_t becomes the new τᵐ in place, same bits as before."""
+    from types import SimpleNamespace
+
+    from otmf_exp.merging import METHODS
+    from otmf_exp.merging.base import TaskInput
+
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"a": torch.randn(5, 4, generator=g), "b": torch.randn(7, generator=g)}
+    thetas = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in theta0.items()} for _ in range(4)]
+    cls = METHODS[name]
+    cfg = cls.Config(scaling=0.3) if name == "task_arithmetic" else cls.Config()
+    out = {}
+    for owned in (False, True):
+        m = cls(cfg, SimpleNamespace(record=lambda *a, **k: None))
+        s = m.init(theta0)
+        for i, th in enumerate(thetas):
+            s = m.step(
+                s,
+                TaskInput(f"t{i}", i, {k: v.clone() for k, v in th.items()}, None, None, owned=owned),
+                theta0,
+            )
+        out[owned] = s.merged
+    for k in theta0:
+        assert torch.equal(out[True][k], out[False][k])
+
+
+def test_a_second_thread_setting_joins_the_earlier_table():
+    m = {"cpu_cores": 2}
+    old = {
+        "quick": True,
+        "arch": "a",
+        "machine": m,
+        "table": {"1": {"x": 1}},
+        "raw": {"1": {}},
+        "threads": ["1"],
+        "command": "c1",
+        "max_abs_diff": {"x": 0.0},
+    }
+    new = {
+        "quick": True,
+        "arch": "a",
+        "machine": m,
+        "table": {"auto": {"x": 2}},
+        "raw": {"auto": {}},
+        "threads": ["auto"],
+        "command": "c2",
+        "max_abs_diff": {},
+    }
+    got = peer_cli.keep_other_threads(old, new)
+    assert got["table"] == {"1": {"x": 1}, "auto": {"x": 2}} and got["command"] == "c1; then c2"
+    assert peer_cli.keep_other_threads(old | {"quick": False}, new) is new  # other size: replaced
