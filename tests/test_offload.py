@@ -96,8 +96,11 @@ def test_offloaded_step_equals_the_resident_step_bitwise(
 
 
 def test_offload_dir_that_is_not_a_directory_is_one_line(run_cfg, tmp_path):
-    with pytest.raises(UserError, match="method.offload_dir .* is not a directory"):
+    with pytest.raises(UserError, match="method.offload_dir=.*nope does not exist; give an existing directory"):
         run_cfg(*ARGS, "method.offload=true", f"method.offload_dir={tmp_path / 'nope'}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="method.offload_dir=.*file is a file; give an existing directory"):
+        run_cfg(*ARGS, "method.offload=true", f"method.offload_dir={tmp_path / 'file'}")
 
 
 def test_a_full_disk_is_one_line_before_any_step(tmp_path, monkeypatch):
