@@ -96,7 +96,9 @@ def test_offloaded_step_equals_the_resident_step_bitwise(
 
 
 def test_offload_dir_that_is_not_a_directory_is_one_line(run_cfg, tmp_path):
-    with pytest.raises(UserError, match="method.offload_dir=.*nope does not exist; give an existing directory"):
+    with pytest.raises(
+        UserError, match="method.offload_dir=.*nope does not exist; give an existing directory"
+    ):
         run_cfg(*ARGS, "method.offload=true", f"method.offload_dir={tmp_path / 'nope'}")
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="method.offload_dir=.*file is a file; give an existing directory"):
@@ -136,17 +138,19 @@ def test_filesystem_is_read_off_the_longest_mount_point(tmp_path, monkeypatch):
     assert mod._filesystem(real("/usr")) == "ext4"
 
 
-def test_offload_dir_is_not_part_of_a_runs_identity():
-    """Where the moments wait changes no number: a resume from another node's $TMPDIR is the same
-    run, and tables do not split rows by it (offload itself is recorded like every lever)."""
+def test_offload_and_offload_dir_are_not_part_of_a_runs_identity():
+    """Offloading changes no bit (the tests above) and where the moments wait changes no number, so both
+    are declared ``neutral`` on the schema: a resume from another node's $TMPDIR, or with offload
+    toggled, is the same run, and tables do not split rows by them."""
     from otmf_exp.reporting.runs import result_keys
     from otmf_exp.runtime.resume import config_hash, result_config
 
     a = result_config({"seed": 0}, {"name": "otmf", "offload": True, "offload_dir": "/scratch/a"})
     b = result_config({"seed": 0}, {"name": "otmf", "offload": True, "offload_dir": "/tmp"})
     c = result_config({"seed": 0}, {"name": "otmf", "offload": False, "offload_dir": "/tmp"})
-    assert config_hash(a) == config_hash(b) != config_hash(c)
-    assert result_keys(["method.offload_dir", "method.offload"]) == ["method.offload"]
+    d = result_config({"seed": 0}, {"name": "otmf", "offload": False, "select": "last"})
+    assert config_hash(a) == config_hash(b) == config_hash(c) != config_hash(d)
+    assert result_keys(["method.offload_dir", "method.offload", "method.select"]) == ["method.select"]
 
 
 def test_spilled_copy_round_trips_and_on_write_never_replays(tmp_path):
