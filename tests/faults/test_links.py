@@ -75,3 +75,25 @@ def test_a_fresh_run_removes_only_its_own_step_dirs(run_main, tmp_path: Path):
         rc, _, err = run_main(*RUN, f"out_dir={out}", "keep_checkpoints=last")
     assert rc == 0, err[-5:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mine", "step_002"]
+
+
+def test_the_sweep_bookkeeping_files_are_written_without_following_links(tmp_path: Path):
+    """The failed-jobs ledger and the ``append`` offset, planted as links: the ledger is refused in one
+    line; the offset's name is the sweep's own, so the link is dropped and a real file written in its
+    place. The victim is untouched either way."""
+    from otmf_exp.errors import UserError
+    from otmf_exp.runtime import sweep
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    root = tmp_path / "multirun"
+    (root / "0_otmf").mkdir(parents=True)
+    (root / "0_otmf" / "metrics.json").write_text("{}")
+    os.symlink(victim, sweep.ledger(root))
+    os.symlink(victim, root / sweep.OFFSET)
+    with untouched(victim):
+        with pytest.raises(UserError, match="failed_jobs.jsonl is a symbolic link"):
+            sweep.record_failure(root, 1, ["seed=1"], "boom", "RuntimeError")
+        sweep.check_existing(root, "append")
+    offset = root / sweep.OFFSET
+    assert not offset.is_symlink() and offset.read_text() == "1"

@@ -7,6 +7,7 @@ sweep's own process reads it at the end. The file is removed when a sweep starts
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -31,7 +32,16 @@ def record_failure(sweep_dir: str | Path, job: int, overrides: list[str], error:
     path = ledger(sweep_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"job": job, "overrides": overrides, "error": error, "kind": kind}) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        from otmf_exp.errors import UserError
+
+        if e.errno == errno.ELOOP:
+            raise UserError(
+                f"{path} is a symbolic link: a sweep appends only to a file of its own; remove it"
+            ) from None
+        raise
     try:
         os.write(fd, line.encode())
     finally:
@@ -192,7 +202,9 @@ def check_existing(sweep_dir: str | Path, mode: str) -> None:
             while (root / f"multirun.{n}.yaml").exists():
                 n += 1
             os.replace(conf, root / f"multirun.{n}.yaml")
-        (root / OFFSET).write_text(str(max(nums, default=-1) + 1))
+        from otmf_exp.runtime import files
+
+        files.write_text(root / OFFSET, str(max(nums, default=-1) + 1))  # the one no-follow writer
 
 
 def append_dir(sweep_dir: str | Path, job_dir: Path, num: int) -> Path:
