@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from otmf_exp.parity.core import Case
+from otmf_exp.parity.reference.adamerging import coefficients  # one definition, both sides
 
 TASKS = ["rot90", "flip", "invert"]  # three of digits8's towers: a few seconds a row on one core
 STEPS, BATCH = 20, 16
@@ -102,23 +103,6 @@ def setup(zoo_dir: Path, tasks: list[str], dtype: torch.dtype = torch.float32) -
             d.splits = {s: (x.to(dtype), y) for s, (x, y) in d.splits.items()}
         datas[t] = Recorder(d)
     return Setup(bb, pre, heads, datas, zoo_dir)
-
-
-ZERO_GRAD = ".k_proj.bias"  # softmax ignores it: true gradient 0, Adam turns float noise into ±lr steps
-
-
-def coefficients(trace: list[Tensor], keys: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """λ after every Adam step: ``coef/step<i>`` (task-wise) or ``coef/step<i>/<key>`` (layer-wise, one
-    column per tensor); in float32 the ``k_proj.bias`` columns are left out (see ``ZERO_GRAD``)."""
-    out = {}
-    for i, c in enumerate(trace):
-        if c.dim() == 1:
-            out[f"coef/step{i}"] = c
-            continue
-        for j, k in enumerate(keys):
-            if dtype == torch.float64 or not k.endswith(ZERO_GRAD):
-                out[f"coef/step{i}/{k}"] = c[:, j]
-    return out
 
 
 @contextmanager

@@ -7,7 +7,6 @@ sweep's own process reads it at the end. The file is removed when a sweep starts
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shlex
@@ -32,16 +31,9 @@ def record_failure(sweep_dir: str | Path, job: int, overrides: list[str], error:
     path = ledger(sweep_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"job": job, "overrides": overrides, "error": error, "kind": kind}) + "\n"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        from otmf_exp.errors import UserError
+    from otmf_exp.runtime.files import open_nofollow
 
-        if e.errno == errno.ELOOP:
-            raise UserError(
-                f"{path} is a symbolic link: a sweep appends only to a file of its own; remove it"
-            ) from None
-        raise
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line.encode())
     finally:

@@ -153,11 +153,13 @@ def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch
     return out
 
 
-ZERO_GRAD = ".k_proj.bias"
+ZERO_GRAD = ".k_proj.bias"  # softmax ignores it: true gradient 0, Adam turns float noise into ±lr steps
 
 
 def coefficients(trace: list[Tensor], keys: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """As ``otmf_exp.parity.adamerging.coefficients``: per step, per key for layer-wise λ."""
+    """λ after every Adam step: ``coef/step<i>`` (task-wise) or ``coef/step<i>/<key>`` (layer-wise, one
+    column per tensor); in float32 the ``k_proj.bias`` columns are left out (see ``ZERO_GRAD``). Our side
+    imports it from here, so both sides name their columns by one rule."""
     out = {}
     for i, c in enumerate(trace):
         if c.dim() == 1:
