@@ -11,6 +11,7 @@ write (full disk, permissions) is a :class:`UserError` naming the file and the f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -232,15 +233,22 @@ def check_writable(out_dir: Path) -> None:
     """Create ``out_dir``, refuse links among the names the run writes (:func:`refuse_links`) and
     prove a file can be written there."""
     refuse_links(out_dir)
+    probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write_probe_{uuid.uuid4().hex}"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
-        raise UserError(
-            f"output directory {out_dir} is not writable ({e.strerror}); set out_dir= or hydra.run.dir="
-        ) from None
+        fix = (
+            "free space on its disk or set out_dir="
+            if e.errno == errno.ENOSPC
+            else "set out_dir= or hydra.run.dir="
+        )
+        raise UserError(f"output directory {out_dir} is not writable ({e.strerror}); {fix}") from None
+    finally:
+        with contextlib.suppress(
+            OSError
+        ):  # also when the write failed half-way (a full disk leaves the name)
+            probe.unlink(missing_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"output directory {out_dir} is not writable; set out_dir= or hydra.run.dir=")
     refuse_links(out_dir)
