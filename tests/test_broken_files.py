@@ -111,8 +111,19 @@ def test_garbage_state_file_is_named(make_cfg, checkpointed, content):
 
 
 def test_state_file_of_another_model_is_named(make_cfg, checkpointed):
-    path = checkpointed / "checkpoints" / "step_003" / "state.safetensors"
-    save_file({"merged/not_a_parameter": torch.zeros(2)}, str(path))
+    import hashlib
+    import json
+
+    step = checkpointed / "checkpoints" / "step_003"
+    save_file({"merged/not_a_parameter": torch.zeros(2)}, str(step / "state.safetensors"))
+    with pytest.raises(
+        UserError, match=r"state\.safetensors is unreadable \(its sha256 .* swapped or damaged"
+    ):
+        run_experiment(make_cfg(*RUN, "resume=true"), checkpointed)
+    # past the digest (a progress.json rewritten to match): the keys are checked against the model
+    doc = json.loads((step / "progress.json").read_text())
+    doc["state_sha256"] = hashlib.sha256((step / "state.safetensors").read_bytes()).hexdigest()
+    (step / "progress.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match=r"state\.safetensors is unreadable \(checkpoint and model differ"):
         run_experiment(make_cfg(*RUN, "resume=true"), checkpointed)
 
