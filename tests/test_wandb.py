@@ -247,3 +247,25 @@ def test_wandb_mode_disabled_from_the_environment_writes_nothing(run_cfg, clean_
     clean_env.setenv("WANDB_MODE", "disabled")
     m, out = run_cfg("method=pretrained", "logger=wandb", *FAST)
     assert (out / "metrics.json").exists() and not (out / "wandb").exists()
+
+
+def test_a_linked_wandb_dir_is_refused_before_wandb_writes(clean_env, tmp_path):
+    """W&B writes its own files (``<dir>/wandb/...``): a planted link there or at ``logger.dir`` is one
+    line, and the link's target stays empty."""
+    import os
+
+    from otmf_exp.errors import UserError
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(victim, out / "wandb")
+    clean_env.setenv("WANDB_MODE", "offline")
+    with pytest.raises(UserError, match=r"run/wandb is a symbolic link; W&B's files are never written"):
+        WandbTracker(OmegaConf.create(_NULL)).start(_RUN, str(out))
+    linked = tmp_path / "linked_dir"
+    os.symlink(victim, linked)
+    with pytest.raises(UserError, match=r"linked_dir is a symbolic link"):
+        WandbTracker(OmegaConf.create({**_NULL, "dir": str(linked)})).start(_RUN, str(out))
+    assert list(victim.iterdir()) == []

@@ -121,6 +121,11 @@ class WandbTracker:
             return
         import wandb
 
+        for p in (Path(args["dir"]), Path(args["dir"]) / "wandb"):  # W&B writes there itself: no links
+            if p.is_symlink():
+                raise UserError(
+                    f"{p} is a symbolic link; W&B's files are never written through links: remove it or set logger.dir"
+                )
         try:
             Path(args["dir"]).mkdir(parents=True, exist_ok=True)
         except OSError as e:
