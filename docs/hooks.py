@@ -266,8 +266,15 @@ def benchmarks_section(root: Path) -> str:
 
 # ---- the mkdocs entry --------------------------------------------------------------------------------
 def _load_parity(root: Path) -> dict | None:
+    """``parity.json``'s rows, then those of ``parity-authors.json`` (``make parity-authors``) when it is there."""
     path = root / "parity.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    authors = root / "parity-authors.json"
+    if authors.is_file():
+        data = {**data, "rows": [*data.get("rows", []), *json.loads(authors.read_text()).get("rows", [])]}
+    return data
 
 
 def expand(markdown: str, root: Path = ROOT, page: str = "") -> str:

@@ -258,3 +258,15 @@ def test_pages_named_in_code_and_configs_exist():
             if not (DOCS / page).is_file():
                 missing.append(f"{path.relative_to(ROOT)}: docs/{page}")
     assert missing == []
+
+
+def test_parity_rows_of_the_authors_file_join_the_table_when_it_is_there(hooks, tmp_path):
+    row = {"name": "a", "method": "consensus", "settings": "s", "reference": "r", "compared": "c"}
+    row |= {"max_abs_diff": 1e-7, "bound": 1e-6, "ok": True, "dtype": "float32", "why": "w"}
+    (tmp_path / "parity.json").write_text(json.dumps({"rows": [row]}))
+    assert len(hooks._load_parity(tmp_path)["rows"]) == 1
+    (tmp_path / "parity-authors.json").write_text(
+        json.dumps({"rows": [row | {"name": "b", "reference": "MINGLE"}]})
+    )
+    table = hooks.parity_table(hooks._load_parity(tmp_path), {"consensus"})
+    assert "| a |" in table and "| b |" in table and "MINGLE" in table

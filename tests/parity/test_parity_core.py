@@ -96,9 +96,9 @@ def _reference_modules() -> dict[str, Path]:
 
 
 def test_every_case_is_unique_and_points_at_a_reference_function():
-    from otmf_exp.parity.driver import MODULES, collect
+    from otmf_exp.parity.driver import AUTHOR_MODULES, MODULES, collect
 
-    cases = collect(MODULES)
+    cases = collect(MODULES + AUTHOR_MODULES)
     assert len({c.name for c in cases}) == len(cases) and len(cases) >= 15
     modules = _reference_modules()
     for c in cases:
@@ -163,3 +163,16 @@ def test_md_renders_the_committed_report(capsys):
 
     rows = json.loads(report.read_text())["rows"]
     assert len(md) == 2 + len(rows) and all(r["ok"] for r in rows)
+
+
+def test_the_authors_side_loads_a_file_of_the_clone_or_says_what_is_missing(tmp_path, monkeypatch):
+    from otmf_exp.parity.reference.authors import by_path
+
+    monkeypatch.delenv("MINGLE_REPO", raising=False)
+    with pytest.raises(RuntimeError, match="MINGLE_REPO is not set"):
+        by_path("MINGLE_REPO", "a.py")
+    monkeypatch.setenv("MINGLE_REPO", str(tmp_path))
+    with pytest.raises(RuntimeError, match="MINGLE_REPO has no a.py: is it a clone of the right repository"):
+        by_path("MINGLE_REPO", "a.py")
+    (tmp_path / "a.py").write_text("VALUE = 42\n")
+    assert by_path("MINGLE_REPO", "a.py").VALUE == 42

@@ -49,8 +49,7 @@ def collect(modules: list[str]) -> list[Case]:
             if e.name != f"otmf_exp.parity.{m}":
                 raise
             raise UserError(
-                f"this checkout has no otmf_exp.parity.{m}: its rows are not in the package yet "
-                "(docs/parity.md, 'References that are not packages', names the scripts that still do them)"
+                f"this checkout has no otmf_exp.parity.{m} (docs/parity.md lists the rows the package has)"
             ) from None
         cases += module.CASES
     names = [c.name for c in cases]

@@ -12,6 +12,8 @@ import contextlib
 import importlib
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -34,6 +36,15 @@ def versions() -> dict[str, str | None]:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             out[p] = None
+    for env in ("OTMF_REPO", "MINGLE_REPO"):  # parity-authors: the clones, by commit (never by path)
+        if os.environ.get(env):
+            git = subprocess.run(
+                ["git", "-C", os.environ[env], "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            out[env] = git.stdout.strip() if git.returncode == 0 else "a copy without git history"
     return out
 
 
