@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from otmf_exp.parity.reference.zoo import Zoo, state_of, steps
+from otmf_exp.parity.reference.zoo import Zoo, continual_steps
 
 CONSENSUS = "fusion_bench/method/mingle/consensus_ta.py"
 
@@ -36,23 +36,8 @@ def by_path(env: str, rel: str) -> types.ModuleType:
 
 
 def _consensus(zoo: Zoo, scaling: float = 0.1, lmda: float = 0.2, k: int = 2) -> dict[str, torch.Tensor]:
-    from fusion_bench.modelpool import BaseModelPool
-
     mingle = by_path("MINGLE_REPO", CONSENSUS)
-    captured: list[dict[str, torch.Tensor]] = []
-
-    class Algo(mingle.ContinualConsensusTAForCLIP):
-        log_dir = None  # no loggers, nothing written
-
-        def save_merged_model(self, merged_model, step):  # its per-step hook: capture the model
-            captured.append(state_of(merged_model))
-
-    algo = Algo(
-        scaling_factor=scaling, lmda=lmda, k=k, shuffle_order=False, seed=None, save_on_every_step=True
-    )
-    algo._program = types.SimpleNamespace(taskpool=types.SimpleNamespace(_test_datasets={}))
-    algo.run(BaseModelPool(models=zoo.towers()))
-    return steps(captured)
+    return continual_steps(mingle.ContinualConsensusTAForCLIP, zoo, scaling_factor=scaling, lmda=lmda, k=k)
 
 
 def consensus_continual(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:

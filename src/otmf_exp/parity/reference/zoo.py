@@ -106,6 +106,27 @@ def steps(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"step{i}/{k}": v for i, sd in enumerate(states, start=1) for k, v in sd.items()}
 
 
+def continual_steps(cls: type, zoo: Zoo, **kwargs) -> dict[str, torch.Tensor]:
+    """Run a FusionBench-style continual algorithm ``cls(**kwargs)`` (with ``save_on_every_step``) on the
+    zoo's towers in order, no loggers, nothing written: the merged tower after every step (:func:`steps`)."""
+    import types
+
+    from fusion_bench.modelpool import BaseModelPool
+
+    captured: list[dict[str, torch.Tensor]] = []
+
+    class Captured(cls):
+        log_dir = None  # no loggers, nothing written
+
+        def save_merged_model(self, merged_model, step):  # its per-step hook: capture the model
+            captured.append(state_of(merged_model))
+
+    algo = Captured(shuffle_order=False, seed=None, save_on_every_step=True, **kwargs)
+    algo._program = types.SimpleNamespace(taskpool=types.SimpleNamespace(_test_datasets={}))
+    algo.run(BaseModelPool(models=zoo.towers()))
+    return steps(captured)
+
+
 def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Save named tensors (contiguous, detached) as safetensors."""
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
