@@ -5,7 +5,7 @@ side's seed samples and batch plans. Replaced, as plumbing only: the model pool,
 CLIP classifier (a stand-in computing the same logits from the zoo's zero-shot heads, which have the
 logit scale folded in), the seed-subset choice and the DataLoader (our batches), the fabric.
 
-    PYTHONPATH=<MINGLE checkout> /work/fbvenv/bin/python scripts/compare/adamerging_mingle.py ZOO OURS_DIR OUT_DIR
+    PYTHONPATH=<MINGLE checkout> .venv-parity/bin/python scripts/compare/adamerging_mingle.py ZOO OURS_DIR OUT_DIR
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ run on the exported digits8 zoo with our side's batch plans; their own classes a
 (``Program.task_wise_adamerging_sequential``, the layer-wise ``main``, ``TaskWiseMergedModel``, their
 ``AdaMerging``/``ModelWrapper``, ``ClassificationHead``); only data and checkpoint plumbing is replaced.
 
-    PYTHONPATH=<OT_fusion>/scripts:<OT_fusion>:<dir with geomloss> /work/fbvenv/bin/python \\
+    PYTHONPATH=<OT_fusion>/scripts:<OT_fusion>:<dir with geomloss> .venv-parity/bin/python \\
         scripts/compare/adamerging_otmf_authors.py ZOO OURS_DIR OUT_DIR
 """
 

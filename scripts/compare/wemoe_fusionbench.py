@@ -1,7 +1,7 @@
 """Side-by-side: our ``method=wemoe`` against the references' own modules on the exported digits8 zoo.
 
     .venv/bin/python -m otmf_exp.offline.zoo export ZOO
-    /work/fbvenv/bin/python scripts/compare/wemoe_fusionbench.py ZOO [MINGLE_GIT_DIR]
+    .venv-parity/bin/python scripts/compare/wemoe_fusionbench.py ZOO MINGLE_GIT_DIR
 
 Half one (this interpreter, FusionBench 0.2.33) builds the references' merged towers from the zoo:
   * joint: θ₀ + 0.3·Σ τ_i (FusionBench's ``task_arithmetic_merge``, whose strict key/type check refuses
@@ -205,7 +205,9 @@ def main() -> None:
         print(sys.argv[4], json.dumps(ours(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]), indent=1))
         return
     zoo = Path(sys.argv[1])
-    mingle = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/work/.mirror/zihuanqiu+MINGLE/repo")
+    if len(sys.argv) < 3:
+        sys.exit("usage: .venv-parity/bin/python scripts/compare/wemoe_fusionbench.py ZOO MINGLE_GIT_DIR")
+    mingle = Path(sys.argv[2])
     for dtype in ("float32", "float64"):  # float64: the arithmetic is the same, not only close
         with tempfile.TemporaryDirectory() as tmp:
             ref = Path(tmp) / "ref.safetensors"
