@@ -119,4 +119,5 @@ parity-md: setup ## parity.json as a Markdown table (what the docs show)
 parity-authors: setup ## rows against the authors' code: make parity-authors OTMF_REPO=DIR MINGLE_REPO=DIR
 	@OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --check-repos
 	$(MAKE) $(PARITY_PY)
+	$(PARITY_PY) -m pip install -q $(TORCH) geomloss open_clip_torch matplotlib  # the OTMF scripts import them
 	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --python $(PARITY_PY)

@@ -115,6 +115,8 @@ def test_reference_modules_import_only_what_the_fusionbench_venv_has():
     allowed = {"torch", "transformers", "safetensors", "fusion_bench", "fusion_bench_config", "omegaconf"}
     allowed |= {"lightning", "peft"}  # FusionBench 0.2.33's own dependencies (its fabric, its LoRA)
     allowed |= set(sys.stdlib_module_names)
+    # parity-authors' child processes import the clones' own code (OT_fusion's src/ and scripts/)
+    clones = {"src", "clip_task_wise_adamerging_sequential", "clip_layer_wise_adamerging_sequential"}
     for name, path in _reference_modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -125,6 +127,7 @@ def test_reference_modules_import_only_what_the_fusionbench_venv_has():
                 continue
             for r in roots:
                 ok = r.split(".")[0] in allowed or r.startswith("otmf_exp.parity.reference")
+                ok = ok or (name.endswith(".authors_adamerging") and r.split(".")[0] in clones)
                 assert ok, f"{name} imports {r}"
     for pkg in ("otmf_exp", "otmf_exp.parity", "otmf_exp.parity.reference"):
         tree = ast.parse(Path(importlib.util.find_spec(pkg).origin).read_text())
@@ -176,3 +179,26 @@ def test_the_authors_side_loads_a_file_of_the_clone_or_says_what_is_missing(tmp_
         by_path("MINGLE_REPO", "a.py")
     (tmp_path / "a.py").write_text("VALUE = 42\n")
     assert by_path("MINGLE_REPO", "a.py").VALUE == 42
+
+
+def test_the_authors_adamerging_layout_is_one_for_both_sides(monkeypatch, tmp_path):
+    from otmf_exp.parity.reference import authors_adamerging as ref
+
+    keys = ["a.weight", "layers.0.k_proj.bias", "b.bias"]
+    layer = torch.arange(6.0).reshape(2, 3)  # [2 pools, P keys], as merged
+    x1, x2, x3 = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 2.0)
+    out = ref.named(
+        [layer, torch.tensor([0.5, 0.75])],
+        [{"a.weight": torch.ones(1)}, {"a.weight": torch.zeros(1)}],
+        2,
+        {"a.weight": torch.ones(1)},
+        [("rot90", x1), ("flip", x2), ("rot90", x3)],
+        keys,
+    )
+    assert out["coef/0000"].tolist() == [0.0, 2.0, 3.0, 5.0]  # the k_proj.bias column is left out
+    assert out["coef/0001"].tolist() == [0.5, 0.75]  # task-wise λ unchanged
+    assert set(out) >= {"tau/2/a.weight", "tau/3/a.weight", "weights/a.weight"} and "tau/1/a.weight" not in out
+    assert torch.equal(out["batch/rot90/0001"], x3) and torch.equal(out["batch/flip/0000"], x2)
+    monkeypatch.delenv("OTMF_REPO", raising=False)
+    with pytest.raises(RuntimeError, match="OTMF_REPO is not set"):
+        ref.otmf_task(tmp_path, tmp_path)
