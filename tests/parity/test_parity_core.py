@@ -197,7 +197,9 @@ def test_the_authors_adamerging_layout_is_one_for_both_sides(monkeypatch, tmp_pa
     )
     assert out["coef/0000"].tolist() == [0.0, 2.0, 3.0, 5.0]  # the k_proj.bias column is left out
     assert out["coef/0001"].tolist() == [0.5, 0.75]  # task-wise λ unchanged
-    assert set(out) >= {"tau/2/a.weight", "tau/3/a.weight", "weights/a.weight"} and "tau/1/a.weight" not in out
+    assert (
+        set(out) >= {"tau/2/a.weight", "tau/3/a.weight", "weights/a.weight"} and "tau/1/a.weight" not in out
+    )
     assert torch.equal(out["batch/rot90/0001"], x3) and torch.equal(out["batch/flip/0000"], x2)
     monkeypatch.delenv("OTMF_REPO", raising=False)
     with pytest.raises(RuntimeError, match="OTMF_REPO is not set"):
