@@ -185,3 +185,32 @@ def test_a_second_thread_setting_joins_the_earlier_table():
     got = peer_cli.keep_other_threads(old, new)
     assert got["table"] == {"1": {"x": 1}, "auto": {"x": 2}} and got["command"] == "c1; then c2"
     assert peer_cli.keep_other_threads(old | {"quick": False}, new) is new  # other size: replaced
+
+
+def test_peer_rows_name_our_method_and_a_fusionbench_class_or_function():
+    from otmf_exp.benchmark import peer_fb
+    from otmf_exp.benchmark.peer_methods import NOT_YET
+    from otmf_exp.merging import METHODS
+
+    assert {"dop", "consensus"} <= set(PEER) and not set(PEER) & set(NOT_YET)
+    for name, row in PEER.items():
+        assert row.method in METHODS and row.protocol in ("joint", "continual"), name
+        assert row.fb_class.startswith("fusion_bench.method."), name
+    assert PEER["dop"].overrides["steps"] == PEER["dop"].fb_kwargs["num_steps"]  # equal work
+    module, fn = PEER["consensus"].fb_call.split(":")
+    assert module == peer_fb.__name__ and callable(getattr(peer_fb, fn))
+
+
+def test_parity_bounds_and_the_targets_cell(tmp_path):
+    from otmf_exp.benchmark.peer_markdown import target
+
+    (tmp_path / "parity.json").write_text(
+        '{"rows": [{"name": "ties", "bound": 1e-6}, {"name": "ties_f64", "bound": 1e-12}]}'
+    )
+    assert peer_cli.parity_bounds(tmp_path / "parity.json") == {"ties": 1e-6}
+    assert peer_cli.parity_bounds(tmp_path / "none.json") == {}
+    r = {"time_ratio": 0.5, "peak_ratio": 0.9}
+    assert target(r, 1e-7, 1e-6, "1") == "time yes, peak no, Δw ok"
+    assert target(r, 1e-5, 1e-6, "1").endswith("Δw > 1e-06")
+    assert target(r, None, 1e-6, "1").endswith("Δw not compared")
+    assert target(r, 1e-7, 1e-6, "auto") == "— (judged at 1 thread)"

@@ -80,6 +80,22 @@ def _algorithm(row: str):
     return algo
 
 
+def consensus(pool) -> dict:
+    """Consensus TA through FusionBench's TALL-mask functions (parity's reference drives them) on the
+    pool's models: θ₀ + 0.3·(τ_MTL ⊙ [#masks ≥ 2]), λ_t = 0.6."""
+    from otmf_exp.parity.reference.task_arithmetic import _consensus
+    from otmf_exp.parity.reference.zoo import PRETRAINED
+
+    class Towers:  # the parity reference's zoo interface over the pool (loads timed as loading)
+        def towers(self) -> dict:
+            return {
+                PRETRAINED: pool.load_model(PRETRAINED),
+                **{n: pool.load_model(n) for n in pool.model_names},
+            }
+
+    return _consensus(Towers(), bug=False)
+
+
 def run(spec: dict) -> dict:
     import psutil
     import torch
@@ -112,15 +128,22 @@ def run(spec: dict) -> dict:
         return out
 
     pool.load_model = timed_load
-    algo = _algorithm(spec["row"])
+    from otmf_exp.benchmark.peer_methods import PEER
+
+    call = PEER[spec["row"]].fb_call
+    if call:
+        module, fn = call.split(":")
+        merge = getattr(importlib.import_module(module), fn)
+    else:
+        merge = _algorithm(spec["row"]).run
     baseline = psutil.Process().memory_info().rss / 2**20
     with measure(torch.device("cpu")) as usage:
-        merged = algo.run(pool)
-    if isinstance(merged, dict):  # some classes return {"merged": model, ...}
-        merged = merged.get("merged", merged)
+        merged = merge(pool)
+    if isinstance(merged, dict) and "merged" in merged:  # some classes return {"merged": model, ...}
+        merged = merged["merged"]
     if spec.get("merged_to"):
-        sd = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-        save_file(sd, spec["merged_to"])
+        sd = merged if isinstance(merged, dict) else merged.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, spec["merged_to"])
     return {
         "merge_s": usage.wall_s - loading,
         "load_s": loading,
