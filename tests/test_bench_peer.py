@@ -41,7 +41,7 @@ def test_best_is_min_of_each_measure_and_ratios_use_it():
         }
     }
     t = peer.tabulate(raw)
-    assert t["1"]["ties"]["ours"] == {"merge_s": 2.0, "peak_mb": 90.0, "n": 2}
+    assert t["1"]["ties"]["ours"] == {"merge_s": 2.0, "peak_mb": 90.0, "n": 2, "threads": None}
     assert t["1"]["ties"]["time_ratio"] == pytest.approx(0.5)
     assert t["1"]["ties"]["peak_ratio"] == pytest.approx(0.6)
     assert "opcm" not in t["1"]  # one side missing: no ratio claimed
@@ -214,3 +214,11 @@ def test_parity_bounds_and_the_targets_cell(tmp_path):
     assert target(r, 1e-5, 1e-6, "1").endswith("Δw > 1e-06")
     assert target(r, None, 1e-6, "1").endswith("Δw not compared")
     assert target(r, 1e-7, 1e-6, "auto") == "— (judged at 1 thread)"
+
+
+def test_auto_threads_is_the_fresh_default_not_this_process_setting(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho ${OMP_NUM_THREADS:-7}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert peer.auto_threads(str(fake)) == 7

@@ -41,7 +41,7 @@ def peer_section(res: dict, table) -> list[str]:
             rows.append(
                 {
                     "method": name,
-                    "threads": th,
+                    "threads": th if th != "auto" else f"auto ({o.get('threads')} / {f.get('threads')})",
                     "ours s": _f(o["merge_s"]),
                     "FusionBench s": _f(f["merge_s"]),
                     "time ours/FB": _f(r["time_ratio"], 3),
@@ -64,7 +64,8 @@ def peer_section(res: dict, table) -> list[str]:
         "torch 2.14.1, fusion-bench 0.2.33). Each cell is the min over "
         f"{p['repeats']} rounds; in every round both sides run in a fresh process back to back (ours first "
         "in even rounds, FusionBench first in odd ones), so a load shift on a shared machine falls on both "
-        "sides of a ratio: the ratios are the claim, not the seconds. Time = the method's whole merge with "
+        "sides of a ratio: the ratios are the claim, not the seconds. threads auto = torch's default thread "
+        "count in a fresh process of each side's Python (shown as ours / FusionBench), set explicitly. Time = the method's whole merge with "
         "model loading excluded on both sides (ours: the runner's `time_s`, θ_t loaded outside the timed "
         "step or its lazy-stream loading time subtracted; FusionBench: `run()` minus the time inside the "
         "pool's `load_model`). Peak = the process's sampled peak RSS during the merge. "
