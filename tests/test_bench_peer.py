@@ -222,3 +222,28 @@ def test_auto_threads_is_the_fresh_default_not_this_process_setting(tmp_path, mo
     fake.chmod(0o755)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert peer.auto_threads(str(fake)) == 7
+
+
+def test_batches_file_round_trip_is_the_stream_the_method_draws(tmp_path):
+    """The file FusionBench's side reads holds exactly the examples our Fisher draws, in its order."""
+    from otmf_exp.benchmark.peer_data import read_batches, write_batches
+    from otmf_exp.data.base import example_batches
+    from otmf_exp.merging.base import MethodContext
+    from otmf_exp.offline.synthetic import SyntheticTaskData
+
+    sizes = {"train": 12, "validation": 2, "test": 2}
+    opts = {"num_examples": 8, "batch_size": 3, "shuffle": True}
+    path = tmp_path / "batches.safetensors"
+    assert write_batches("vit_b32_l4", 2, "fisher", opts, path, sizes) == 2 * 3  # ceil(8/3) per task
+    ctx = MethodContext(None, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, seed=0)
+    data = SyntheticTaskData("task01", 224, sizes=sizes)
+    want = [
+        (b["inputs"][j], int(b["labels"][j]))
+        for b in example_batches(data, "train", 8, 3, shuffle=True, seed=ctx.seed_for("fisher", "task01"))
+        for j in range(len(b["labels"]))
+    ]
+    got = read_batches(path, "task01")
+    assert len(got) == len(want) == 9
+    assert all(torch.equal(g[0], w[0]) and g[1] == w[1] for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="no batches of task 'task07'"):
+        read_batches(path, "task07")
