@@ -197,8 +197,11 @@ def test_peer_rows_name_our_method_and_a_fusionbench_class_or_function():
         assert row.method in METHODS and row.protocol in ("joint", "continual"), name
         assert row.fb_class.startswith("fusion_bench.method."), name
     assert PEER["dop"].overrides["steps"] == PEER["dop"].fb_kwargs["num_steps"]  # equal work
-    module, fn = PEER["consensus"].fb_call.split(":")
-    assert module == peer_fb.__name__ and callable(getattr(peer_fb, fn))
+    calls = [r.fb_call for r in PEER.values() if r.fb_call]
+    assert len(calls) >= 3 and all(r.fb_call for r in PEER.values() if r.data)  # data rows: FB's loops
+    for call in calls:
+        module, fn = call.split(":")
+        assert module == peer_fb.__name__ and callable(getattr(peer_fb, fn))
 
 
 def test_parity_bounds_and_the_targets_cell(tmp_path):

@@ -109,10 +109,14 @@ def measure_peer(
     return {"raw": raw, "table": tabulate(raw), "max_abs_diff": diffs}
 
 
-def export_models(fb_python: str, arch: str, tasks: int, root: Path, log: Callable[[str], None]) -> None:
-    """θ₀ and θ_t saved once for FusionBench's pool (outside every timed run)."""
+def export_models(
+    fb_python: str, arch: str, tasks: int, root: Path, log: Callable[[str], None], rows: list[str] = ()
+) -> None:
+    """θ₀ and θ_t saved once for FusionBench's pool (outside every timed run), and for the data-driven
+    ``rows`` the batches our method draws and the synthetic heads (:mod:`peer_data`)."""
     import shutil
 
+    from otmf_exp.benchmark.peer_data import HEADS, write_batches, write_heads
     from otmf_exp.benchmark.peer_fb import write_weights
     from otmf_exp.benchmark.runs import _run_reference
 
@@ -121,6 +125,14 @@ def export_models(fb_python: str, arch: str, tasks: int, root: Path, log: Callab
     spec = {"arch": arch, "tasks": tasks, "weights": str(weights), "dir": str(root), "label": "peer export"}
     _run_reference("otmf_exp.benchmark.peer_fb", "FusionBench model export", spec, fb_python, log, "export")
     shutil.rmtree(weights)
+    data_rows = [n for n in rows if PEER[n].data]
+    if data_rows:  # the batches each data-driven row's method draws, and the heads, for theirs
+        write_heads(arch, tasks, root / HEADS)
+        for n in data_rows:
+            got = write_batches(
+                arch, tasks, PEER[n].method, PEER[n].overrides, root / f"{n}.batches.safetensors"
+            )
+            log(f"peer {n}: {got} batches saved for FusionBench's side")
 
 
 def auto_threads(python: str) -> int:

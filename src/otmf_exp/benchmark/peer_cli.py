@@ -95,7 +95,7 @@ def main_peer(args: argparse.Namespace, argv: list[str], root: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         log(f"exporting {size['tasks'] + 1} {size['arch']} checkpoints for FusionBench's pool")
-        export_models(args.fusionbench_python, size["arch"], size["tasks"], models, log)
+        export_models(args.fusionbench_python, size["arch"], size["tasks"], models, log, rows)
         peer = measure_peer(
             rows,
             threads,

@@ -71,3 +71,19 @@ def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:
         x, y = saved[f"{task}/{i}/inputs"], saved[f"{task}/{i}/labels"]
         out += [(x[j], int(y[j])) for j in range(len(y))]
     return out
+
+
+HEADS = "heads.safetensors"  #: zero-shot heads (logit scale folded in) + ``_projection_`` of θ₀
+
+
+def write_heads(arch: str, tasks: int, path: Path) -> None:
+    """Our synthetic zero-shot heads per task and θ₀'s visual projection, for FusionBench's
+    ``compute_logits`` (its ``logit_scale_exp`` then 1, as parity's reference does)."""
+    from safetensors.torch import save_file
+
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+
+    bb = SyntheticBackbone(arch, "cpu")
+    out = {t: bb.zero_shot_head(bb.task_data(t)).contiguous() for t in model_names(tasks)[1:]}
+    out["_projection_"] = bb.module.visual_projection.weight.detach().contiguous()
+    save_file(out, str(path))

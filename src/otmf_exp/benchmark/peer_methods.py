@@ -24,6 +24,8 @@ class PeerRow:
     #: FusionBench has no class for it: ``module:function`` called with the pool, returning the merged
     #: state dict (FusionBench's own functions inside; ``fb_class`` then names those functions)
     fb_call: str | None = None
+    #: data-driven: ours draws batches on the synthetic tasks; the bench saves the same ones for theirs
+    data: bool = False
 
 
 FB = "fusion_bench.method"
@@ -97,12 +99,28 @@ PEER: dict[str, PeerRow] = {
         f"{FB}.tall_mask.utils.construct_consensus_mask",
         fb_call="otmf_exp.benchmark.peer_fb:consensus",
     ),
+    # data-driven, joint: defaults (256 examples, batch 32, train split: the synthetic tasks' 64 images,
+    # so 2 batches per task on both sides); FusionBench's per-task loops fed our batches (parity's plumbing)
+    "fisher": PeerRow(
+        "fisher",
+        "joint",
+        {},
+        f"{FB}.fisher_merging.fisher_merging.merging_with_fisher_weights",
+        fb_call="otmf_exp.benchmark.peer_fb:fisher",
+        data=True,
+    ),
+    "regmean": PeerRow(
+        "regmean",
+        "joint",
+        {},
+        f"{FB}.regmean.regmean.merging_with_regmean_weights",
+        fb_call="otmf_exp.benchmark.peer_fb:regmean",
+        data=True,
+    ),
 }
 #: methods both packages have that the peer table does not time yet (they need FusionBench's
 #: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
 NOT_YET = (
-    "fisher",
-    "regmean",
     "adamerging (task)",
     "adamerging (layer)",
     "adamerging++",
