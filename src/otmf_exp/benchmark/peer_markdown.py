@@ -73,7 +73,12 @@ def peer_section(res: dict, table) -> list[str]:
         "against the bound of the method's float32 row in parity.json. Settings per row: "
         "dop = 200 Adam steps per Linear and step on both sides (dop.yaml defaults, given order, seed 0; "
         "ours svd_rank=below, fusionbench_compat=true); consensus = FusionBench's TALL-mask functions "
-        "(it has no Consensus class) driven as parity's reference does.",
+        "(it has no Consensus class) driven as parity's reference does; fisher, regmean = defaults (256 "
+        "examples, batch 32, train split) on the synthetic tasks' 64 training images, so 2 batches per task "
+        "on both sides: ours draws them (random images generated per example, inside its timed merge), "
+        "FusionBench's per-task loops (get_fisher_weights, get_regmean_weights, then its merging_with_* "
+        "function) get exactly those batches from a file written before the timed runs, its reading "
+        "counted as loading.",
         "",
         "FusionBench classes: " + ", ".join(f"{n} = `{c}`" for n, c in sorted(fb.items())) + ".",
         "",
