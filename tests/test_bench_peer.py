@@ -41,7 +41,7 @@ def test_best_is_min_of_each_measure_and_ratios_use_it():
         }
     }
     t = peer.tabulate(raw)
-    assert t["1"]["ties"]["ours"] == {"merge_s": 2.0, "peak_mb": 90.0, "n": 2}
+    assert t["1"]["ties"]["ours"] == {"merge_s": 2.0, "peak_mb": 90.0, "n": 2, "threads": None}
     assert t["1"]["ties"]["time_ratio"] == pytest.approx(0.5)
     assert t["1"]["ties"]["peak_ratio"] == pytest.approx(0.6)
     assert "opcm" not in t["1"]  # one side missing: no ratio claimed
@@ -185,3 +185,68 @@ def test_a_second_thread_setting_joins_the_earlier_table():
     got = peer_cli.keep_other_threads(old, new)
     assert got["table"] == {"1": {"x": 1}, "auto": {"x": 2}} and got["command"] == "c1; then c2"
     assert peer_cli.keep_other_threads(old | {"quick": False}, new) is new  # other size: replaced
+
+
+def test_peer_rows_name_our_method_and_a_fusionbench_class_or_function():
+    from otmf_exp.benchmark import peer_fb
+    from otmf_exp.benchmark.peer_methods import NOT_YET
+    from otmf_exp.merging import METHODS
+
+    assert {"dop", "consensus"} <= set(PEER) and not set(PEER) & set(NOT_YET)
+    for name, row in PEER.items():
+        assert row.method in METHODS and row.protocol in ("joint", "continual"), name
+        assert row.fb_class.startswith("fusion_bench.method."), name
+    assert PEER["dop"].overrides["steps"] == PEER["dop"].fb_kwargs["num_steps"]  # equal work
+    calls = [r.fb_call for r in PEER.values() if r.fb_call]
+    assert len(calls) >= 3 and all(r.fb_call for r in PEER.values() if r.data)  # data rows: FB's loops
+    for call in calls:
+        module, fn = call.split(":")
+        assert module == peer_fb.__name__ and callable(getattr(peer_fb, fn))
+
+
+def test_parity_bounds_and_the_targets_cell(tmp_path):
+    from otmf_exp.benchmark.peer_markdown import target
+
+    (tmp_path / "parity.json").write_text(
+        '{"rows": [{"name": "ties", "bound": 1e-6}, {"name": "ties_f64", "bound": 1e-12}]}'
+    )
+    assert peer_cli.parity_bounds(tmp_path / "parity.json") == {"ties": 1e-6}
+    assert peer_cli.parity_bounds(tmp_path / "none.json") == {}
+    r = {"time_ratio": 0.5, "peak_ratio": 0.9}
+    assert target(r, 1e-7, 1e-6, "1") == "time yes, peak no, Δw ok"
+    assert target(r, 1e-5, 1e-6, "1").endswith("Δw > 1e-06")
+    assert target(r, None, 1e-6, "1").endswith("Δw not compared")
+    assert target(r, 1e-7, 1e-6, "auto") == "— (judged at 1 thread)"
+
+
+def test_auto_threads_is_the_fresh_default_not_this_process_setting(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho ${OMP_NUM_THREADS:-7}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert peer.auto_threads(str(fake)) == 7
+
+
+def test_batches_file_round_trip_is_the_stream_the_method_draws(tmp_path):
+    """The file FusionBench's side reads holds exactly the examples our Fisher draws, in its order."""
+    from otmf_exp.benchmark.peer_data import read_batches, write_batches
+    from otmf_exp.data.base import example_batches
+    from otmf_exp.merging.base import MethodContext
+    from otmf_exp.offline.synthetic import SyntheticTaskData
+
+    sizes = {"train": 12, "validation": 2, "test": 2}
+    opts = {"num_examples": 8, "batch_size": 3, "shuffle": True}
+    path = tmp_path / "batches.safetensors"
+    assert write_batches("vit_b32_l4", 2, "fisher", opts, path, sizes) == 2 * 3  # ceil(8/3) per task
+    ctx = MethodContext(None, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, seed=0)
+    data = SyntheticTaskData("task01", 224, sizes=sizes)
+    want = [
+        (b["inputs"][j], int(b["labels"][j]))
+        for b in example_batches(data, "train", 8, 3, shuffle=True, seed=ctx.seed_for("fisher", "task01"))
+        for j in range(len(b["labels"]))
+    ]
+    got = read_batches(path, "task01")
+    assert len(got) == len(want) == 9
+    assert all(torch.equal(g[0], w[0]) and g[1] == w[1] for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="no batches of task 'task07'"):
+        read_batches(path, "task07")

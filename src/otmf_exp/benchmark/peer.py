@@ -41,6 +41,7 @@ def best(runs: list[dict]) -> dict:
         "merge_s": min(r["merge_s"] for r in runs),
         "peak_mb": min(r["peak_mb"] for r in runs),
         "n": len(runs),
+        "threads": runs[0].get("threads"),
     }
 
 
@@ -108,10 +109,14 @@ def measure_peer(
     return {"raw": raw, "table": tabulate(raw), "max_abs_diff": diffs}
 
 
-def export_models(fb_python: str, arch: str, tasks: int, root: Path, log: Callable[[str], None]) -> None:
-    """θ₀ and θ_t saved once for FusionBench's pool (outside every timed run)."""
+def export_models(
+    fb_python: str, arch: str, tasks: int, root: Path, log: Callable[[str], None], rows: list[str] = ()
+) -> None:
+    """θ₀ and θ_t saved once for FusionBench's pool (outside every timed run), and for the data-driven
+    ``rows`` the batches our method draws and the synthetic heads (:mod:`peer_data`)."""
     import shutil
 
+    from otmf_exp.benchmark.peer_data import HEADS, write_batches, write_heads
     from otmf_exp.benchmark.peer_fb import write_weights
     from otmf_exp.benchmark.runs import _run_reference
 
@@ -120,17 +125,44 @@ def export_models(fb_python: str, arch: str, tasks: int, root: Path, log: Callab
     spec = {"arch": arch, "tasks": tasks, "weights": str(weights), "dir": str(root), "label": "peer export"}
     _run_reference("otmf_exp.benchmark.peer_fb", "FusionBench model export", spec, fb_python, log, "export")
     shutil.rmtree(weights)
+    data_rows = [n for n in rows if PEER[n].data]
+    if data_rows:  # the batches each data-driven row's method draws, and the heads, for theirs
+        write_heads(arch, tasks, root / HEADS)
+        for n in data_rows:
+            got = write_batches(
+                arch, tasks, PEER[n].method, PEER[n].overrides, root / f"{n}.batches.safetensors"
+            )
+            log(f"peer {n}: {got} batches saved for FusionBench's side")
+
+
+def auto_threads(python: str) -> int:
+    """torch's default thread count in a fresh ``python`` (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of
+    this process removed: they would pass on to the child and make "auto" whatever the caller set)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    cmd = [python, "-c", "import torch; print(torch.get_num_threads())"]
+    return int(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
 def side_runner(
     fb_python: str, models: Path, base: dict, log: Callable[[str], None] = lambda m: None
 ) -> Side:
     """``run_side`` for :func:`measure_peer`: ours through the runner, theirs through ``peer_fb``.
-    ``base`` carries arch, tasks, device and eval_batch_size; ``threads`` "auto" leaves torch's default."""
+    ``base`` carries arch, tasks, device and eval_batch_size; ``threads`` "auto" = torch's default count
+    in a fresh process of each side's Python (:func:`auto_threads`, set explicitly, recorded)."""
+    import sys
+
     from otmf_exp.benchmark.runs import _run_reference, run_method
 
+    auto: dict[str, int] = {}
+
     def run_side(side: str, row: PeerRow, threads: Any, rnd: int, merged_to: str | None) -> dict:
-        th = None if threads == "auto" else int(threads)
+        py = fb_python if side == "fusionbench" else sys.executable
+        if threads == "auto" and py not in auto:
+            auto[py] = auto_threads(py)
+        th = auto[py] if threads == "auto" else int(threads)
         name = next(k for k, v in PEER.items() if v is row)
         label = f"peer {name} {side} threads={threads} round {rnd}"
         if side == "fusionbench":
@@ -138,11 +170,11 @@ def side_runner(
             got = _run_reference(
                 "otmf_exp.benchmark.peer_fb", "FusionBench peer", spec, fb_python, log, "run"
             )
-            return {k: got[k] for k in ("merge_s", "peak_mb", "baseline_mb", "load_s")}
+            return {k: got[k] for k in ("merge_s", "peak_mb", "baseline_mb", "load_s", "threads")}
         spec = base | {
             "kind": row.protocol,
             "method": row.method,
-            "overrides": row.overrides | {"/threads": threads},
+            "overrides": row.overrides | {"/threads": th},
             "threads": th,
             "label": label,
             "merged_to": merged_to,
@@ -152,6 +184,7 @@ def side_runner(
             "merge_s": sum(s["wall_s"] for s in got["steps"]),
             "peak_mb": max(s["peak_mb"] for s in got["steps"]),
             "baseline_mb": got["baseline_mb"],
+            "threads": th,
         }
 
     return run_side

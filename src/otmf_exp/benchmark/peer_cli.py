@@ -58,6 +58,14 @@ def keep_other_threads(old: dict | None, new: dict) -> dict:
     return merged
 
 
+def parity_bounds(path: Path) -> dict[str, float]:
+    """Each peer row's bound from ``parity.json`` (the float32 row of the same name), {} without it."""
+    if not path.is_file():
+        return {}
+    rows = {r["name"]: r for r in json.loads(path.read_text()).get("rows", [])}
+    return {n: float(rows[n]["bound"]) for n in PEER if n in rows and rows[n].get("bound") is not None}
+
+
 def main_peer(args: argparse.Namespace, argv: list[str], root: Path) -> int:
     from otmf_exp.benchmark.markdown import render, scrub
     from otmf_exp.benchmark.report import summarise
@@ -87,7 +95,7 @@ def main_peer(args: argparse.Namespace, argv: list[str], root: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         log(f"exporting {size['tasks'] + 1} {size['arch']} checkpoints for FusionBench's pool")
-        export_models(args.fusionbench_python, size["arch"], size["tasks"], models, log)
+        export_models(args.fusionbench_python, size["arch"], size["tasks"], models, log, rows)
         peer = measure_peer(
             rows,
             threads,
@@ -104,6 +112,7 @@ def main_peer(args: argparse.Namespace, argv: list[str], root: Path) -> int:
         "repeats": repeats,
         "threads": [str(t) for t in threads],
         "machine": machine("cpu"),
+        "parity_bound": parity_bounds(root / "parity.json"),
         **size,
     }
     path = out / "benchmarks.json"

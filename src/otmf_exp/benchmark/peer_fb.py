@@ -80,6 +80,117 @@ def _algorithm(row: str):
     return algo
 
 
+def consensus(pool, spec: dict) -> dict:
+    """Consensus TA through FusionBench's TALL-mask functions (parity's reference drives them) on the
+    pool's models: θ₀ + 0.3·(τ_MTL ⊙ [#masks ≥ 2]), λ_t = 0.6."""
+    from otmf_exp.parity.reference.task_arithmetic import _consensus
+    from otmf_exp.parity.reference.zoo import PRETRAINED
+
+    class Towers:  # the parity reference's zoo interface over the pool (loads timed as loading)
+        def towers(self) -> dict:
+            return {
+                PRETRAINED: pool.load_model(PRETRAINED),
+                **{n: pool.load_model(n) for n in pool.model_names},
+            }
+
+    return _consensus(Towers(), bug=False)
+
+
+def _clip_setup(alg, root: Path) -> None:
+    """Parity's plumbing (identity Fabric and processor) with our synthetic heads and projection."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from otmf_exp.benchmark.peer_data import HEADS
+    from otmf_exp.parity.reference.fisher_regmean import _Fabric
+
+    heads = load_file(str(root / HEADS))
+    proj = heads.pop("_projection_")
+    alg._fabric_instance = _Fabric()
+    alg._clip_processor = lambda x: x
+    alg.visual_projection = nn.Linear(proj.shape[1], proj.shape[0], bias=False)
+    alg.visual_projection.weight.data.copy_(proj)
+    alg.logit_scale_exp = __import__("torch").tensor(1.0)
+    alg.zeroshot_weights = heads
+
+
+def _data_merge(pool, spec: dict, alg, weights_of, merge) -> dict:
+    """Per task: θ_t from the pool, its batches (read time counted as loading), ``weights_of``; then
+    ``merge(params, per-task weights)``: FusionBench's Fisher/RegMean loop on our batches."""
+    from otmf_exp.benchmark.peer_data import read_batches
+
+    root = Path(spec["dir"])
+    _clip_setup(alg, root)
+    params: dict = {}
+    got = []
+    for t in pool.model_names:
+        model = pool.load_model(t)
+        for k, v in model.state_dict().items():
+            params.setdefault(k, []).append(v.detach().clone())
+        t0 = time.perf_counter()
+        data = read_batches(root / f"{spec['row']}.batches.safetensors", t)
+        spec["_loading"] += time.perf_counter() - t0
+        got.append(weights_of(alg, t, model, data))
+    return merge(params, got)
+
+
+def fisher(pool, spec: dict) -> dict:
+    """FusionBench's ``get_fisher_weights`` per task on our batches, ``merging_with_fisher_weights``."""
+    import torch
+    from fusion_bench.method.fisher_merging.clip_fisher_merging import FisherMergingForCLIPVisionModel
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+
+    from otmf_exp.parity.reference.fisher_regmean import _loader_kwargs
+
+    alg = FisherMergingForCLIPVisionModel(
+        exclude_param_names_regex=[],
+        normalize_fisher_weight=True,
+        minimal_fisher_weight=1e-6,
+        num_fisher_examples=256,
+        dataloader_kwargs=_loader_kwargs(),
+    )
+    n = len(pool.model_names)
+    return _data_merge(
+        pool,
+        spec,
+        alg,
+        lambda a, t, m, d: a.get_fisher_weights(t, m, d, list(m.state_dict())),
+        lambda p, w: merging_with_fisher_weights(p, w, torch.ones(n) / n, True, 1e-6),
+    )
+
+
+def regmean(pool, spec: dict) -> dict:
+    """FusionBench's ``get_regmean_weights`` per task on our batches (its loader told not to reshuffle:
+    it gets them in our drawn order), ``merging_with_regmean_weights``."""
+    import fusion_bench.method.regmean.clip_regmean as clip_regmean
+    import torch
+    from fusion_bench.method.regmean.clip_regmean import RegMeanAlgorithmForCLIP
+    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+    from fusion_bench.method.regmean.utils import get_modules_to_merge
+
+    from otmf_exp.parity.reference.fisher_regmean import _loader_kwargs
+
+    alg = RegMeanAlgorithmForCLIP(
+        num_regmean_examples=256,
+        exclude_param_names_regex=[],
+        reduce_non_diagonal_ratio=0.95,
+        weight_transpose=True,
+        dataloader_kwargs=_loader_kwargs(),
+    )
+    real = clip_regmean.DataLoader
+    clip_regmean.DataLoader = lambda ds, shuffle, **kw: real(ds, shuffle=False, **kw)
+    try:
+        return _data_merge(
+            pool,
+            spec,
+            alg,
+            lambda a, t, m, d: a.get_regmean_weights(t, m, d, get_modules_to_merge(m, [torch.nn.Linear])),
+            lambda p, w: merging_with_regmean_weights(p, w, 0.95, True),
+        )
+    finally:
+        clip_regmean.DataLoader = real
+
+
 def run(spec: dict) -> dict:
     import psutil
     import torch
@@ -112,15 +223,24 @@ def run(spec: dict) -> dict:
         return out
 
     pool.load_model = timed_load
-    algo = _algorithm(spec["row"])
+    from otmf_exp.benchmark.peer_methods import PEER
+
+    call = PEER[spec["row"]].fb_call
+    if call:
+        module, fn = call.split(":")
+        merge = getattr(importlib.import_module(module), fn)
+    else:
+        merge = _algorithm(spec["row"]).run
     baseline = psutil.Process().memory_info().rss / 2**20
+    spec["_loading"] = 0.0  # data files read by a data-driven row (loading, as the models are)
     with measure(torch.device("cpu")) as usage:
-        merged = algo.run(pool)
-    if isinstance(merged, dict):  # some classes return {"merged": model, ...}
-        merged = merged.get("merged", merged)
+        merged = merge(pool, spec) if call else merge(pool)
+    loading += spec.pop("_loading")
+    if isinstance(merged, dict) and "merged" in merged:  # some classes return {"merged": model, ...}
+        merged = merged["merged"]
     if spec.get("merged_to"):
-        sd = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-        save_file(sd, spec["merged_to"])
+        sd = merged if isinstance(merged, dict) else merged.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, spec["merged_to"])
     return {
         "merge_s": usage.wall_s - loading,
         "load_s": loading,

@@ -21,6 +21,11 @@ class PeerRow:
     overrides: dict[str, Any]
     fb_class: str
     fb_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: FusionBench has no class for it: ``module:function`` called with the pool, returning the merged
+    #: state dict (FusionBench's own functions inside; ``fb_class`` then names those functions)
+    fb_call: str | None = None
+    #: data-driven: ours draws batches on the synthetic tasks; the bench saves the same ones for theirs
+    data: bool = False
 
 
 FB = "fusion_bench.method"
@@ -63,14 +68,59 @@ PEER: dict[str, PeerRow] = {
         f"{FB}.opcm.opcm.OPCMForCLIP",
         {"alpha": 0.5, "shuffle_order": False, "save_on_every_step": False, "evaluate_on_every_step": False},
     ),
+    # DOP as parity.json's dop row runs it: dop.yaml's defaults (MGDA, EMA, 200 Adam steps, uv), the given
+    # order, seed 0; ours with FusionBench's rank rule and update order (svd_rank=below, compat)
+    "dop": PeerRow(
+        "dop",
+        "continual",
+        {"steps": 200, "svd_rank": "below", "fusionbench_compat": True},
+        f"{FB}.dop.dop.ContinualDOPForCLIP",
+        {
+            "seed": 0,
+            "shuffle_order": False,
+            "save_on_every_step": False,
+            "evaluate_on_every_step": False,
+            "lr": 1e-4,
+            "num_steps": 200,
+            "mgda": True,
+            "alpha": 0.8,
+            "ema": True,
+            "ema_beta": 0.999,
+            "svd_epsilon": 0.99999,
+            "svd_proj_space": "uv",
+        },
+    ),
+    # Consensus TA (joint, λ=0.3, λ_t=0.6, k=2): FusionBench has its TALL-mask functions, no merging class;
+    # parity's reference function drives them on the pool's models
+    "consensus": PeerRow(
+        "consensus",
+        "joint",
+        {"scaling": 0.3},
+        f"{FB}.tall_mask.utils.construct_consensus_mask",
+        fb_call="otmf_exp.benchmark.peer_fb:consensus",
+    ),
+    # data-driven, joint: defaults (256 examples, batch 32, train split: the synthetic tasks' 64 images,
+    # so 2 batches per task on both sides); FusionBench's per-task loops fed our batches (parity's plumbing)
+    "fisher": PeerRow(
+        "fisher",
+        "joint",
+        {},
+        f"{FB}.fisher_merging.fisher_merging.merging_with_fisher_weights",
+        fb_call="otmf_exp.benchmark.peer_fb:fisher",
+        data=True,
+    ),
+    "regmean": PeerRow(
+        "regmean",
+        "joint",
+        {},
+        f"{FB}.regmean.regmean.merging_with_regmean_weights",
+        fb_call="otmf_exp.benchmark.peer_fb:regmean",
+        data=True,
+    ),
 }
 #: methods both packages have that the peer table does not time yet (they need FusionBench's
 #: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
 NOT_YET = (
-    "consensus",
-    "dop",
-    "fisher",
-    "regmean",
     "adamerging (task)",
     "adamerging (layer)",
     "adamerging++",

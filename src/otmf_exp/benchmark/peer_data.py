@@ -1,0 +1,89 @@
+"""The batches a data-driven peer row's method draws on the synthetic tasks, saved for FusionBench's side.
+
+Ours (``task_seq=synthetic``) draws, per task, the batches of :func:`otmf_exp.data.base.example_batches`
+from :class:`~otmf_exp.offline.synthetic.SyntheticTaskData` with the seed the method context derives
+(``seed_for(method, task)`` of the run's seed). :func:`write_batches` draws the same stream in our Python,
+outside every timed run, into one safetensors file (``<task>/<i>/inputs|labels``); the FusionBench side
+reads it back with :func:`read_batches` as the (image, label) examples its data loaders take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from otmf_exp.benchmark.peer_fb import model_names
+
+
+def write_batches(
+    arch: str,
+    tasks: int,
+    method: str,
+    options: dict[str, Any],
+    path: Path,
+    sizes: dict[str, int] | None = None,
+    seed: int = 0,
+) -> int:
+    """The batches ``method`` (its ``Config`` defaults overridden by ``options``; run seed ``seed``)
+    draws per synthetic task, saved to ``path``; returns how many batches in all."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from otmf_exp.data.base import example_batches
+    from otmf_exp.merging import METHODS
+    from otmf_exp.merging.base import MethodContext
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
+
+    cfg = OmegaConf.structured(METHODS[method].Config(**options))
+    ctx = MethodContext(
+        None, torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False, seed=seed
+    )
+    out: dict[str, torch.Tensor] = {}
+    for t in model_names(tasks)[1:]:
+        data = SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)
+        stream = example_batches(
+            data,
+            cfg.split,
+            cfg.num_examples,
+            cfg.batch_size,
+            shuffle=cfg.shuffle,
+            seed=ctx.seed_for(method, t),
+        )
+        for i, b in enumerate(stream):
+            out[f"{t}/{i}/inputs"], out[f"{t}/{i}/labels"] = b["inputs"].contiguous(), b["labels"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return sum(k.endswith("/labels") for k in out)
+
+
+def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:
+    """The batches of ``task`` in ``path`` as a list of (image, label) examples, in the drawn order."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    n = len({k.split("/")[1] for k in saved if k.startswith(f"{task}/")})
+    if n == 0:
+        raise ValueError(f"{path} holds no batches of task {task!r}; write them with write_batches")
+    out = []
+    for i in range(n):
+        x, y = saved[f"{task}/{i}/inputs"], saved[f"{task}/{i}/labels"]
+        out += [(x[j], int(y[j])) for j in range(len(y))]
+    return out
+
+
+HEADS = "heads.safetensors"  #: zero-shot heads (logit scale folded in) + ``_projection_`` of θ₀
+
+
+def write_heads(arch: str, tasks: int, path: Path) -> None:
+    """Our synthetic zero-shot heads per task and θ₀'s visual projection, for FusionBench's
+    ``compute_logits`` (its ``logit_scale_exp`` then 1, as parity's reference does)."""
+    from safetensors.torch import save_file
+
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+
+    bb = SyntheticBackbone(arch, "cpu")
+    out = {t: bb.zero_shot_head(bb.task_data(t)).contiguous() for t in model_names(tasks)[1:]}
+    out["_projection_"] = bb.module.visual_projection.weight.detach().contiguous()
+    save_file(out, str(path))
