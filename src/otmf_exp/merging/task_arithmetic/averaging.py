@@ -6,6 +6,7 @@ space is τᵐ_t = ((t−1)·τᵐ_{t−1} + τ_t)/t -- the same result, streame
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,3 +38,24 @@ class Averaging(MergeMethod):
         else:
             merged = running_mean(state.merged, tv, t)
         return state.advance(merged)
+
+    def joint(
+        self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
+    ) -> ContinualState:
+        """The fold of :meth:`step` with the same arithmetic, in buffers the fold owns: no τᵐ = 0
+        to start from (τ_1 + 0 is τ_1.add_(0.0), the same bits, −0 included) and the running mean
+        rescaled in place, (t−1)/t·τᵐ + (1/t)·τ_t summed in the other order (IEEE addition commutes)."""
+        merged: StateDict | None = None
+        t = 0
+        with torch.no_grad():
+            for task in tasks:
+                t += 1
+                tv = task.task_vector(pretrained)  # θ_t's own buffers (owned) or new tensors: ours to write
+                if merged is None:
+                    merged = {k: tv[k].add_(0.0) for k in pretrained}  # 1·τ_1 + 0
+                else:
+                    merged = {k: m.mul_((t - 1) / t).add_(tv[k].mul_(1.0 / t)) for k, m in merged.items()}
+                del tv
+        if merged is None:  # no task: τᵐ = 0, as the fold gives
+            return self.init(pretrained)
+        return ContinualState(step=t, merged=merged)

@@ -36,6 +36,14 @@ def maxabs(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> StateDict:
     return {k: torch.where(b[k].abs() >= a[k].abs(), b[k], a[k]) for k in a}
 
 
+def maxabs_into(a: StateDict, b: Mapping[str, Tensor]) -> StateDict:
+    """:func:`maxabs` written into ``a``'s tensors (same bits): the joint fold owns its running
+    vector, so no new weight-sized tensor per task; the temporaries are one tensor's size."""
+    for k, x in a.items():
+        torch.where(b[k].abs() >= x.abs(), b[k], x, out=x)
+    return a
+
+
 def magmax_step(merged_tv: Mapping[str, Tensor], new_tv: Mapping[str, Tensor], scaling: float) -> StateDict:
     """τᵐ_t = λ·maxabs(τᵐ_{t−1}/λ, τ_t), computed as maxabs(τᵐ_{t−1}, λ·τ_t) (λ ≥ 0)."""
     return maxabs(merged_tv, scale(new_tv, scaling))
@@ -56,10 +64,13 @@ class MagMax(MergeMethod):
     ) -> ContinualState:
         running: StateDict | None = None
         n = 0
-        for task in tasks:
-            tv = task.task_vector(pretrained)
-            running = tv if running is None else maxabs(running, tv)
-            n += 1
-        if running is None:
-            raise UserError("MagMax joint merge needs at least one task")
-        return ContinualState(step=n, merged=scale(running, float(self.cfg.scaling)))
+        with torch.no_grad():
+            for task in tasks:
+                tv = task.task_vector(pretrained)  # θ_t's own buffers (owned) or new tensors: ours
+                running = tv if running is None else maxabs_into(running, tv)
+                del tv
+                n += 1
+            if running is None:
+                raise UserError("MagMax joint merge needs at least one task")
+            lam = float(self.cfg.scaling)
+            return ContinualState(step=n, merged={k: v.mul_(lam) for k, v in running.items()})
