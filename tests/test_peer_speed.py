@@ -123,3 +123,42 @@ def test_tsvm_joint_bits_of_the_old_path_and_frees_each_key(monkeypatch: pytest.
     got = method(TSVM, alpha=0.8).joint(pre, tasks)
     assert seen == ["a.weight", "c.weight"]
     assert_same_bits(got.merged, want)
+
+
+@pytest.mark.parametrize("cls", [Averaging, MagMax])
+def test_sliced_folds_bits_with_many_slices_and_a_strided_tensor(
+    cls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("otmf_exp.merging.task_arithmetic.streaming.CHUNK", 5)  # 24 = 5+5+5+5+4
+    pre, fts = zoo(4)
+    pre["e.weight"] = torch.randn(5, 3).T  # not contiguous: one whole-tensor pass
+    for i, ft in enumerate(fts):
+        ft["e.weight"] = (pre["e.weight"] + i).T.contiguous().T
+    m = method(cls)
+    if cls is Averaging:
+        want = MergeMethod.joint(m, pre, inputs(fts)).merged
+    else:
+        running = None
+        for tv in (task_vector(ft, pre) for ft in fts):
+            running = tv if running is None else maxabs(running, tv)
+        want = scale(running, 0.5)
+    assert_same_bits(m.joint(pre, iter(inputs(fts))).merged, want)
+
+
+@pytest.mark.parametrize("cls", [Averaging, MagMax])
+def test_folds_free_each_task_vector_before_the_next_load(cls) -> None:
+    """The runner's stream keeps the last task until it yields the next one: the fold must not leave
+    τ_t alive in it while θ_{t+1} is loaded (one model copy less at the peak)."""
+    pre, fts = zoo(4)
+    refs: list[list[weakref.ref]] = []
+    leaked: list[int] = []
+
+    def stream():
+        for i, task in enumerate(inputs(fts)):
+            if i >= 2:  # task 0's buffers became τᵐ; task 1's must be free by now
+                leaked.extend(i - 1 for r in refs[i - 1] if r() is not None)
+            refs.append([weakref.ref(v) for v in task.weights.values()])
+            yield task
+
+    method(cls).joint(pre, stream())
+    assert not leaked, f"τ of task {leaked[0]} alive while the next task is loaded"
