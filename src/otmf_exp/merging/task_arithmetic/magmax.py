@@ -20,6 +20,7 @@ from torch import Tensor
 
 from otmf_exp.errors import UserError
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
+from otmf_exp.merging.task_arithmetic.streaming import raw_weights, slices
 from otmf_exp.merging.task_vectors import StateDict, scale
 from otmf_exp.schema import num
 
@@ -34,6 +35,16 @@ class MagMaxConfig:
 def maxabs(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> StateDict:
     """Entry-wise pick of the larger-magnitude value of ``a`` and ``b`` (same shapes); ``|a| = |b|`` → ``b``."""
     return {k: torch.where(b[k].abs() >= a[k].abs(), b[k], a[k]) for k in a}
+
+
+def _maxabs_into(r: Tensor | None, x: Tensor, p: Tensor, subtract: bool) -> None:
+    """One key of the joint fold, slice by slice: x ← x − p (``subtract``); then, unless this is the
+    first task (``r`` None), r ← x where |x| ≥ |r| (:func:`maxabs`'s pick, into ``r``). No slice
+    outlives the call."""
+    for xs, ps, rs in slices(x, p, x if r is None else r):
+        xs = xs.sub_(ps) if subtract else xs
+        if r is not None:
+            torch.where(xs.abs() >= rs.abs(), xs, rs, out=rs)
 
 
 def magmax_step(merged_tv: Mapping[str, Tensor], new_tv: Mapping[str, Tensor], scaling: float) -> StateDict:
@@ -56,10 +67,17 @@ class MagMax(MergeMethod):
     ) -> ContinualState:
         running: StateDict | None = None
         n = 0
-        for task in tasks:
-            tv = task.task_vector(pretrained)
-            running = tv if running is None else maxabs(running, tv)
-            n += 1
-        if running is None:
-            raise UserError("MagMax joint merge needs at least one task")
-        return ContinualState(step=n, merged=scale(running, float(self.cfg.scaling)))
+        with torch.no_grad():
+            for task in tasks:  # in cache-sized slices (:mod:`.streaming`): same ops, same bits
+                tv, subtract = raw_weights(task, pretrained)  # θ_t's buffers or τ_t: ours to write
+                for k in pretrained:
+                    _maxabs_into(running[k] if running else None, tv[k], pretrained[k], subtract)
+                if running is None:
+                    running = dict(tv)
+                tv.clear()  # τ_t (the task's own, when it cached one) is garbage now: free it
+                del tv
+                n += 1
+            if running is None:
+                raise UserError("MagMax joint merge needs at least one task")
+            lam = float(self.cfg.scaling)
+            return ContinualState(step=n, merged={k: v.mul_(lam) for k, v in running.items()})

@@ -122,16 +122,22 @@ class TSVM(MergeMethod):
         self, pretrained: StateDict, tasks: Sequence[TaskInput] | Iterator[TaskInput]
     ) -> ContinualState:
         matrices = self.matrix_names(pretrained)
-        tvs = [t.task_vector(pretrained) for t in tasks]  # all T task vectors: memory grows with T
+        # all T task vectors (memory grows with T), in dicts of our own: a key's τ_i leave them as
+        # soon as that key is merged, so the merged model replaces them instead of adding to them
+        tvs = [dict(t.task_vector(pretrained)) for t in tasks]
         if not tvs:
             raise UserError("TSV-Merge needs at least one task")
         n = len(tvs)
         dtype = torch.float64 if self.cfg.svd_dtype == "float64" else None
+        alpha = float(self.cfg.alpha)
+        merged = {}
         with torch.no_grad():
-            merged = tsv_merge(tvs, matrices, dtype)
+            for key in list(tvs[0]):
+                taus = [tv.pop(key) for tv in tvs]
+                out = tsv_merge_matrix(taus, dtype) if key in matrices else running_mean(taus)
+                del taus
+                merged[key] = out.mul_(alpha)  # a new tensor of tsv_merge_matrix / running_mean
             del tvs
-            alpha = float(self.cfg.alpha)
-            merged = {k: alpha * v for k, v in merged.items()}
         self.ctx.record("alpha", alpha)
         self.ctx.record("tsvm_matrices", len(matrices))
         return ContinualState(step=n, merged=merged)
