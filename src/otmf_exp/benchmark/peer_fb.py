@@ -137,18 +137,11 @@ def _data_merge(pool, spec: dict, alg, weights_of, merge) -> dict:
 def fisher(pool, spec: dict) -> dict:
     """FusionBench's ``get_fisher_weights`` per task on our batches, ``merging_with_fisher_weights``."""
     import torch
-    from fusion_bench.method.fisher_merging.clip_fisher_merging import FisherMergingForCLIPVisionModel
     from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
 
-    from otmf_exp.parity.reference.fisher_regmean import _loader_kwargs
+    from otmf_exp.parity.reference.fisher_regmean import fisher_algorithm
 
-    alg = FisherMergingForCLIPVisionModel(
-        exclude_param_names_regex=[],
-        normalize_fisher_weight=True,
-        minimal_fisher_weight=1e-6,
-        num_fisher_examples=256,
-        dataloader_kwargs=_loader_kwargs(),
-    )
+    alg = fisher_algorithm()
     n = len(pool.model_names)
     return _data_merge(
         pool,
@@ -164,19 +157,12 @@ def regmean(pool, spec: dict) -> dict:
     it gets them in our drawn order), ``merging_with_regmean_weights``."""
     import fusion_bench.method.regmean.clip_regmean as clip_regmean
     import torch
-    from fusion_bench.method.regmean.clip_regmean import RegMeanAlgorithmForCLIP
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
     from fusion_bench.method.regmean.utils import get_modules_to_merge
 
-    from otmf_exp.parity.reference.fisher_regmean import _loader_kwargs
+    from otmf_exp.parity.reference.fisher_regmean import regmean_algorithm
 
-    alg = RegMeanAlgorithmForCLIP(
-        num_regmean_examples=256,
-        exclude_param_names_regex=[],
-        reduce_non_diagonal_ratio=0.95,
-        weight_transpose=True,
-        dataloader_kwargs=_loader_kwargs(),
-    )
+    alg = regmean_algorithm()
     real = clip_regmean.DataLoader
     clip_regmean.DataLoader = lambda ds, shuffle, **kw: real(ds, shuffle=False, **kw)
     try:

@@ -53,18 +53,37 @@ def _loader_kwargs():
     return DictConfig({"batch_size": 32, "num_workers": 0})
 
 
-def fisher(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+def fisher_algorithm():
+    """FusionBench's Fisher merging for CLIP with the settings of the parity row (and bench-peer's)."""
     from fusion_bench.method.fisher_merging.clip_fisher_merging import FisherMergingForCLIPVisionModel
-    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
 
-    zoo = Zoo(zoo_dir)
-    alg = FisherMergingForCLIPVisionModel(
+    return FisherMergingForCLIPVisionModel(
         exclude_param_names_regex=[],
         normalize_fisher_weight=True,
         minimal_fisher_weight=1e-6,
         num_fisher_examples=256,
         dataloader_kwargs=_loader_kwargs(),
     )
+
+
+def regmean_algorithm():
+    """FusionBench's RegMean for CLIP with the settings of the parity row (and bench-peer's)."""
+    from fusion_bench.method.regmean.clip_regmean import RegMeanAlgorithmForCLIP
+
+    return RegMeanAlgorithmForCLIP(
+        num_regmean_examples=256,
+        exclude_param_names_regex=[],
+        reduce_non_diagonal_ratio=0.95,
+        weight_transpose=True,
+        dataloader_kwargs=_loader_kwargs(),
+    )
+
+
+def fisher(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+    from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+
+    zoo = Zoo(zoo_dir)
+    alg = fisher_algorithm()
     _setup(alg, zoo)
     params: dict[str, list[torch.Tensor]] = {}
     fishers = []
@@ -80,18 +99,11 @@ def fisher(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
 
 def regmean(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
     import fusion_bench.method.regmean.clip_regmean as clip_regmean
-    from fusion_bench.method.regmean.clip_regmean import RegMeanAlgorithmForCLIP
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
     from fusion_bench.method.regmean.utils import get_modules_to_merge
 
     zoo = Zoo(zoo_dir)
-    alg = RegMeanAlgorithmForCLIP(
-        num_regmean_examples=256,
-        exclude_param_names_regex=[],
-        reduce_non_diagonal_ratio=0.95,
-        weight_transpose=True,
-        dataloader_kwargs=_loader_kwargs(),
-    )
+    alg = regmean_algorithm()
     _setup(alg, zoo)
     real_loader = clip_regmean.DataLoader
     clip_regmean.DataLoader = lambda ds, shuffle, **kw: real_loader(ds, shuffle=False, **kw)  # our order
