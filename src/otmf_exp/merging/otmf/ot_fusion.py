@@ -36,7 +36,7 @@ from otmf_exp.merging.otmf.ot_diagnostics import (
     own_match,
     transport_plan,
 )
-from otmf_exp.merging.otmf.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, masked_merge
+from otmf_exp.merging.otmf.ot_masks import BackwardAdam, BestOnWrite, Masks, adam, compute_dtype, masked_merge
 from otmf_exp.merging.task_vectors import StateDict, apply
 from otmf_exp.models.functional import ComputedParams
 from otmf_exp.runtime.offload import SpilledCopy, total_seconds
@@ -114,7 +114,8 @@ class FusionStep:
 
     @torch.no_grad()
     def _features(self, params: StateDict, data: Any, n: int, seed: int) -> list[Tensor]:
-        return [self.ctx.backbone.features(params, x).float() for x in self.stream(data, n, seed)]
+        feats = (self.ctx.backbone.features(params, x) for x in self.stream(data, n, seed))
+        return [f.to(compute_dtype(f)) for f in feats]
 
     def cache_teachers(self) -> None:
         """Teacher features on exactly the batches the student will see, computed once; then τ_t."""
@@ -130,11 +131,10 @@ class FusionStep:
         """The student's weight ``k``, θ₀ + α·M_pre⊙τᵐ + (1−α)·M_post⊙τ: two fused ops (no
         weight-sized temporaries); a mask not being trained enters as a constant."""
         p = self.pretrained[k]
-        w = torch.addcmul(
-            p.float(), self.m_pre.value(k, train[0]), self.tv_prev[k].float(), value=self.cfg.alpha
-        )
+        c = compute_dtype(p)  # float32, or float64 for float64 models
+        w = torch.addcmul(p.to(c), self.m_pre.value(k, train[0]), self.tv_prev[k].to(c), value=self.cfg.alpha)
         return torch.addcmul(
-            w, self.m_post.value(k, train[1]), self.tv_new[k].float(), value=1.0 - self.cfg.alpha
+            w, self.m_post.value(k, train[1]), self.tv_new[k].to(c), value=1.0 - self.cfg.alpha
         ).to(p.dtype)
 
     def student(self, x: Tensor, train: tuple[bool, bool]) -> Tensor:
@@ -153,7 +153,8 @@ class FusionStep:
             )
         else:
             params = {k: self.weight(k, train) for k in self.pretrained}
-        return self.ctx.backbone.features(params, x).float()
+        feats = self.ctx.backbone.features(params, x)
+        return feats.to(compute_dtype(feats))
 
     def _loss(self, feats: Tensor, target: Tensor) -> Tensor:
         if not torch.isfinite(feats).all():  # geomloss fails obscurely on inf/NaN inputs

@@ -24,8 +24,15 @@ def masked_merge(
     return out
 
 
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype OTMF computes a tensor's masks, student weights and features in: float64 for float64
+    parameters (parity's float64 rows), float32 otherwise (half-precision models included)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class Masks:
-    """Raw mask parameters and their map to M (identity or 2·sigmoid); ``best`` is a preallocated copy."""
+    """Raw mask parameters and their map to M (identity or 2·sigmoid); ``best`` is a preallocated copy.
+    Each mask is in :func:`compute_dtype` of its tensor in ``like``."""
 
     def __init__(self, like: StateDict, param: str, granularity: str) -> None:
         self.sigmoid = param == "sigmoid"
@@ -34,7 +41,7 @@ class Masks:
             k: torch.full(
                 v.shape if granularity == "element" else (),
                 init,
-                dtype=torch.float32,
+                dtype=compute_dtype(v),
                 device=v.device,
                 requires_grad=True,
             )
@@ -58,8 +65,13 @@ class Masks:
 
     def at_init(self) -> bool:
         """Whether every entry still has the initial value's exact bits (never stepped since reset)."""
-        bits = torch.tensor(self.init, dtype=torch.float32).view(torch.int32)
-        return all(bool((r.detach().view(torch.int32) == bits).all()) for r in self.raw.values())
+        ints = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+        def same(r: Tensor) -> bool:
+            bits = torch.tensor(self.init, dtype=r.dtype).view(ints[r.dtype])
+            return bool((r.detach().view(ints[r.dtype]) == bits).all())
+
+        return all(same(r) for r in self.raw.values())
 
     def save_best(self) -> None:
         """Copy the current masks into one preallocated buffer (no new allocation per improvement);

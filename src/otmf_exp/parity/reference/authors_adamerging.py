@@ -60,14 +60,18 @@ def named(
     return out
 
 
-def _child(name: str, zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
-    """Run ``name`` in a child process with its clone first on the path; its tensors."""
-    root = os.environ.get(REPOS[name])
+def _child(
+    name: str, zoo_dir: Path, work_dir: Path, module: str = __name__, repo: str | None = None
+) -> dict[str, Tensor]:
+    """Run ``name`` in a child process (``python -m module NAME ZOO WORK``) with its clone (``repo``,
+    default ``REPOS[name]``) first on the path; its tensors."""
+    repo = repo or REPOS[name]
+    root = os.environ.get(repo)
     if not root or not Path(root).is_dir():
-        raise RuntimeError(f"{REPOS[name]} is not set (make parity-authors sets it from {REPOS[name]}=DIR)")
+        raise RuntimeError(f"{repo} is not set (make parity-authors sets it from {repo}=DIR)")
     paths = [root] + ([str(Path(root) / "scripts")] if name.startswith("otmf") else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", __name__, name, str(zoo_dir), str(work_dir)]
+    cmd = [sys.executable, "-m", module, name, str(zoo_dir), str(work_dir)]
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
