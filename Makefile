@@ -28,13 +28,13 @@ demo: setup ## the default run: OTMF-style continual merging on the offline digi
 XDIST ?= -n auto
 
 test: setup ## the fast tier (unit tests + one end-to-end run per method and protocol), a few minutes
-	$(BIN)/python -m pytest -q $(XDIST) -m 'not full and not slow and not network and not gpu and not parity'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not full and not slow and not network and not gpu and not parity and not authors'
 
 test-full: setup ## the second tier: CLI subprocesses, hub fixtures, sweeps, resume, reference replays
-	$(BIN)/python -m pytest -q $(XDIST) -m 'full and not slow and not network and not gpu and not parity'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'full and not slow and not network and not gpu and not parity and not authors'
 
 test-all: setup ## every test including slow ones (still offline)
-	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu and not parity'
+	$(BIN)/python -m pytest -q $(XDIST) -m 'not network and not gpu and not parity and not authors'
 
 lint: setup ## ruff lint + format check
 	$(BIN)/ruff check src tests scripts conf docs/hooks.py
@@ -98,7 +98,7 @@ docs-figures: setup ## regenerate docs/figures/ from two real digits8 runs (OTMF
 # ---- parity: every "= reference" claim re-proved against FusionBench 0.2.33 (docs/parity.md) ----
 OTMF_REPO ?=
 MINGLE_REPO ?=
-.PHONY: parity parity-venv parity-test parity-md parity-authors
+.PHONY: parity parity-venv parity-test parity-md parity-authors parity-authors-test
 
 $(PARITY_PY):
 	$(PY) -m venv $(PARITY_VENV)
@@ -121,3 +121,6 @@ parity-authors: setup ## rows against the authors' code: make parity-authors OTM
 	$(MAKE) $(PARITY_PY)
 	$(PARITY_PY) -m pip install -q $(TORCH) geomloss open_clip_torch matplotlib  # the OTMF scripts import them
 	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --python $(PARITY_PY)
+
+parity-authors-test: setup ## the tests that need the authors' clones (marker authors): make parity-authors-test OTMF_REPO=DIR
+	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m pytest -q -m authors tests/parity

@@ -133,7 +133,9 @@ def _route(zoo: Zoo, case: dict) -> dict[str, Tensor]:
         kw["post_task_dataloader"] = _Served(plans[t]["post"], consumed["post"])
         losses.clear()
         merged = real(**kw)
-        masks = {s: {k: kw[f"masks_{s}"][f"model.{k}"].detach().clone() for k in ours} for s in ("pre", "post")}
+        masks = {
+            s: {k: kw[f"masks_{s}"][f"model.{k}"].detach().clone() for k in ours} for s in ("pre", "post")
+        }
         steps.append(dict(merged=merged, masks=masks, losses=list(losses), consumed=consumed))
         return merged
 
@@ -161,7 +163,9 @@ def main(argv: list[str]) -> int:
     """The child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``."""
     name, zoo_dir, work_dir = argv[0], Path(argv[1]), Path(argv[2])
     torch.set_num_threads(1)
-    sys.modules.setdefault("timer", types.SimpleNamespace(timer=None))  # the script imports it; not in their repo
+    sys.modules.setdefault(
+        "timer", types.SimpleNamespace(timer=None)
+    )  # the script imports it; not in their repo
     case = torch.load(work_dir / "case.pt", weights_only=True)
     dtype = {"otmf_sr": torch.float32, "otmf_sr_f64": torch.float64}[name]
     save(_route(Zoo(zoo_dir, dtype), case), work_dir / "theirs.child.safetensors")
