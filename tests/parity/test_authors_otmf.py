@@ -81,6 +81,9 @@ def test_our_side_records_the_batches_masks_and_losses_each_fusion_step_used(zoo
     assert sorted(r["fused"]) == [2, 3] and r["order"] == zoo_tasks(zoo_dir)[:3]
     for t in (2, 3):
         assert [len(r["plans"][t][s]) for s in ("pre", "post")] == [3, 2]  # alternate: even = pre
+        for s in ("pre", "post"):  # the training loop saw the teachers' batches (what theirs is fed)
+            got, fed = r["consumed"][t][s], r["plans"][t][s]
+            assert len(got) == len(fed) and all(torch.equal(a, b) for a, b in zip(got, fed))
         f = r["fused"][t]
         assert len(f["losses"]) == 5 and f["selected"] == min(range(5), key=f["losses"].__getitem__)
         assert set(f["masks"]["pre"]) == set(r["keys"]) == set(r["weights"][t])
@@ -99,7 +102,7 @@ def test_our_side_records_the_batches_masks_and_losses_each_fusion_step_used(zoo
     assert set(out["weights"]) | set(out["masks"]) == set(out["all"])
     assert not set(out["weights"]) & set(out["masks"])
     assert out["masks"]["select/2"].item() == r["fused"][2]["selected"]  # theirs: first lowest loss
-    assert torch.equal(out["weights"]["batch/3/pre/002"], r["plans"][3]["pre"][2])
+    assert torch.equal(out["weights"]["batch/3/pre/002"], r["consumed"][3]["pre"][2])
 
 
 def test_our_side_runs_in_float64(zoo_dir):
