@@ -38,8 +38,10 @@ def run(zoo_dir: Path, dtype: str = "float32", n_tasks: int = N_TASKS, **options
     from otmf_exp.parity.ours import backbone, build, task_weights, zoo_tasks
 
     bb = backbone(zoo_dir, dtype)
-    # the defaults are the authors' constants; head tuning off (it never changes the merged weights)
-    method = build("otmf", bb, "continual", head_tuning=HeadTuningConfig(enabled=False), **options)
+    # the defaults are the authors' constants; head tuning off (it never changes the merged weights);
+    # offload off: bit-identical (tests/test_offload.py), and its stores hold float32 only
+    opts = {"head_tuning": HeadTuningConfig(enabled=False), "offload": False, **options}
+    method = build("otmf", bb, "continual", **opts)
     pre = bb.pretrained_state()
     order = zoo_tasks(zoo_dir)[:n_tasks]
     drawn: dict[tuple[int, str], list[list[Tensor]]] = {}  # per (step, side): the teachers' pass, training's
