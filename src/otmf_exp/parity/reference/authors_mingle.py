@@ -92,8 +92,7 @@ def _logits(model: Any, case: dict, step: int) -> dict[str, Tensor]:
     clf = _Classifier(types.SimpleNamespace(vision_model=model))
     with torch.no_grad():
         return {
-            f"logits/{step}/{u}": clf(case["eval"][u], task_name=u)["logits"]
-            for u in case["tasks"][:step]
+            f"logits/{step}/{u}": clf(case["eval"][u], task_name=u)["logits"] for u in case["tasks"][:step]
         }
 
 
@@ -143,7 +142,9 @@ def _c_wemoe(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
             t = step + 1
             out.update(routers(model, f"router/{t}"))
             sd = model.state_dict()
-            out.update({f"weights/{t}/{k}": (sd[k] if k in sd else pre[k]).detach().clone() for k in case["keys"]})
+            out.update(
+                {f"weights/{t}/{k}": (sd[k] if k in sd else pre[k]).detach().clone() for k in case["keys"]}
+            )
             out.update(_logits(model, case, t))
 
     algo = Plumbed(
@@ -170,13 +171,144 @@ def _c_wemoe(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     return out
 
 
+def sign_fixed(u: Tensor) -> Tensor:
+    """``u`` with each column's sign chosen so its largest-magnitude entry is positive: the subspace's
+    basis up to the signs an SVD or eigensolver is free to pick (the projection does not see them)."""
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u.gather(0, idx[None]))
+    return (u * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
+
+
+def mingle(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _child("mingle", zoo_dir, work_dir)
+
+
+def mingle_f64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _child("mingle_f64", zoo_dir, work_dir)
+
+
+def _gate_rows(gens: list) -> Any:
+    """``nn.init.normal_`` for MINGLE's gates: a step's trainable row (``trainable_fc``) is drawn from our
+    generator of that step, in site order as ours; ``frozen_fc`` (overwritten by the old rows) as before."""
+    real = torch.nn.init.normal_
+    state = {"step": 0}
+
+    def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0, generator: Any = None) -> Tensor:
+        if state.get("frozen"):  # add_expert's frozen_fc, drawn first: their code copies the old rows over it
+            state["frozen"] = False
+            return real(t, mean, std)
+        with torch.no_grad():
+            return t.normal_(mean, std, generator=gens[state["step"]])
+
+    return normal_, state
+
+
+class _TaskClassifier(_Classifier):
+    """``_Classifier`` that, called without ``task_name`` (MINGLE's covariance pass), uses the head of
+    the task it was last called for (HFCLIPClassifier: the task of ``set_classification_task``)."""
+
+    last: str | None = None
+
+    def __call__(self, images, return_image_embeds=False, return_dict=True, task_name=None):
+        _TaskClassifier.last = task_name = task_name or _TaskClassifier.last
+        return super().__call__(images, return_image_embeds, return_dict, task_name)
+
+
+def _mingle(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
+    from fusion_bench.method.mingle import mingle as ref
+    from fusion_bench.models import lora_moe
+
+    _from_fork(ref)
+    _from_fork(lora_moe)
+    torch.set_default_dtype(dtype)  # their gates and LoRA factors are built in the default dtype
+    tasks, sites = case["tasks"], case["sites"]
+    case = {**case, "batch_size": 16, "eval": {k: v.to(dtype) for k, v in case["eval"].items()},
+            "seeds": {k: v.to(dtype) for k, v in case["seeds"].items()},
+            "served": {k: [x.to(dtype) for x in v] for k, v in case["served"].items()}}  # fmt: skip
+    consumed: list = []
+    current: dict = {}
+    out: dict[str, Tensor] = {}
+    fabric, taskpool, seed_subset, loader = _plumbing(zoo, case, dtype, consumed, current)
+    steps = case["steps"]
+    gens = [torch.Generator().manual_seed(s) for s in case["gate_seeds"]]
+    normal_, draw = _gate_rows(gens)
+    real_gate = lora_moe.construct_weight_ensembling_gate
+
+    def construct(hidden, num_old, num_new, init_lambda, freeze_old=True):
+        draw["frozen"] = num_old > 0
+        return real_gate(hidden, num_old, num_new, init_lambda, freeze_old)
+
+    lora_moe.construct_weight_ensembling_gate = construct
+
+    def loader_with_cov(dataset: Any, **kw: Any) -> _Epochs:
+        """The TTA epochs our side served, then the covariance pass: ``tqdm.auto`` (its asyncio class)
+        calls ``iter()`` once in its constructor and iterates a second one, so that epoch is offered twice."""
+        per_epoch = -(-len(dataset) // case["batch_size"])
+        b = case["served"][current["task"]]
+        tta, cov = b[:steps], b[steps:]
+        epochs = [tta[i : i + per_epoch] for i in range(0, len(tta), per_epoch)] + [cov, cov]
+        return _Epochs(epochs, current["task"], consumed)
+
+    def moes(model: Any) -> dict[str, Any]:
+        return {n: model.get_submodule(n) for n in sites}
+
+    class Plumbed(ref.MINGLE):
+        log_dir = tempfile.mkdtemp()
+
+        def test_time_adaptation(self, model, task_model, model_name, seed_sample_number=None):
+            t = tasks.index(model_name) + 1
+            for n, mod in moes(model).items():
+                fc = mod.gate.trainable_fc
+                out[f"init/{t}/{n}/w"], out[f"init/{t}/{n}/b"] = (
+                    fc.weight.detach().clone(),
+                    fc.bias.detach().clone(),
+                )
+            return super().test_time_adaptation(model, task_model, model_name, seed_sample_number)
+
+        def save_merged_model(self, model, step):  # their per-step save: capture instead
+            t = step + 1
+            draw["step"] = t  # the next step's gate rows
+            for n, mod in moes(model).items():
+                g = mod.gate
+                w, b = g.trainable_fc.weight, g.trainable_fc.bias
+                if g.frozen_fc is not None:
+                    w, b = torch.cat([g.frozen_fc.weight, w]), torch.cat([g.frozen_fc.bias, b])
+                out[f"gate/{t}/{n}/w"], out[f"gate/{t}/{n}/b"] = w.detach().clone(), b.detach().clone()
+                out[f"subspace/{t}/{n}"] = sign_fixed(mod.U.to(dtype))
+            sd = {k.replace(".base_model.", "."): v for k, v in model.state_dict().items()}
+            out.update({f"weights/{t}/{k}": sd[k].detach().clone() for k in case["keys"] if k in sd})
+            out.update(_logits(model, case, t))
+
+    algo = Plumbed(
+        shuffle_order=False, seed=None, save_on_every_step=True, evaluate_on_every_step=False,
+        save_gate_state=False, constraint_gate=True, lora_layer=["attn", "mlp"], batch_reduce=True, lr=1e-4,
+        batch_size=16, max_steps=steps, seed_sample_number=5, lora_r=64, subspace_k=3, gamma=1, beta=0.99,
+        fast_dev_run=False,
+    )  # fmt: skip
+    algo._fabric_instance, algo._program = fabric, types.SimpleNamespace(taskpool=taskpool)
+    ref.HFCLIPClassifier = _TaskClassifier
+    ref.get_classnames_and_templates = lambda name: ([], [])
+    ref.select_seed_subset, ref.DataLoader = seed_subset, loader_with_cov
+    models = pool(zoo, tasks, dtype)  # built before the seeded draws below
+    torch.nn.init.normal_ = normal_
+    final = algo.run(models)
+    for n, mod in moes(final).items():
+        for e, lora in enumerate(mod.task_vectors):
+            out[f"expert/{n}/{e}"] = lora.get_delta().detach()
+    seen: dict[str, int] = {}
+    for name, x in consumed:
+        out[f"batch/{name}/{seen.setdefault(name, 0):04d}"] = x.clone()
+        seen[name] += 1
+    return out
+
+
 def main(argv: list[str]) -> int:
     """The child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``."""
     name, zoo_dir, work_dir = argv[0], Path(argv[1]), Path(argv[2])
     torch.set_num_threads(1)
     case = torch.load(work_dir / "case.pt", weights_only=True)
     dtype = torch.float64 if name.endswith("_f64") else torch.float32
-    run = {"c_wemoe": _c_wemoe, "c_wemoe_f64": _c_wemoe}[name]
+    run = {"c_wemoe": _c_wemoe, "c_wemoe_f64": _c_wemoe, "mingle": _mingle, "mingle_f64": _mingle}[name]
     save(run(Zoo(zoo_dir, dtype), case, dtype), work_dir / "theirs.child.safetensors")
     return 0
 
