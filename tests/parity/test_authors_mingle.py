@@ -84,6 +84,23 @@ def test_mingle_our_side_records_the_gate_seeds_and_the_adaptation_and_covarianc
     assert len(case["sites"]) == 12  # q, k, v, out_proj, fc1, fc2 of both layers
 
 
+def test_the_wemoe_routing_row_redraws_the_routers_and_routes_per_batch_and_per_sample(zoo_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from otmf_exp.parity import wemoe as pw
+
+    case = next(c for c in pw.CASES if c.name == "wemoe_routing")
+    out = case.ours(zoo_dir, tmp_path)
+    saved = load_file(str(tmp_path / "wemoe_routing.safetensors"))
+    assert set(saved) == {k for k in out if k.startswith("router/")}
+    assert {k.split("/")[1] for k in saved} == {"d0", "d1", "d2"}
+    assert all(float(v.std()) > 0.05 for v in saved.values() if v.numel() > 1)  # order 1, not the init's 0.01
+    for depth in (0, 1, 2):
+        for t in pw.TASKS:
+            a, b = out[f"logits/d{depth}_br1/{t}"], out[f"logits/d{depth}_br0/{t}"]
+            assert (depth == 0) == torch.allclose(a, b)  # depth 0 routes alike for every sample
+
+
 def test_sign_fixed_is_blind_to_column_signs_only():
     u = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))[0]
     flipped = u * torch.tensor([-1.0, 1.0, -1.0])
