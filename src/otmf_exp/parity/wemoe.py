@@ -7,6 +7,10 @@ generator has for it (the init code and draws stay FusionBench's); its ``task_ar
 ``state_dict_add`` refuses Parameter + Tensor in 0.2.33) is replaced by the same sum θ₀ + λ·Σ τ_i;
 batches are those our side recorded. Compared: every router tensor before and after adaptation, the
 routing mode of the returned model's MoE layers and the logits of 32 test images per task through it.
+
+``wemoe_routing`` (+ ``_f64``): the routed model alone, without adaptation, as FusionBench's
+``construct_moe_model`` builds it for router depths 0, 1 and 2, every router redrawn at order 1 (the
+same tensors loaded on both sides), batch and per-sample routing: the logits of 16 test images per task.
 """
 
 from __future__ import annotations
