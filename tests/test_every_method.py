@@ -29,7 +29,15 @@ FAST = {
 }
 CASES = [(name, p) for name, cls in sorted(METHODS.items()) for p in cls.protocols]
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols)
-TIMING = ("time", "wall_time_s", "peak_memory_mb", "baseline_memory_mb", "eval_time_s", "load_time_s")
+TIMING = (
+    "time",
+    "wall_time_s",
+    "peak_memory_mb",
+    "baseline_memory_mb",
+    "start_memory_mb",
+    "eval_time_s",
+    "load_time_s",
+)
 
 
 def _untimed(d: dict) -> dict:

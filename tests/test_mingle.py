@@ -182,6 +182,20 @@ def test_subspace_at_width_uses_lobpcg_and_matches_eigh(monkeypatch):
     assert torch.allclose(top.double() @ top.double().T, ref @ ref.T, atol=1e-5)  # same subspace
 
 
+def test_subspace_is_deterministic_and_leaves_the_global_rng_alone():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 200, generator=g)
+    x[:, :4] *= torch.tensor([8.0, 6.0, 4.0, 2.0])
+    sigma = x.T @ x
+    torch.manual_seed(123)
+    a = top_subspace(sigma, 3)
+    after = torch.randn(4)
+    torch.manual_seed(999)  # another global state: the same bits
+    b = top_subspace(sigma, 3)
+    torch.manual_seed(123)
+    assert torch.equal(a, b) and torch.equal(torch.randn(4), after)
+
+
 def test_subspace_falls_back_to_eigh_when_lobpcg_is_not_accurate(monkeypatch):
     sigma = torch.diag(torch.linspace(1.0, 300.0, 300))
     monkeypatch.setattr(torch, "lobpcg", lambda s, k, **kw: (torch.ones(k), torch.ones(s.shape[0], k)))

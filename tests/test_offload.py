@@ -73,7 +73,7 @@ def test_offloaded_step_equals_the_resident_step_bitwise(
 
     monkeypatch.setattr(BackwardAdam, "_step", counting_step)
     args = (*ARGS, f"method.schedule={schedule}")
-    metrics_a, out = run_cfg(*args)
+    metrics_a, out = run_cfg(*args, "method.offload=false")
     wa, sa = load_file(str(out / "merged.safetensors")), _steps(out)
     steps_done = len(resident)
     off = tmp_path / "offload"
@@ -203,7 +203,7 @@ def test_spilled_copy_round_trips_and_on_write_never_replays(tmp_path):
 def test_offload_is_bitwise_with_every_other_setting(run_cfg, tmp_path, extra):
     """Scalar masks, 2·sigmoid masks, Adam after the backward, no selection copies, replay, chunked
     backwards: the offloaded run equals the resident one (full tier: six settings x two runs)."""
-    _, out = run_cfg(*ARGS, extra)
+    _, out = run_cfg(*ARGS, extra, "method.offload=false")
     wa = load_file(str(out / "merged.safetensors"))
     ma = json.loads((out / "metrics.json").read_text())["acc_matrix"]
     off = tmp_path / "offload"
@@ -212,3 +212,57 @@ def test_offload_is_bitwise_with_every_other_setting(run_cfg, tmp_path, extra):
     wb = load_file(str(out / "merged.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and metrics["acc_matrix"] == ma
     assert list(off.iterdir()) == []
+
+
+def test_auto_decides_from_device_directory_and_budget(tmp_path, monkeypatch):
+    """offload=auto: on for element masks on the CPU with offload_dir on a disk, off on a tmpfs and for
+    tensor masks; on CUDA only where the masks, moments and copies would not fit the budget."""
+    import otmf_exp.merging.otmf.ot_diagnostics as diag
+    import otmf_exp.runtime.offload as mod
+
+    cpu = torch.device("cpu")
+    decide = diag.decide_offload
+    assert decide(True, cpu, "tensor", 1.0, None, None) == (True, "set")
+    assert decide(False, cpu, "element", 1.0, None, None) == (False, "set")
+    assert decide("auto", cpu, "tensor", 1.0, None, None) == (False, "tensor_masks")
+    monkeypatch.setattr(mod, "_filesystem", lambda d: "ext4")
+    assert decide("auto", cpu, "element", 1.0, None, str(tmp_path)) == (True, "cpu_disk")
+    monkeypatch.setattr(mod, "_filesystem", lambda d: "tmpfs")
+    assert decide("auto", cpu, "element", 1.0, None, str(tmp_path)) == (False, "ram_dir")
+    monkeypatch.setattr(mod, "_filesystem", lambda d: "ext4")
+    free = mod.disk_room_mb(str(tmp_path))
+    assert free is not None and free > 0
+    # a disk without room for the moments and copies, or no directory: resident (offload=true would fail)
+    assert decide("auto", cpu, "element", free * 2, None, str(tmp_path)) == (False, "no_room")
+    assert decide("auto", cpu, "element", 1.0, None, str(tmp_path / "nope")) == (False, "no_room")
+    calls = []
+
+    def fits(need, budget, device):
+        calls.append((need, budget))
+        return need <= budget, budget
+
+    monkeypatch.setattr(diag, "checkpoint_fits", fits)
+    cuda = torch.device("cuda")
+    assert decide("auto", cuda, "element", 100.0, 200.0, None) == (False, "fits")
+    assert decide("auto", cuda, "element", 300.0, 200.0, None) == (True, "over_budget")
+    assert calls == [(100.0, 200.0), (300.0, 200.0)]
+
+
+def test_auto_is_the_default_recorded_and_bitwise(run_cfg, tmp_path, monkeypatch):
+    """The default (auto) on the CPU offloads when $TMPDIR is on a disk, records why in steps.jsonl,
+    and merges exactly what offload=false does; on a tmpfs it stays resident and says so."""
+    import otmf_exp.runtime.offload as mod
+
+    monkeypatch.setattr(mod, "_filesystem", lambda d: "ext4")
+    _, out = run_cfg(*ARGS)
+    wa, sa = load_file(str(out / "merged.safetensors")), _steps(out)
+    fused = [s for s in sa if s.get("ot_loss_pre")]
+    assert fused and all(s["offload"] is True and s["offload_reason"] == "cpu_disk" for s in fused)
+    assert all(s["offload_mb"] > 0 for s in fused)
+    monkeypatch.setattr(mod, "_filesystem", lambda d: "tmpfs")
+    _, out = run_cfg(*ARGS)
+    wb, sb = load_file(str(out / "merged.safetensors")), _steps(out)
+    fused = [s for s in sb if s.get("ot_loss_pre")]
+    assert all(s["offload"] is False and s["offload_reason"] == "ram_dir" for s in fused)
+    assert all("offload_mb" not in s for s in fused)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -188,7 +188,15 @@ FAST = {
     "otmf": ["method.iterations=6", "method.head_tuning.steps=5", "method.eval_batches=2"],
     "adamerging": ["method.steps=3"],
 }
-TIMING = ("time", "wall_time_s", "peak_memory_mb", "baseline_memory_mb", "eval_time_s", "load_time_s")
+TIMING = (
+    "time",
+    "wall_time_s",
+    "peak_memory_mb",
+    "baseline_memory_mb",
+    "start_memory_mb",
+    "eval_time_s",
+    "load_time_s",
+)
 
 
 def _untimed(d: dict) -> dict:

@@ -17,7 +17,7 @@ FAST = ("method.iterations=20", "method.head_tuning.steps=3", "progress=false")
 #: what differs between two runs of the same experiment by design: timings and the provenance (the
 #: command line, e.g. resume=true)
 TIMING = {"wall_time_s", "peak_memory_mb", "baseline_memory_mb", "provenance"}
-STEP_TIMING = {"time_s", "eval_time_s", "peak_memory_mb"}
+STEP_TIMING = {"time_s", "eval_time_s", "peak_memory_mb", "start_memory_mb"}
 
 
 def _strip(m: dict) -> dict:

@@ -99,16 +99,23 @@ def _authors_ratios(a: dict | None) -> dict:
         return {}
     rounds = a["rounds"]
     best = {n: {k: min(r[n][k] for r in rounds) for k in ("wall_s", "peak_mb")} for n in rounds[0]}
+    for n, b in best.items():  # the step's own memory: peak above the process's memory at its start
+        own = [r[n]["peak_mb"] - r[n]["start_mb"] for r in rounds if r[n].get("start_mb") is not None]
+        b["own_mb"] = min(own) if own else None
     ref = best["authors"]
     for b in best.values():
         b["time_vs_authors"] = b["wall_s"] / ref["wall_s"]
         b["peak_vs_authors"] = b["peak_mb"] / ref["peak_mb"]
+        mine, theirs = b["own_mb"], ref["own_mb"]
+        b["own_vs_authors"] = mine / theirs if mine is not None and theirs else None
     a["best"] = best
     out = {}
     for row, key in AUTHORS_TARGET_ROWS.items():
         if row in best:
             out[f"{key}_time"] = best[row]["time_vs_authors"]
             out[f"{key}_memory"] = best[row]["peak_vs_authors"]
+            if best[row]["own_vs_authors"] is not None:
+                out[f"{key}_own_memory"] = best[row]["own_vs_authors"]
     return out
 
 

@@ -87,6 +87,7 @@ def run_method(spec: dict, log: Callable[[str], None]) -> dict:
             "step": r["step"],
             "wall_s": r["time_s"],
             "peak_mb": r["peak_memory_mb"],
+            "start_mb": r.get("start_memory_mb"),
             "state_mb": r["state_mb"],
             "phases": {k[5:]: v for k, v in r.items() if k.startswith("time_") and k != "time_s"},
         }

@@ -74,7 +74,7 @@ def _authors(
                 "tasks": 2,
             }
             step = run_method(spec, log)["steps"][1]
-            got[name] = {"wall_s": step["wall_s"], "peak_mb": step["peak_mb"], "phases": step["phases"]}
+            got[name] = {k: step[k] for k in ("wall_s", "peak_mb", "start_mb", "phases")}
         spec = base | {
             "label": f"authors round {r}: authors",
             "repo": repo,
@@ -82,6 +82,7 @@ def _authors(
             "batch_size": plan["batch_size"],
         }
         got["authors"] = run_authors(spec, python, log)
+        got["authors"]["start_mb"] = got["authors"]["baseline_mb"]
         out["rounds"].append(got)
     return out
 

@@ -2,10 +2,10 @@
 
 This module: continual Consensus TA against MINGLE's ``ContinualConsensusTAForCLIP`` (its defaults for
 CLIP: λ 0.1, λ_t 0.2, k 2), after every one of the zoo's 8 steps. The AdaMerging presets against the
-OTMF authors' scripts and MINGLE's C. AdaMerging are in :mod:`otmf_exp.parity.authors_adamerging`,
-OTMF's mask training against the authors' ``compute_sr_mask`` in :mod:`otmf_exp.parity.authors_otmf`.
-Not there yet (docs/parity.md): ``mingle`` against MINGLE's own method, and continual LoRA-WEMoE
-against MINGLE's ``c_wemoe.py``.
+OTMF authors' scripts and MINGLE's C. AdaMerging are in :mod:`otmf_exp.parity.authors_adamerging`;
+continual LoRA-WEMoE and ``mingle`` against MINGLE's ``c_wemoe.py`` and ``mingle.py`` are in
+:mod:`otmf_exp.parity.authors_mingle`; OTMF's mask training against the authors' ``compute_sr_mask`` is
+in :mod:`otmf_exp.parity.authors_otmf`.
 """
 
 from __future__ import annotations

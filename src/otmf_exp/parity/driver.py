@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: the family modules whose ``CASES`` make up ``make parity`` (one line to extend)
 MODULES = ["task_arithmetic", "opcm", "dop", "fisher_regmean", "adamerging", "concrete", "wemoe", "finetune"]
 #: the modules of ``make parity-authors`` (references that are not packages: OTMF's and MINGLE's code)
-AUTHOR_MODULES = ["authors", "authors_adamerging", "authors_otmf"]
+AUTHOR_MODULES = ["authors", "authors_adamerging", "authors_mingle", "authors_otmf"]
 AUTHOR_REPOS = {
     "OTMF_REPO": "git clone https://github.com/37ETs/OT_fusion",
     "MINGLE_REPO": "git clone https://github.com/zihuanqiu/MINGLE",

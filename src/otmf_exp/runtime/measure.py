@@ -14,6 +14,8 @@ import torch
 class Usage:
     wall_s: float = 0.0
     peak_memory_mb: float = 0.0
+    #: memory in use when the block began (the peak above it is what the block itself needed)
+    start_memory_mb: float = 0.0
     memory_kind: str = "cpu_rss"
 
 
@@ -26,7 +28,7 @@ def current_memory_mb(device: torch.device) -> float:
 
 
 class measure:  # noqa: N801 - used as a context manager
-    """``with measure(device) as u: ...`` fills ``u.wall_s`` and ``u.peak_memory_mb``."""
+    """``with measure(device) as u: ...`` fills ``u.wall_s``, ``u.peak_memory_mb`` and ``u.start_memory_mb``."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
         self.device = torch.device(device)
@@ -45,8 +47,10 @@ class measure:  # noqa: N801 - used as a context manager
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.usage.start_memory_mb = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             self._peak = psutil.Process().memory_info().rss
+            self.usage.start_memory_mb = self._peak / 2**20
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         self._t0 = time.perf_counter()

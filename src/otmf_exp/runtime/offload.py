@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -58,6 +59,20 @@ def _filesystem(path: Path) -> str | None:
         if inside and len(mnt) > best[1]:
             best = (parts[2], len(mnt))
     return best[0]
+
+
+def ram_backed(directory: str | None) -> bool:
+    """Whether ``directory`` (None: ``$TMPDIR``) is on a file system that lives in RAM."""
+    return _filesystem(Path(directory or tempfile.gettempdir())) in RAM_FS
+
+
+def disk_room_mb(directory: str | None) -> float | None:
+    """Free space (MB) of ``directory`` (None: ``$TMPDIR``) for an unprivileged writer; None if it is
+    not a directory."""
+    d = Path(directory or tempfile.gettempdir())
+    if not d.is_dir():
+        return None
+    return shutil.disk_usage(d).free / 2**20
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> int:

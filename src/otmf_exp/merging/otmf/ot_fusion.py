@@ -32,6 +32,7 @@ from otmf_exp.merging.otmf.ot_diagnostics import (
     SAMPLE_STRIDE,
     TrainingDiagnostics,
     checkpoint_fits,
+    decide_offload,
     mask_stats,
     own_match,
     transport_plan,
@@ -93,6 +94,13 @@ class FusionStep:
         self.ckpt: bool | None = (
             None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
         )
+        #: offload (auto: decided here, once per step, from the masks' size; see decide_offload)
+        w_mb = sum(v.numel() * 4 for v in tv_prev.values() if v.is_floating_point()) / 2**20
+        copies = 2 if cfg.select == "authors" and cfg.best_masks != "replay" else 0
+        self.offload, self.offload_reason = decide_offload(
+            cfg.offload, ctx.device, cfg.mask.granularity, (2 + 4 + copies) * w_mb, cfg.memory_budget_mb,
+            cfg.offload_dir,
+        )  # fmt: skip
         # offload: seconds of reads/writes, the moments' store size
         self.offload_s, self.offload_mb = 0.0, 0.0
         self.probe: list[tuple[int, int]] = []  # (one layer's activation bytes, layers), iteration 0
@@ -265,12 +273,12 @@ class FusionStep:
         Returns the selected (iteration, loss)."""
         cfg = self.cfg
         sides = {"pre": self.m_pre, "post": self.m_post}
-        if self.adam_in_backward or cfg.offload:  # Adam per (side, layer) group
+        if self.adam_in_backward or self.offload:  # Adam per (side, layer) group
             with BackwardAdam(
                 {s: m.raw for s, m in sides.items()},
                 cfg.lr,
                 hooks=self.adam_in_backward,  # stepped inside the iteration's backward
-                offload=cfg.offload,
+                offload=self.offload,
                 offload_dir=cfg.offload_dir,
             ) as grouped:
                 try:
@@ -367,7 +375,7 @@ class FusionStep:
         per_layer, layers = self.probe[0] if self.probe else (0, 0)
         # M_post's Adam moments, not yet made (none on the device with offload)
         pending = (
-            0 if self.joint or self.cfg.offload else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+            0 if self.joint or self.offload else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
         )
         need_mb = (per_layer * layers + pending) / 2**20
         fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)
@@ -408,7 +416,7 @@ class FusionStep:
         self.m_pre = Masks(self.tv_prev, cfg.mask.param, cfg.mask.granularity)
         self.m_post = Masks(self.tv_new, cfg.mask.param, cfg.mask.granularity)
         with ExitStack() as stores:
-            if cfg.offload and cfg.select == "authors" and cfg.best_masks != "replay":
+            if self.offload and cfg.select == "authors" and cfg.best_masks != "replay":
                 for m in (self.m_pre, self.m_post):  # the best masks' copies, off the device
                     m.spill = stores.enter_context(SpilledCopy(m.raw, self.ctx.device, cfg.offload_dir))
             return self._fuse()
@@ -429,7 +437,9 @@ class FusionStep:
             t_eval = self.diag.seconds
         record("time_ot_eval_s", t_eval + time.perf_counter() - t0)
         record("checkpoint_blocks", bool(self.ckpt))  # what ran after iteration 0 (auto: decided)
-        if cfg.offload:
+        record("offload", self.offload)
+        record("offload_reason", self.offload_reason)
+        if self.offload:
             spills = [m.spill for m in (self.m_pre, self.m_post)]
             record("offload_mb", round(self.offload_mb + sum(s.bytes for s in spills if s) / 2**20, 1))
             record("time_offload_s", self.offload_s + total_seconds(spills))

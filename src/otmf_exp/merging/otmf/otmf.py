@@ -129,8 +129,11 @@ class OTMFConfig:
     #: the peak for one read and one write of the trained side's moments, 2 W, per iteration), and
     #: select=authors' copy of the best masks (so best_masks=on_write never replays). CUDA: pinned
     #: host memory | CPU: an anonymous temporary file in offload_dir (its pages may stay in the page
-    #: cache, outside the RSS)
-    offload: bool = neutral(False)  # bit-identical results: never splits a table row
+    #: cache, outside the RSS). auto: on the CPU where offload_dir is on a disk (≈ 5 % of the step's
+    #: time there, −4 W of RSS), on CUDA only where the masks, moments and copies would not fit
+    #: memory_budget_mb / the free memory, never for tensor-granularity masks; decided per step and
+    #: recorded in steps.jsonl (offload, offload_reason) | true | false
+    offload: Any = neutral(choice("auto", ("auto", True, False)))  # bit-identical: never splits a row
     #: offload's directory on the CPU (null: $TMPDIR, i.e. tempfile.gettempdir()); a tmpfs (RAM)
     #: there is warned about: the tensors would stay in memory
     offload_dir: str | None = neutral(None)

@@ -89,7 +89,10 @@ def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
         return tta(module)
 
     algo.test_time_adaptation = keep_init
-    moe = algo.run(pool(zoo, TASKS))
+    try:
+        moe = algo.run(pool(zoo, TASKS))
+    finally:  # the other cases of this process get FusionBench's own init
+        wm.Depth_2_Gate.init_weight = init
     out["batch_reduce"] = torch.tensor(
         [float(layer.mlp.batch_reduce) for layer in moe.vision_model.encoder.layers]
     )
@@ -99,3 +102,59 @@ def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
         for t in TASKS:
             out[f"logits/{t}"] = algo.compute_logits(moe, (ev[f"{t}/x"], None), t)
     return out
+
+
+def _task_arithmetic_merge(pretrained: Any, finetuned: list, scaling_factor: float) -> Any:
+    """θ₀ + λ·Σ τ_i in place (0.2.33's own refuses Parameter + Tensor)."""
+    sds = [m.state_dict() for m in finetuned]
+    with torch.no_grad():
+        for k, p in pretrained.state_dict().items():
+            p.copy_(p + scaling_factor * sum(sd[k] - p for sd in sds))
+    return pretrained
+
+
+def _routing(zoo_dir: Path, work_dir: Path, dtype: torch.dtype) -> dict[str, Tensor]:
+    """FusionBench's ``construct_moe_model`` per router depth, our redrawn routers loaded into its gates, the
+    batch / per-sample routing set on every MoE layer; the logits of the eval images through it."""
+    import fusion_bench.method.we_moe.clip_we_moe as cw
+    from omegaconf import DictConfig
+
+    torch.set_default_dtype(dtype)  # the gates are nn.Linear / Parameters of the default dtype
+    try:
+        zoo = Zoo(zoo_dir, dtype)
+        routers = load_file(str(work_dir / "wemoe_routing.safetensors"))
+        ev = load_file(str(work_dir / "wemoe.eval.safetensors"))
+        cw.task_arithmetic_merge = _task_arithmetic_merge
+        out: dict[str, Tensor] = {}
+        for depth in (0, 1, 2):
+            cfg = DictConfig({"router_hidden_layers": depth, "init_lambda": 0.3, "batch_reduce": True})
+            algo = cw.CLIPWeightEnsemblingMoEAlgorithm(cfg)
+            algo.modelpool = pool(zoo, TASKS, dtype)
+            heads_setup(algo, zoo, TASKS, dtype)()
+            moe = algo.construct_moe_model()
+            blocks = [
+                f"vision_model.encoder.layers.{i}.mlp" for i in range(len(moe.vision_model.encoder.layers))
+            ]
+            for name, layer in zip(blocks, moe.vision_model.encoder.layers, strict=True):
+                for k, p in layer.mlp.gate.named_parameters():
+                    p.data = routers[f"router/d{depth}/{name}/router.{ROUTER_MAP[k]}"].to(dtype).clone()
+            out.update({f"router/d{depth}/{k}": v for k, v in _routers(moe, blocks).items()})
+            for br in (True, False):
+                for layer in moe.vision_model.encoder.layers:
+                    layer.mlp.batch_reduce = br
+                with torch.no_grad():
+                    for t in TASKS:
+                        out[f"logits/d{depth}_br{int(br)}/{t}"] = algo.compute_logits(
+                            moe, (ev[f"{t}/x"].to(dtype), None), t
+                        )
+        return out
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def routing(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _routing(zoo_dir, work_dir, torch.float32)
+
+
+def routing_f64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _routing(zoo_dir, work_dir, torch.float64)
