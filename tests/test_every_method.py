@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from _timing import untimed, untimed_steps
 
 from otmf_exp.merging import METHODS
 from otmf_exp.runtime import checkpoint
@@ -29,23 +30,7 @@ FAST = {
 }
 CASES = [(name, p) for name, cls in sorted(METHODS.items()) for p in cls.protocols]
 CONTINUAL = sorted(n for n, cls in METHODS.items() if "continual" in cls.protocols)
-TIMING = (
-    "time",
-    "wall_time_s",
-    "peak_memory_mb",
-    "baseline_memory_mb",
-    "start_memory_mb",
-    "eval_time_s",
-    "load_time_s",
-)
-
-
-def _untimed(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not k.startswith(TIMING)}
-
-
-def _steps(out) -> list[dict]:
-    return [_untimed(json.loads(x)) for x in (out / "steps.jsonl").read_text().splitlines()]
+_untimed, _steps = untimed, untimed_steps
 
 
 @pytest.mark.parametrize("method,protocol", CASES)

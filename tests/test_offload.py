@@ -235,6 +235,11 @@ def test_auto_decides_from_device_directory_and_budget(tmp_path, monkeypatch):
     # a disk without room for the moments and copies, or no directory: resident (offload=true would fail)
     assert decide("auto", cpu, "element", free * 2, None, str(tmp_path)) == (False, "no_room")
     assert decide("auto", cpu, "element", 1.0, None, str(tmp_path / "nope")) == (False, "no_room")
+    # float64 masks (parity's float64 rows): the stores hold float32, so auto stays resident, true is refused
+    assert decide("auto", cpu, "element", 1.0, None, str(tmp_path), float32=False) == (False, "not_float32")
+    assert decide(False, cpu, "element", 1.0, None, None, float32=False) == (False, "set")
+    with pytest.raises(UserError, match="float64"):
+        decide(True, cpu, "element", 1.0, None, None, float32=False)
     calls = []
 
     def fits(need, budget, device):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _timing import untimed, untimed_steps
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -188,23 +189,7 @@ FAST = {
     "otmf": ["method.iterations=6", "method.head_tuning.steps=5", "method.eval_batches=2"],
     "adamerging": ["method.steps=3"],
 }
-TIMING = (
-    "time",
-    "wall_time_s",
-    "peak_memory_mb",
-    "baseline_memory_mb",
-    "start_memory_mb",
-    "eval_time_s",
-    "load_time_s",
-)
-
-
-def _untimed(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not k.startswith(TIMING)}
-
-
-def _steps(out) -> list[dict]:
-    return [_untimed(json.loads(x)) for x in (out / "steps.jsonl").read_text().splitlines()]
+_untimed, _steps = untimed, untimed_steps
 
 
 def test_diagnostics_per_step(run_cfg):

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from otmf_exp.errors import UserError
+
 #: mask quantiles recorded per step (``mask_quantiles`` in steps.jsonl)
 QUANTILES = (0.01, 0.5, 0.99)
 
@@ -191,14 +193,23 @@ def decide_offload(
     need_mb: float,
     budget_mb: float | None,
     directory: str | None,
+    float32: bool = True,
 ) -> tuple[bool, str]:
     """``method.offload``'s value for one step and why (recorded in steps.jsonl as ``offload`` /
-    ``offload_reason``). ``true``/``false``: as set. ``auto``: never for tensor-granularity masks
+    ``offload_reason``). ``true``/``false``: as set. ``auto``: never for float64 masks (the stores
+    hold float32; ``true`` is refused there) or tensor-granularity masks
     (their moments are a few hundred floats); on the CPU, on where ``offload_dir`` is on a disk (its
     reads and writes are ≈ 5 % of a ViT-B/32 step there, for −4 W of RSS; on a tmpfs it frees
     nothing; off where the disk lacks room for ``need_mb``); on CUDA only where the masks, their
     moments and best copies (``need_mb``) would not fit :func:`checkpoint_fits`' budget (host↔device
     copies cost as much as an iteration's compute)."""
+    if not float32:  # the off-device stores hold float32 moments (float64 models: parity's rows)
+        if setting is True:
+            raise UserError(
+                "method.offload=true keeps float32 Adam moments off the device, but this model's masks are "
+                "float64; use method.offload=auto or false"
+            )
+        return False, "set" if setting is False else "not_float32"
     if setting != "auto":
         return bool(setting), "set"
     if granularity == "tensor":

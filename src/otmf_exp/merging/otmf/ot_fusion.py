@@ -95,11 +95,14 @@ class FusionStep:
             None if ckpt == "auto" and cfg.student_weights == "layerwise" else ckpt is True
         )
         #: offload (auto: decided here, once per step, from the masks' size; see decide_offload)
-        w_mb = sum(v.numel() * 4 for v in tv_prev.values() if v.is_floating_point()) / 2**20
+        w_mb = (
+            sum(v.numel() * compute_dtype(v).itemsize for v in tv_prev.values() if v.is_floating_point())
+            / 2**20
+        )
         copies = 2 if cfg.select == "authors" and cfg.best_masks != "replay" else 0
         self.offload, self.offload_reason = decide_offload(
             cfg.offload, ctx.device, cfg.mask.granularity, (2 + 4 + copies) * w_mb, cfg.memory_budget_mb,
-            cfg.offload_dir,
+            cfg.offload_dir, all(compute_dtype(v) == torch.float32 for v in tv_prev.values() if v.is_floating_point()),
         )  # fmt: skip
         # offload: seconds of reads/writes, the moments' store size
         self.offload_s, self.offload_mb = 0.0, 0.0
@@ -375,7 +378,9 @@ class FusionStep:
         per_layer, layers = self.probe[0] if self.probe else (0, 0)
         # M_post's Adam moments, not yet made (none on the device with offload)
         pending = (
-            0 if self.joint or self.offload else 2 * sum(v.numel() * 4 for v in self.m_post.raw.values())
+            0
+            if self.joint or self.offload
+            else 2 * sum(v.numel() * v.element_size() for v in self.m_post.raw.values())
         )
         need_mb = (per_layer * layers + pending) / 2**20
         fits, available_mb = checkpoint_fits(need_mb, self.cfg.memory_budget_mb, self.ctx.device)

@@ -18,7 +18,6 @@ the seed our row was drawn with; the old rows it also fills are overwritten by t
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -26,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from otmf_exp.parity.reference.adamerging import pool
+from otmf_exp.parity.reference.authors_adamerging import _child as child
 from otmf_exp.parity.reference.authors_adamerging import _Classifier, _Epochs
 from otmf_exp.parity.reference.zoo import Zoo, save
 
@@ -39,16 +38,7 @@ REPO = "MINGLE_REPO"
 
 def _child(name: str, zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     """Run ``name`` in a child process with the MINGLE clone first on the path; its tensors."""
-    root = os.environ.get(REPO)
-    if not root or not Path(root).is_dir():
-        raise RuntimeError(f"{REPO} is not set (make parity-authors sets it from {REPO}=DIR)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", __name__, name, str(zoo_dir), str(work_dir)]
-    proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise RuntimeError(f"{name} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return load_file(str(work_dir / "theirs.child.safetensors"))
+    return child(name, zoo_dir, work_dir, module=__name__, repo=REPO)
 
 
 def c_wemoe(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
@@ -108,18 +98,20 @@ def _seeded_rows(plan: Any):
     return normal_
 
 
+def _in_dtype(case: dict, dtype: torch.dtype) -> dict:
+    """The case's images (eval, seed samples, served batches) in ``dtype``; batch size 16."""
+    return {**case, "batch_size": 16, "eval": {k: v.to(dtype) for k, v in case["eval"].items()},
+            "seeds": {k: v.to(dtype) for k, v in case["seeds"].items()},
+            "served": {k: [x.to(dtype) for x in v] for k, v in case["served"].items()}}  # fmt: skip
+
+
 def _c_wemoe(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     from fusion_bench.method.mingle import c_wemoe as ref
 
     _from_fork(ref)
     torch.set_default_dtype(dtype)  # their gates are nn.Linear of the default dtype
     tasks, blocks = case["tasks"], case["blocks"]
-    case = {**case, "batch_size": 16, "eval": {k: v.to(dtype) for k, v in case["eval"].items()},
-            "seeds": {k: v.to(dtype) for k, v in case["seeds"].items()},
-            "served": {k: [x.to(dtype) for x in v] for k, v in case["served"].items()}}  # fmt: skip
-    consumed: list = []
-    current: dict = {}
-    out: dict[str, Tensor] = {}
+    case, consumed, current, out = _in_dtype(case, dtype), [], {}, {}
     fabric, taskpool, seed_subset, loader = _plumbing(zoo, case, dtype, consumed, current)
     pre = zoo.pretrained
 
@@ -222,12 +214,7 @@ def _mingle(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     _from_fork(lora_moe)
     torch.set_default_dtype(dtype)  # their gates and LoRA factors are built in the default dtype
     tasks, sites = case["tasks"], case["sites"]
-    case = {**case, "batch_size": 16, "eval": {k: v.to(dtype) for k, v in case["eval"].items()},
-            "seeds": {k: v.to(dtype) for k, v in case["seeds"].items()},
-            "served": {k: [x.to(dtype) for x in v] for k, v in case["served"].items()}}  # fmt: skip
-    consumed: list = []
-    current: dict = {}
-    out: dict[str, Tensor] = {}
+    case, consumed, current, out = _in_dtype(case, dtype), [], {}, {}
     fabric, taskpool, seed_subset, loader = _plumbing(zoo, case, dtype, consumed, current)
     steps = case["steps"]
     gens = [torch.Generator().manual_seed(s) for s in case["gate_seeds"]]
