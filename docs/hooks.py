@@ -7,7 +7,8 @@ Markers a page may hold (each on its own line):
 * ``<!-- methods -->``: every registered method (``otmf_exp.merging.METHODS``) with its protocols, its
   main coefficient, its state growth and its page; ``<!-- presets -->``: ``conf/method/`` files that are
   presets of another method; ``<!-- experiments -->``: ``conf/experiment/`` presets;
-* ``<!-- parity-table -->``: every row of ``parity.json``; ``<!-- parity: NAME[,NAME] -->``: its rows of
+* ``<!-- parity-table -->``: every row of ``parity.json``; ``<!-- parity-pairs -->``: each float32 row
+  beside its float64 twin; ``<!-- parity: NAME[,NAME] -->``: its rows of
   those methods; "not generated yet: run `make parity`" while the file is missing;
 * ``<!-- published: NAME[,NAME] -->``: rows of ``otmf_exp/data/reference_numbers.csv`` for those
   reference method names, one column per method;
@@ -220,6 +221,26 @@ def parity_table(data: dict | None, methods: set[str] | None = None) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
+def parity_pairs(data: dict | None) -> str:
+    """Each float32 row of ``parity.json`` beside its float64 twin (the row named ``<name>_f64``): the
+    rounding its bound allows, and the agreement that shows the semantics are the same."""
+    if data is None:
+        return PARITY_MISSING
+    rows = {r["name"]: r for r in data.get("rows", [])}
+    out = [
+        "| row | method | float32 max \\|Δ\\| | float32 bound | float64 max \\|Δ\\| |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if r.get("dtype", "float32") == "float32":
+            twin = rows.get(f"{name}_f64")
+            f64 = _num(twin["max_abs_diff"]) if twin else "no float64 row"
+            out.append(
+                f"| `{name}` | {r.get('method')} | {_num(r.get('max_abs_diff'))} | {_num(r.get('bound'))} | {f64} |"
+            )
+    return "\n".join(out) + "\n"
+
+
 def published_table(csv: Path, names: list[str]) -> str:
     """Published numbers of the reference methods ``names``: one row per (source, protocol, backbone,
     tasks, metric), one column per method (value ± std)."""
@@ -292,6 +313,7 @@ def expand(markdown: str, root: Path = ROOT, page: str = "") -> str:
         "experiments": lambda arg: experiments_table(root / "conf" / "experiment"),
         "parity-table": parity,
         "parity": parity,
+        "parity-pairs": lambda arg: parity_pairs(_load_parity(root)),
         "published": lambda arg: published_table(
             root / "src" / "otmf_exp" / "data" / "reference_numbers.csv", (arg or "").split(",")
         ),

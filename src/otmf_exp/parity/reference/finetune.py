@@ -28,6 +28,7 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
 
     zoo = Zoo(zoo_dir)
     spec = json.loads((work_dir / f"{key}.spec.json").read_text())
+    dtype = getattr(torch, spec.get("dtype", "float32"))
     tasks = spec["tasks"]
     vision_cfg = zoo.config["module_config"]
     text_cfg = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -37,7 +38,7 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
     b = load_file(str(work_dir / f"{key}.batches.safetensors"))
 
     def clip_model() -> CLIPModel:
-        model = CLIPModel(config)
+        model = CLIPModel(config).to(dtype)
         res = model.load_state_dict(zoo.pretrained, strict=False)
         assert not res.unexpected_keys, res.unexpected_keys
         model.logit_scale.data.fill_(0.0)  # exp = 1: the zoo's heads carry the logit scale
@@ -83,7 +84,7 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
     algo.fabric = fabric
     algo._program = SimpleNamespace(taskpool=None)
     algo.setup_zero_shot_classification_head = lambda **kw: setattr(
-        algo, "zeroshot_weights", {t: zoo.heads[t] for t in tasks}
+        algo, "zeroshot_weights", {t: zoo.heads[t].to(dtype) for t in tasks}
     )
     losses: list[float] = []
     fabric.log_dict = lambda metrics, step=None: losses.append(float(metrics["train/loss"]))
