@@ -137,9 +137,15 @@ def test_otmf_memory_levers_equal_the_plain_step_bitwise(run_cfg, monkeypatch, s
         "save_merged=true",
         f"method.schedule={schedule}",
     )
-    plain = ("method.student_weights=all", "method.checkpoint_blocks=false", "method.adam_in_backward=false")
+    plain = (
+        "method.student_weights=all",
+        "method.checkpoint_blocks=false",
+        "method.adam_in_backward=false",
+        "method.offload=false",
+    )
     runs = []
-    for overrides in (plain, ("method.checkpoint_blocks=true",)):
+    # offload=false on both: it regroups Adam too (bit-identical as well: tests/test_offload.py)
+    for overrides in (plain, ("method.checkpoint_blocks=true", "method.offload=false")):
         sizes.clear()
         in_backward.clear()
         metrics, out = run_cfg(*args, *overrides)
