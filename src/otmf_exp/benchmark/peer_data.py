@@ -17,6 +17,19 @@ import torch
 from otmf_exp.benchmark.peer_fb import model_names
 
 
+def runner_sizes() -> dict[str, int]:
+    """The synthetic tasks' split sizes in a bench run: ``task_seq=synthetic``'s, validation as
+    :func:`~otmf_exp.benchmark.runs.run_overrides` sets it (the shuffles depend on the sizes)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from otmf_exp.benchmark.runs import EVAL_IMAGES
+
+    cfg = OmegaConf.load(str(files("otmf_exp.conf") / "task_seq" / "synthetic.yaml"))
+    return {**OmegaConf.to_container(cfg.split_sizes), "validation": EVAL_IMAGES}
+
+
 def write_batches(
     arch: str,
     tasks: int,
@@ -36,10 +49,14 @@ def write_batches(
     from otmf_exp.merging.base import MethodContext
     from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
 
+    sizes = sizes or runner_sizes()
     cfg = OmegaConf.structured(METHODS[method].Config(**options))
     ctx = MethodContext(
         None, torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False, seed=seed
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if method in ADAPTATION:
+        return ADAPTATION[method](cfg, ctx, arch, model_names(tasks)[1:], path, sizes)
     out: dict[str, torch.Tensor] = {}
     for t in model_names(tasks)[1:]:
         data = SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)
@@ -56,6 +73,27 @@ def write_batches(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
     return sum(k.endswith("/labels") for k in out)
+
+
+def _adamerging(cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, sizes: dict) -> int:
+    """Joint AdaMerging's batches: its own streams (``batch_streams``, key ``("joint",)``, as ``joint``
+    builds them), one batch per task per step, recorded (parity's ``Recorder``) and saved in parity's
+    layout (``<task>/<i>/x|y``) for its ``served``."""
+    from otmf_exp.merging.adamerging.adamerging_pools import batch_streams
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
+    from otmf_exp.parity.adamerging import Recorder, Setup
+
+    datas = {t: Recorder(SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)) for t in tasks}
+    streams = batch_streams(cfg, ctx, list(datas.values()), ("joint",), [0] * len(tasks))
+    for _ in range(cfg.steps):
+        for s in streams:
+            next(s)
+    Setup(None, {}, {}, datas).save_batches(path)
+    return cfg.steps * len(tasks)
+
+
+#: methods whose batches are drawn by their adaptation streams, not ``example_batches``
+ADAPTATION = {"adamerging": _adamerging}
 
 
 def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:

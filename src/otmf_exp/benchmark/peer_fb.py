@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from otmf_exp.benchmark.throughput import MARK
+from otmf_exp.parity.reference.zoo import Zoo
 
 
 def model_names(tasks: int) -> list[str]:
@@ -96,22 +97,35 @@ def consensus(pool, spec: dict) -> dict:
     return _consensus(Towers(), bug=False)
 
 
+class _Heads:
+    """Our synthetic zero-shot heads and θ₀'s projection (:data:`~otmf_exp.benchmark.peer_data.HEADS`)
+    in the interface of parity's ``Zoo`` (``heads``, ``projection(dtype)``) that its plumbing takes."""
+
+    projection = Zoo.projection  # the frozen ``visual_projection`` FusionBench's CLIP algorithms hold
+
+    def __init__(self, root: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from otmf_exp.benchmark.peer_data import HEADS
+
+        self.heads = load_file(str(root / HEADS))
+        self.pretrained = {"visual_projection.weight": self.heads.pop("_projection_")}
+        self.dtype = torch.float32
+
+
 def _clip_setup(alg, root: Path) -> None:
     """Parity's plumbing (identity Fabric and processor) with our synthetic heads and projection."""
-    from safetensors.torch import load_file
-    from torch import nn
+    import torch
 
-    from otmf_exp.benchmark.peer_data import HEADS
     from otmf_exp.parity.reference.fisher_regmean import _Fabric
 
-    heads = load_file(str(root / HEADS))
-    proj = heads.pop("_projection_")
+    heads = _Heads(root)
     alg._fabric_instance = _Fabric()
     alg._clip_processor = lambda x: x
-    alg.visual_projection = nn.Linear(proj.shape[1], proj.shape[0], bias=False)
-    alg.visual_projection.weight.data.copy_(proj)
-    alg.logit_scale_exp = __import__("torch").tensor(1.0)
-    alg.zeroshot_weights = heads
+    alg.visual_projection = heads.projection()
+    alg.logit_scale_exp = torch.tensor(1.0)
+    alg.zeroshot_weights = heads.heads
 
 
 def _data_merge(pool, spec: dict, alg, weights_of, merge) -> dict:
@@ -175,6 +189,36 @@ def regmean(pool, spec: dict) -> dict:
         )
     finally:
         clip_regmean.DataLoader = real
+
+
+def adamerging(pool, spec: dict) -> dict:
+    """FusionBench's task- or layer-wise AdaMerging class (``run()`` unchanged) with parity's plumbing
+    (``reference.adamerging.algorithm``: its settings, the batches our method drew, our heads); for
+    AdaMerging++ the pool's task models TIES-pruned first (parity's ``ties_pruned``, merge time), the
+    pruned models' copies counted as loading as the pool's are."""
+    from otmf_exp.benchmark.peer_methods import PEER
+    from otmf_exp.parity.reference.adamerging import Pool, algorithm, served, ties_pruned
+
+    opts = PEER[spec["row"]].overrides
+    plus = opts.get("tv_prune") == "ties"
+    t0 = time.perf_counter()
+    streams = served(Path(spec["dir"]), spec["row"], pool.model_names)
+    spec["_loading"] += time.perf_counter() - t0
+    algo = algorithm(opts["granularity"], _Heads(Path(spec["dir"])), pool.model_names, streams, plus=plus)
+    if plus:
+        names = ["_pretrained_", *pool.model_names]
+        pruned = ties_pruned(Pool({n: pool.load_model(n) for n in names}), opts.get("ties_density", 0.2))
+        copy = pruned.load_model
+
+        def load_model(*a, **k):  # a copy of a pruned model stands for the pool's load: loading
+            t0 = time.perf_counter()
+            out = copy(*a, **k)
+            spec["_loading"] += time.perf_counter() - t0
+            return out
+
+        pruned.load_model = load_model
+        pool = pruned
+    return algo.run(pool)
 
 
 def run(spec: dict) -> dict:

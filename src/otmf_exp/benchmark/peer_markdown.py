@@ -78,14 +78,20 @@ def peer_section(res: dict, table) -> list[str]:
         "on both sides: ours draws them (random images generated per example, inside its timed merge), "
         "FusionBench's per-task loops (get_fisher_weights, get_regmean_weights, then its merging_with_* "
         "function) get exactly those batches from a file written before the timed runs, its reading "
-        "counted as loading.",
+        "counted as loading; adamerging_task, adamerging_layer, adamerging_plus = parity.json's rows' "
+        "settings (joint, 20 Adam steps, one batch of 16 test images per task per step, init 0.3, lr 1e-3, "
+        "entropy −Σ p log(p + 1e-8); plus = TIES-pruned task vectors, K 20 %, λ clamped to [0, 1] in the "
+        "merge): ours draws its streams inside the timed merge, FusionBench's CLIPTaskWise/"
+        "CLIPLayerWiseAdaMergingAlgorithm (run() unchanged) gets the same batches from a file as its test "
+        "loader (reading counted as loading); for plus FusionBench's TIES functions prune the pool's models "
+        "first (timed), the pruned copies counted as loading.",
         "",
         "FusionBench classes: " + ", ".join(f"{n} = `{c}`" for n, c in sorted(fb.items())) + ".",
         "",
         *table(rows),
         "",
-        "Not timed side by side yet (both packages have them; the data-driven classes need the same "
-        "synthetic batches fed to FusionBench's CLIP task pool and data loaders, not built yet): "
+        "Not timed side by side yet (both packages have them; their FusionBench classes need the same "
+        "synthetic batches fed through their own CLIP plumbing, not built for the peer table yet): "
         + ", ".join(NOT_YET)
         + ".",
     ]

@@ -29,6 +29,8 @@ class PeerRow:
 
 
 FB = "fusion_bench.method"
+TASK_WISE = "clip_task_wise_adamerging.CLIPTaskWiseAdaMergingAlgorithm"
+LAYER_WISE = "clip_layer_wise_adamerging.CLIPLayerWiseAdaMergingAlgorithm"
 #: name in the table -> the two configurations (data-free methods; ours through the real runner)
 PEER: dict[str, PeerRow] = {
     "averaging": PeerRow("averaging", "joint", {}, f"{FB}.simple_average.SimpleAverageAlgorithm"),
@@ -119,13 +121,28 @@ PEER: dict[str, PeerRow] = {
         fb_call="otmf_exp.benchmark.peer_fb:regmean",
         data=True,
     ),
+    # AdaMerging as parity.json's adamerging_* rows run it (joint, 20 Adam steps, batch 16, init 0.3,
+    # lr 1e-3, entropy −Σ p log(p + 1e-8)); FusionBench's class fed the batches ours draws (its test
+    # streams), parity's plumbing; ++ = TIES-pruned task vectors (K 20 %, global), clamp(λ, 0, 1) in the merge
+    **{
+        name: PeerRow(
+            "adamerging",
+            "joint",
+            {"steps": 20, "batch_size": 16, "entropy_eps": 1e-8, **opts},
+            f"{FB}.adamerging.{cls}",
+            fb_call="otmf_exp.benchmark.peer_fb:adamerging",
+            data=True,
+        )
+        for name, opts, cls in (
+            ("adamerging_task", {"granularity": "task"}, TASK_WISE),
+            ("adamerging_layer", {"granularity": "layer"}, LAYER_WISE),
+            ("adamerging_plus", {"granularity": "layer", "tv_prune": "ties", "clamp": "merge"}, LAYER_WISE),
+        )
+    },
 }
 #: methods both packages have that the peer table does not time yet (they need FusionBench's
 #: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
 NOT_YET = (
-    "adamerging (task)",
-    "adamerging (layer)",
-    "adamerging++",
     "concrete",
     "wemoe",
     "continual_finetune",
