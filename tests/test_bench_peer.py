@@ -250,3 +250,61 @@ def test_batches_file_round_trip_is_the_stream_the_method_draws(tmp_path):
     assert all(torch.equal(g[0], w[0]) and g[1] == w[1] for g, w in zip(got, want))
     with pytest.raises(ValueError, match="no batches of task 'task07'"):
         read_batches(path, "task07")
+
+
+def test_adamerging_batches_file_is_what_the_method_draws(tmp_path):
+    """The file FusionBench's AdaMerging reads holds exactly the batches our joint AdaMerging draws
+    (recorded from a real run on the tiny tower), in the bench run's split sizes."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from otmf_exp.benchmark.peer_data import runner_sizes, write_batches
+    from otmf_exp.merging.adamerging.adamerging import AdaMerging
+    from otmf_exp.merging.base import MethodContext, TaskInput
+    from otmf_exp.offline.synthetic import SyntheticBackbone
+    from otmf_exp.parity.adamerging import Recorder
+
+    assert runner_sizes()["test"] == 64 and runner_sizes()["validation"] == 2
+    opts = dict(PEER["adamerging_layer"].overrides, steps=5)  # 5 × 16 > 64: a reshuffled second pass
+    path = tmp_path / "adamerging.batches.safetensors"
+    assert write_batches("tiny", 2, "adamerging", opts, path) == 2 * 5
+    bb = SyntheticBackbone("tiny", "cpu")
+    pre = bb.pretrained_state()
+    datas = {t: Recorder(bb.task_data(t, runner_sizes())) for t in ("task00", "task01")}
+    cfg = OmegaConf.merge(OmegaConf.structured(AdaMerging.Config), opts)
+    ctx = MethodContext(bb, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, seed=0)
+    tasks = [
+        TaskInput(t, i, bb.load_finetuned(t), bb.zero_shot_head(d.data), d)
+        for i, (t, d) in enumerate(datas.items())
+    ]
+    AdaMerging(cfg, ctx, protocol="joint").joint(pre, tasks)
+    saved = load_file(str(path))
+    for t, d in datas.items():
+        assert len(d.served) == 5
+        for i, (x, y) in enumerate(d.served):
+            assert torch.equal(saved[f"{t}/{i}/x"], x) and torch.equal(saved[f"{t}/{i}/y"], y)
+
+
+PARITY_PY = ROOT / ".venv-parity" / "bin" / "python"
+
+
+@pytest.mark.parity
+def test_adamerging_peer_row_equal_results_check_runs_and_can_fail(tmp_path):
+    """Tiny tower, 2 tasks, one round: FusionBench's AdaMerging on our batches merges what ours does
+    (max |Δw| within the parity bound); fed other batches (another run seed's) it does not."""
+    from otmf_exp.benchmark.peer_data import write_batches
+
+    assert PARITY_PY.exists(), "no .venv-parity: run `make parity-venv` (the FusionBench venv)"
+    bound = peer_cli.parity_bounds(ROOT / "parity.json")["adamerging_task"]
+    models = tmp_path / "models"
+    peer.export_models(str(PARITY_PY), "tiny", 2, models, lambda m: None, ["adamerging_task"])
+    base = {"arch": "tiny", "tasks": 2, "device": "cpu", "eval_batch_size": 16, "autocast": "float32"}
+    run_side = peer.side_runner(str(PARITY_PY), models, base)
+    got = peer.measure_peer(["adamerging_task"], [1], 1, run_side)
+    assert got["max_abs_diff"]["adamerging_task"] <= bound
+    row = PEER["adamerging_task"]
+    write_batches(
+        "tiny", 2, row.method, row.overrides, models / "adamerging_task.batches.safetensors", seed=1
+    )
+    bad = peer.measure_peer(["adamerging_task"], [1], 1, run_side)
+    assert bad["max_abs_diff"]["adamerging_task"] > bound, bad["max_abs_diff"]
