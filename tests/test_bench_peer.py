@@ -252,59 +252,75 @@ def test_batches_file_round_trip_is_the_stream_the_method_draws(tmp_path):
         read_batches(path, "task07")
 
 
-def test_adamerging_batches_file_is_what_the_method_draws(tmp_path):
-    """The file FusionBench's AdaMerging reads holds exactly the batches our joint AdaMerging draws
-    (recorded from a real run on the tiny tower), in the bench run's split sizes."""
+@pytest.mark.parametrize(
+    "row, short",
+    [
+        ("adamerging_layer", {"steps": 5}),  # 5 × 16 > 64 test images: a reshuffled second pass
+        ("concrete_ta", {"max_steps": 3}),
+        ("concrete_adamerging", {"max_steps": 2, "max_adamerging_steps": 1}),
+    ],
+)
+def test_adaptation_batches_file_is_what_the_method_draws(tmp_path, row, short):
+    """The file FusionBench's side reads holds exactly the batches our joint method draws (recorded
+    from a real run on the tiny tower, fewer steps), in the bench run's split sizes; Concrete's spec
+    holds our mask generator's seed."""
+    import json
+
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from otmf_exp.benchmark.peer_data import runner_sizes, write_batches
-    from otmf_exp.merging.adamerging.adamerging import AdaMerging
+    from otmf_exp.merging import METHODS
     from otmf_exp.merging.base import MethodContext, TaskInput
     from otmf_exp.offline.synthetic import SyntheticBackbone
     from otmf_exp.parity.adamerging import Recorder
 
     assert runner_sizes()["test"] == 64 and runner_sizes()["validation"] == 2
-    opts = dict(PEER["adamerging_layer"].overrides, steps=5)  # 5 × 16 > 64: a reshuffled second pass
-    path = tmp_path / "adamerging.batches.safetensors"
-    assert write_batches("tiny", 2, "adamerging", opts, path) == 2 * 5
+    method, opts = PEER[row].method, PEER[row].overrides | short
+    path = tmp_path / f"{row}.batches.safetensors"
+    n = write_batches("tiny", 2, method, opts, path)
     bb = SyntheticBackbone("tiny", "cpu")
     pre = bb.pretrained_state()
     datas = {t: Recorder(bb.task_data(t, runner_sizes())) for t in ("task00", "task01")}
-    cfg = OmegaConf.merge(OmegaConf.structured(AdaMerging.Config), opts)
+    cls = METHODS[method]
+    cfg = OmegaConf.merge(OmegaConf.structured(cls.Config), opts)
     ctx = MethodContext(bb, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, seed=0)
     tasks = [
         TaskInput(t, i, bb.load_finetuned(t), bb.zero_shot_head(d.data), d)
         for i, (t, d) in enumerate(datas.items())
     ]
-    AdaMerging(cfg, ctx, protocol="joint").joint(pre, tasks)
+    cls(cfg, ctx, protocol="joint").joint(pre, tasks)
     saved = load_file(str(path))
+    assert n == sum(len(d.served) for d in datas.values()) and n > 0
+    assert len(saved) == 2 * n  # x and y of every batch, nothing more
     for t, d in datas.items():
-        assert len(d.served) == 5
         for i, (x, y) in enumerate(d.served):
             assert torch.equal(saved[f"{t}/{i}/x"], x) and torch.equal(saved[f"{t}/{i}/y"], y)
+    if method == "concrete":
+        spec = json.loads((tmp_path / f"{row}.spec.json").read_text())
+        assert spec == {"mask_seed": ctx.seed_for("concrete", "mask")}
 
 
 PARITY_PY = ROOT / ".venv-parity" / "bin" / "python"
 
 
 @pytest.mark.parity
-def test_adamerging_peer_row_equal_results_check_runs_and_can_fail(tmp_path):
-    """Tiny tower, 2 tasks, one round: FusionBench's AdaMerging on our batches merges what ours does
-    (max |Δw| within the parity bound); fed other batches (another run seed's) it does not."""
+@pytest.mark.parametrize("row", ["adamerging_task", "concrete_ta"])
+def test_data_peer_row_equal_results_check_runs_and_can_fail(tmp_path, row):
+    """Tiny tower, 2 tasks, one round: FusionBench's class on our batches merges what ours does
+    (max |Δw| within the parity bound); fed other batches (and Concrete another mask seed: another
+    run seed's) it does not."""
     from otmf_exp.benchmark.peer_data import write_batches
 
     assert PARITY_PY.exists(), "no .venv-parity: run `make parity-venv` (the FusionBench venv)"
-    bound = peer_cli.parity_bounds(ROOT / "parity.json")["adamerging_task"]
+    bound = peer_cli.parity_bounds(ROOT / "parity.json")[row]
     models = tmp_path / "models"
-    peer.export_models(str(PARITY_PY), "tiny", 2, models, lambda m: None, ["adamerging_task"])
+    peer.export_models(str(PARITY_PY), "tiny", 2, models, lambda m: None, [row])
     base = {"arch": "tiny", "tasks": 2, "device": "cpu", "eval_batch_size": 16, "autocast": "float32"}
     run_side = peer.side_runner(str(PARITY_PY), models, base)
-    got = peer.measure_peer(["adamerging_task"], [1], 1, run_side)
-    assert got["max_abs_diff"]["adamerging_task"] <= bound
-    row = PEER["adamerging_task"]
-    write_batches(
-        "tiny", 2, row.method, row.overrides, models / "adamerging_task.batches.safetensors", seed=1
-    )
-    bad = peer.measure_peer(["adamerging_task"], [1], 1, run_side)
-    assert bad["max_abs_diff"]["adamerging_task"] > bound, bad["max_abs_diff"]
+    got = peer.measure_peer([row], [1], 1, run_side)
+    assert got["max_abs_diff"][row] <= bound
+    r = PEER[row]
+    write_batches("tiny", 2, r.method, r.overrides, models / f"{row}.batches.safetensors", seed=1)
+    bad = peer.measure_peer([row], [1], 1, run_side)
+    assert bad["max_abs_diff"][row] > bound, bad["max_abs_diff"]

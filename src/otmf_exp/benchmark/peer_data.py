@@ -92,8 +92,34 @@ def _adamerging(cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, siz
     return cfg.steps * len(tasks)
 
 
+def _concrete(cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, sizes: dict) -> int:
+    """Joint Concrete's batches: its streams (``joint``'s seeds), one batch per task per entropy
+    (task_arithmetic: one per mask step; adamerging: two per mask step, inner and mask, then one per
+    AdaMerging step), saved as :func:`_adamerging` does; beside them ``<row>.spec.json`` with the seed
+    of our mask generator, which parity's reference sets FusionBench's global RNG to."""
+    import json
+
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
+    from otmf_exp.parity.adamerging import Recorder, Setup
+
+    datas = {t: Recorder(SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)) for t in tasks}
+    seed = ctx.seed_for
+    streams = [
+        d.batches(cfg.adapt_split, cfg.batch_size, seed("concrete", "data", j))
+        for j, d in enumerate(datas.values())
+    ]
+    n = cfg.max_steps if cfg.merge == "task_arithmetic" else 2 * cfg.max_steps + cfg.max_adamerging_steps
+    for _ in range(n):
+        for s in streams:
+            next(s)
+    Setup(None, {}, {}, datas).save_batches(path)
+    spec = path.with_name(path.name.replace(".batches.safetensors", ".spec.json"))
+    spec.write_text(json.dumps({"mask_seed": seed("concrete", "mask")}))
+    return n * len(tasks)
+
+
 #: methods whose batches are drawn by their adaptation streams, not ``example_batches``
-ADAPTATION = {"adamerging": _adamerging}
+ADAPTATION = {"adamerging": _adamerging, "concrete": _concrete}
 
 
 def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:

@@ -221,6 +221,25 @@ def adamerging(pool, spec: dict) -> dict:
     return algo.run(pool)
 
 
+def concrete(pool, spec: dict):
+    """FusionBench's Concrete class for the row's merge (``run()`` unchanged) with parity's plumbing
+    (``reference.concrete.algorithm``: its settings, the batches our method drew, our heads, its global
+    RNG seeded with our mask seed after its model setup)."""
+    import json
+
+    from otmf_exp.benchmark.peer_methods import PEER
+    from otmf_exp.parity.reference.adamerging import served
+    from otmf_exp.parity.reference.concrete import algorithm
+
+    root, row = Path(spec["dir"]), spec["row"]
+    t0 = time.perf_counter()
+    streams = served(root, row, pool.model_names)
+    seed = json.loads((root / f"{row}.spec.json").read_text())["mask_seed"]
+    spec["_loading"] += time.perf_counter() - t0
+    merge = PEER[row].overrides["merge"]
+    return algorithm(merge, _Heads(root), pool.model_names, streams, seed)[0].run(pool)
+
+
 def run(spec: dict) -> dict:
     import psutil
     import torch

@@ -139,11 +139,42 @@ PEER: dict[str, PeerRow] = {
             ("adamerging_plus", {"granularity": "layer", "tv_prune": "ties", "clamp": "merge"}, LAYER_WISE),
         )
     },
+    # Concrete as parity.json's concrete_* rows run it (joint, 20 mask steps, batch 16, task-wise,
+    # fusionbench_stale_inner; adamerging: then 20 AdaMerging steps); FusionBench's class fed the
+    # batches ours draws and our mask generator's seed (parity's plumbing)
+    **{
+        name: PeerRow(
+            "concrete",
+            "joint",
+            {
+                "merge": merge,
+                "granularity": "task",
+                "max_steps": 20,
+                "batch_size": 16,
+                "max_adamerging_steps": 20,
+                "fusionbench_stale_inner": True,
+            },
+            f"{FB}.concrete_subspace.{cls}",
+            fb_call="otmf_exp.benchmark.peer_fb:concrete",
+            data=True,
+        )
+        for name, merge, cls in (
+            (
+                "concrete_ta",
+                "task_arithmetic",
+                "clip_concrete_task_arithmetic.ConcreteTaskArithmeticAlgorithmForCLIP",
+            ),
+            (
+                "concrete_adamerging",
+                "adamerging",
+                "clip_concrete_adamerging.ConcreteTaskWiseAdaMergingForCLIP",
+            ),
+        )
+    },
 }
 #: methods both packages have that the peer table does not time yet (they need FusionBench's
 #: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
 NOT_YET = (
-    "concrete",
     "wemoe",
     "continual_finetune",
 )
