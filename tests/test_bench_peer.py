@@ -258,6 +258,7 @@ def test_batches_file_round_trip_is_the_stream_the_method_draws(tmp_path):
         ("adamerging_layer", {"steps": 5}),  # 5 × 16 > 64 test images: a reshuffled second pass
         ("concrete_ta", {"max_steps": 3}),
         ("concrete_adamerging", {"max_steps": 2, "max_adamerging_steps": 1}),
+        ("continual_finetune", {"steps": 5}),  # 5 × 16 > 64 training images
     ],
 )
 def test_adaptation_batches_file_is_what_the_method_draws(tmp_path, row, short):
@@ -289,7 +290,13 @@ def test_adaptation_batches_file_is_what_the_method_draws(tmp_path, row, short):
         TaskInput(t, i, bb.load_finetuned(t), bb.zero_shot_head(d.data), d)
         for i, (t, d) in enumerate(datas.items())
     ]
-    cls(cfg, ctx, protocol="joint").joint(pre, tasks)
+    m = cls(cfg, ctx, protocol=PEER[row].protocol)
+    if PEER[row].protocol == "joint":
+        m.joint(pre, tasks)
+    else:
+        state = m.init(pre)
+        for task in tasks:
+            state = m.step(state, task, pre)
     saved = load_file(str(path))
     assert n == sum(len(d.served) for d in datas.values()) and n > 0
     assert len(saved) == 2 * n  # x and y of every batch, nothing more
@@ -299,13 +306,24 @@ def test_adaptation_batches_file_is_what_the_method_draws(tmp_path, row, short):
     if method == "concrete":
         spec = json.loads((tmp_path / f"{row}.spec.json").read_text())
         assert spec == {"mask_seed": ctx.seed_for("concrete", "mask")}
+    if method == "continual_finetune":
+        spec = json.loads((tmp_path / f"{row}.spec.json").read_text())
+        assert spec == {"tasks": list(datas), "steps": 5, "batch_size": 16, "lr": cfg.lr, "lora": False}
+
+
+def test_max_abs_diff_leaves_out_the_skipped_keys():
+    a = {"vision_model.l.k_proj.bias": torch.zeros(2), "vision_model.l.k_proj.weight": torch.zeros(2)}
+    b = {"l.k_proj.bias": torch.ones(2), "l.k_proj.weight": torch.full((2,), 0.5)}
+    assert peer.max_abs_diff(a, b) == 1.0
+    assert peer.max_abs_diff(a, b, PEER["continual_finetune"].skip) == 0.5
+    assert peer.max_abs_diff(a, {"l.k_proj.bias": torch.ones(2)}, (".k_proj.bias",)) is None
 
 
 PARITY_PY = ROOT / ".venv-parity" / "bin" / "python"
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("row", ["adamerging_task", "concrete_ta"])
+@pytest.mark.parametrize("row", ["adamerging_task", "concrete_ta", "continual_finetune"])
 def test_data_peer_row_equal_results_check_runs_and_can_fail(tmp_path, row):
     """Tiny tower, 2 tasks, one round: FusionBench's class on our batches merges what ours does
     (max |Δw| within the parity bound); fed other batches (and Concrete another mask seed: another

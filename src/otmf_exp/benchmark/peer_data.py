@@ -118,8 +118,34 @@ def _concrete(cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, sizes
     return n * len(tasks)
 
 
+def _continual_finetune(cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, sizes: dict) -> int:
+    """Continual fine-tuning's batches: step t's stream of task t (``step``'s seed), ``steps`` batches
+    each, saved as :func:`_adamerging` does; beside them ``<row>.spec.json`` with the settings parity's
+    reference takes (tasks in order, steps, batch size, lr, full or LoRA)."""
+    import json
+
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
+    from otmf_exp.parity.adamerging import Recorder, Setup
+
+    datas = {t: Recorder(SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)) for t in tasks}
+    for t, d in enumerate(datas.values(), start=1):
+        stream = d.batches(cfg.split, cfg.batch_size, ctx.seed_for("continual_finetune", t, "batches"))
+        for _ in range(cfg.steps):
+            next(stream)
+    Setup(None, {}, {}, datas).save_batches(path)
+    spec = {
+        "tasks": tasks,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "lora": cfg.lora.enabled,
+    }
+    path.with_name(path.name.replace(".batches.safetensors", ".spec.json")).write_text(json.dumps(spec))
+    return cfg.steps * len(tasks)
+
+
 #: methods whose batches are drawn by their adaptation streams, not ``example_batches``
-ADAPTATION = {"adamerging": _adamerging, "concrete": _concrete}
+ADAPTATION = {"adamerging": _adamerging, "concrete": _concrete, "continual_finetune": _continual_finetune}
 
 
 def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:

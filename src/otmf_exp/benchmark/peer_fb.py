@@ -240,6 +240,44 @@ def concrete(pool, spec: dict):
     return algorithm(merge, _Heads(root), pool.model_names, streams, seed)[0].run(pool)
 
 
+def continual_finetune(pool, spec: dict):
+    """FusionBench's ``ContinualImageClassificationFineTuningForCLIP`` (``run()`` unchanged) with
+    parity's plumbing (``reference.finetune.finetune``: the batches our method drew, our heads, θ₀ of
+    the pool with our projection; no per-task snapshots); building the CLIP model it is served counts
+    as loading, as the pool's loads do."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from otmf_exp.parity.reference.adamerging import weights
+    from otmf_exp.parity.reference.finetune import finetune
+
+    root, row = Path(spec["dir"]), spec["row"]
+    t0 = time.perf_counter()
+    settings = json.loads((root / f"{row}.spec.json").read_text())
+    batches = load_file(str(root / f"{row}.batches.safetensors"))
+    spec["_loading"] += time.perf_counter() - t0
+    heads = _Heads(root)
+    proj = heads.pretrained["visual_projection.weight"]
+    pre = pool.load_model("_pretrained_")
+    vision_cfg = {**pre.config.to_dict(), "projection_dim": proj.shape[0]}
+    pretrained = {**weights(pre), "visual_projection.weight": proj}
+    del pre
+    loading = [0.0]
+    final, _, _ = finetune(
+        vision_cfg,
+        pretrained,
+        heads.heads,
+        settings,
+        batches,
+        root / f"{row}.fb_logs",
+        snapshot=False,
+        loading=loading,
+    )
+    spec["_loading"] += loading[0]
+    return final
+
+
 def run(spec: dict) -> dict:
     import psutil
     import torch

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from otmf_exp.parity.reference.finetune import ZERO_GRAD  # the continual_finetune parity row's
+
 
 @dataclass(frozen=True)
 class PeerRow:
@@ -26,6 +28,9 @@ class PeerRow:
     fb_call: str | None = None
     #: data-driven: ours draws batches on the synthetic tasks; the bench saves the same ones for theirs
     data: bool = False
+    #: key suffixes the Δw check leaves out, as the method's parity row does (a true gradient of 0:
+    #: Adam turns each side's float noise into ±lr steps)
+    skip: tuple[str, ...] = ()
 
 
 FB = "fusion_bench.method"
@@ -171,10 +176,18 @@ PEER: dict[str, PeerRow] = {
             ),
         )
     },
+    # continual fine-tuning as parity.json's continual_finetune row runs it (full, 8 Adam steps per task,
+    # batch 16, lr 1e-5, cosine); FusionBench's class on θ₀ fed the batches ours draws (parity's plumbing)
+    "continual_finetune": PeerRow(
+        "continual_finetune",
+        "continual",
+        {"steps": 8, "batch_size": 16},
+        f"{FB}.classification.continual_clip_finetune.ContinualImageClassificationFineTuningForCLIP",
+        fb_call="otmf_exp.benchmark.peer_fb:continual_finetune",
+        data=True,
+        skip=(ZERO_GRAD,),
+    ),
 }
 #: methods both packages have that the peer table does not time yet (they need FusionBench's
 #: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
-NOT_YET = (
-    "wemoe",
-    "continual_finetune",
-)
+NOT_YET = ("wemoe",)

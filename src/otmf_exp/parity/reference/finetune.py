@@ -18,7 +18,24 @@ from otmf_exp.parity.reference.zoo import Zoo
 ZERO_GRAD = ".k_proj.bias"
 
 
-def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
+def finetune(
+    vision_cfg: dict,
+    pretrained: dict[str, Tensor],
+    heads: dict[str, Tensor],
+    spec: dict,
+    b: dict[str, Tensor],
+    log_dir: Path,
+    lora_init: dict[str, Tensor] | None = None,
+    snapshot: bool = True,
+    loading: list[float] | None = None,
+) -> tuple[Any, list[dict[str, Tensor]], list[float]]:
+    """FusionBench's class ``run()`` on θ₀ (``pretrained``: vision tower + ``visual_projection``) with
+    the recorded batches ``b`` (``<task>/<i>/x|y``), ``heads`` (logit scale folded in) and ``spec``'s
+    settings: the plumbing parity and bench-peer share. Returns the final model, the vision weights
+    after every task (``snapshot``) and every step's loss; ``loading`` (a one-element list) gets the
+    seconds spent building the CLIP model it is served (loading, for bench-peer)."""
+    import time
+
     import fusion_bench.method.classification.continual_clip_finetune as fb
     import lightning as L
     from fusion_bench.modelpool import CLIPVisionModelPool
@@ -26,21 +43,20 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
     from peft.tuners.lora import LoraLayer
     from transformers import CLIPConfig, CLIPModel
 
-    zoo = Zoo(zoo_dir)
-    spec = json.loads((work_dir / f"{key}.spec.json").read_text())
     tasks = spec["tasks"]
-    vision_cfg = zoo.config["module_config"]
     text_cfg = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
         text_config=text_cfg, vision_config=vision_cfg, projection_dim=vision_cfg["projection_dim"]
     )
-    b = load_file(str(work_dir / f"{key}.batches.safetensors"))
 
     def clip_model() -> CLIPModel:
+        t0 = time.perf_counter()
         model = CLIPModel(config)
-        res = model.load_state_dict(zoo.pretrained, strict=False)
+        res = model.load_state_dict(pretrained, strict=False)
         assert not res.unexpected_keys, res.unexpected_keys
         model.logit_scale.data.fill_(0.0)  # exp = 1: the zoo's heads carry the logit scale
+        if loading is not None:
+            loading[0] += time.perf_counter() - t0
         return model.eval()
 
     class Pool(CLIPVisionModelPool):
@@ -78,12 +94,12 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
         def log_hyperparams(self, params: Any, *a: Any, **k: Any) -> None:
             pass
 
-    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[Logger(str(work_dir / f"{key}.fb_logs"))])
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[Logger(str(log_dir))])
     fabric.launch()
     algo.fabric = fabric
     algo._program = SimpleNamespace(taskpool=None)
     algo.setup_zero_shot_classification_head = lambda **kw: setattr(
-        algo, "zeroshot_weights", {t: zoo.heads[t] for t in tasks}
+        algo, "zeroshot_weights", {t: heads[t] for t in tasks}
     )
     losses: list[float] = []
     fabric.log_dict = lambda metrics, step=None: losses.append(float(metrics["train/loss"]))
@@ -109,23 +125,36 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
         processor, classifier, optimizer, sched = setup_model()
         vm = classifier.clip_model.vision_model
         if spec["lora"]:
-            init = load_file(str(work_dir / f"{key}.lora_init.safetensors"))
             with torch.no_grad():
                 for name, p in vm.named_parameters():
                     if "lora_" in name:
-                        p.copy_(init["lora/vision_model." + name.replace("base_model.model.", "")])
+                        p.copy_(lora_init["lora/vision_model." + name.replace("base_model.model.", "")])
         reset = optimizer.load_state_dict
 
         def snapshot_then_reset(sd: Any) -> Any:  # called before each task: the weights after the previous
             snapshots.append(vision_weights(vm))
             return reset(sd)
 
-        optimizer.load_state_dict = snapshot_then_reset
+        if snapshot:
+            optimizer.load_state_dict = snapshot_then_reset
         return processor, classifier, optimizer, sched
 
     algo.setup_model = setup_model_with_our_adapters
     final = algo.run(Pool())
-    snapshots.append(vision_weights(final))
+    if snapshot:
+        snapshots.append(vision_weights(final))
+    return final, snapshots, losses
+
+
+def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
+    zoo = Zoo(zoo_dir)
+    spec = json.loads((work_dir / f"{key}.spec.json").read_text())
+    b = load_file(str(work_dir / f"{key}.batches.safetensors"))
+    lora_init = load_file(str(work_dir / f"{key}.lora_init.safetensors")) if spec["lora"] else None
+    log_dir = work_dir / f"{key}.fb_logs"
+    _, snapshots, losses = finetune(
+        zoo.config["module_config"], zoo.pretrained, zoo.heads, spec, b, log_dir, lora_init
+    )
     out = {
         f"weights/task{i}/{k}": v
         for i, s in enumerate(snapshots[1:])
