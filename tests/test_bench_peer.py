@@ -342,3 +342,32 @@ def test_data_peer_row_equal_results_check_runs_and_can_fail(tmp_path, row):
     write_batches("tiny", 2, r.method, r.overrides, models / f"{row}.batches.safetensors", seed=1)
     bad = peer.measure_peer([row], [1], 1, run_side)
     assert bad["max_abs_diff"][row] > bound, bad["max_abs_diff"]
+
+
+def test_peer_table_renders_the_data_driven_rows_and_what_is_not_timed():
+    from otmf_exp.benchmark.peer_methods import NOT_YET
+
+    runs = {"ours": [{"merge_s": 1.0, "peak_mb": 70.0}], "fusionbench": [{"merge_s": 2.0, "peak_mb": 100.0}]}
+    rows = ["adamerging_task", "adamerging_plus", "concrete_adamerging", "continual_finetune"]
+    res = {
+        "peer": {
+            "table": peer.tabulate({"1": {r: runs for r in rows}}),
+            "max_abs_diff": {"adamerging_task": 1e-7, "adamerging_plus": 1e-3},
+            "parity_bound": {"adamerging_task": 1e-5, "adamerging_plus": 1e-5},
+            "command": "python scripts/bench.py --peer --quick",
+            "date": "2026-01-01 00:00 UTC",
+            "quick": True,
+            "repeats": 1,
+            "tasks": 8,
+            "machine": {"cpu": "x86_64", "cpu_cores": 2, "ram_gb": 23.0, "torch": "2.x"},
+        }
+    }
+    text = render(res, peer_only=True)
+    line = {r: next(ln for ln in text.splitlines() if ln.startswith(f"| {r} ")) for r in rows}
+    assert "time yes, peak yes, Δw ok" in line["adamerging_task"]
+    assert "Δw > 1e-05" in line["adamerging_plus"]  # the check can fail in the table too
+    assert "Δw not compared" in line["continual_finetune"]
+    assert "CLIPTaskWiseAdaMergingAlgorithm" in text and "ConcreteTaskWiseAdaMergingForCLIP" in text
+    not_timed = next(ln for ln in text.splitlines() if ln.startswith("Not timed side by side yet"))
+    assert all(n in not_timed for n in NOT_YET) and "adamerging" not in not_timed
+    assert not set(rows) & set(NOT_YET)

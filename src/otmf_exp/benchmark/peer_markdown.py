@@ -84,14 +84,21 @@ def peer_section(res: dict, table) -> list[str]:
         "merge): ours draws its streams inside the timed merge, FusionBench's CLIPTaskWise/"
         "CLIPLayerWiseAdaMergingAlgorithm (run() unchanged) gets the same batches from a file as its test "
         "loader (reading counted as loading); for plus FusionBench's TIES functions prune the pool's models "
-        "first (timed), the pruned copies counted as loading.",
+        "first (timed), the pruned copies counted as loading; concrete_ta, concrete_adamerging = parity.json's "
+        "rows' settings (joint, task-wise, 20 mask steps, batch 16, fusionbench_stale_inner=true; adamerging: "
+        "then 20 AdaMerging steps), FusionBench's Concrete classes (run() unchanged) fed our batches, their "
+        "global RNG seeded with our mask generator's seed after their model setup; continual_finetune = "
+        "parity.json's row's settings (full, 8 Adam steps per task, batch 16, lr 1e-5, cosine), "
+        "FusionBench's ContinualImageClassificationFineTuningForCLIP (run() unchanged) served θ₀ as a CLIP "
+        "model (its building counted as loading) and our batches as its train loaders; its max abs Δw "
+        "leaves out the k_proj.bias tensors as the parity row does (true gradient 0: Adam turns each side's "
+        "float noise into ±lr steps).",
         "",
         "FusionBench classes: " + ", ".join(f"{n} = `{c}`" for n, c in sorted(fb.items())) + ".",
         "",
         *table(rows),
         "",
-        "Not timed side by side yet (both packages have them; their FusionBench classes need the same "
-        "synthetic batches fed through their own CLIP plumbing, not built for the peer table yet): "
-        + ", ".join(NOT_YET)
+        "Not timed side by side yet (both packages have them): "
+        + "; ".join(f"{name} ({why})" for name, why in NOT_YET.items())
         + ".",
     ]
