@@ -9,7 +9,9 @@ Run with a Python that has ``fusion-bench==0.2.33`` (and ``transformers<5``), th
 Python with :func:`write_weights`) as ``CLIPVisionModel.save_pretrained`` checkpoints, once per bench, outside every timed run. ``run`` calls
 the row's FusionBench class unchanged on a ``CLIPVisionModelPool`` of those paths. Time: ``run()`` minus
 the time spent inside the pool's ``load_model`` (reading a checkpoint is loading, not merging: our
-runner subtracts it the same way). Memory: the process's sampled peak RSS during ``run()``, loading
+runner subtracts it the same way); data-driven rows add the reading of their batch and spec files and
+the building of the models a class is served in place of the pool's (AdaMerging++'s pruned copies,
+continual fine-tuning's CLIP model) to that loading time. Memory: the process's sampled peak RSS during ``run()``, loading
 included (what a user's process holds). Prints ``BENCH_RESULT {json}``.
 """
 
