@@ -27,15 +27,13 @@ def finetune(
     log_dir: Path,
     lora_init: dict[str, Tensor] | None = None,
     snapshot: bool = True,
-    loading: list[float] | None = None,
+    wrap: Any = None,
 ) -> tuple[Any, list[dict[str, Tensor]], list[float]]:
     """FusionBench's class ``run()`` on θ₀ (``pretrained``: vision tower + ``visual_projection``) with
     the recorded batches ``b`` (``<task>/<i>/x|y``), ``heads`` (logit scale folded in) and ``spec``'s
     settings: the plumbing parity and bench-peer share. Returns the final model, the vision weights
-    after every task (``snapshot``) and every step's loss; ``loading`` (a one-element list) gets the
-    seconds spent building the CLIP model it is served (loading, for bench-peer)."""
-    import time
-
+    after every task (``snapshot``) and every step's loss; ``wrap`` wraps the function that builds the
+    CLIP model it is served (bench-peer times it as loading)."""
     import fusion_bench.method.classification.continual_clip_finetune as fb
     import lightning as L
     from fusion_bench.modelpool import CLIPVisionModelPool
@@ -50,14 +48,13 @@ def finetune(
     )
 
     def clip_model() -> CLIPModel:
-        t0 = time.perf_counter()
         model = CLIPModel(config)
         res = model.load_state_dict(pretrained, strict=False)
         assert not res.unexpected_keys, res.unexpected_keys
         model.logit_scale.data.fill_(0.0)  # exp = 1: the zoo's heads carry the logit scale
-        if loading is not None:
-            loading[0] += time.perf_counter() - t0
         return model.eval()
+
+    build = wrap(clip_model) if wrap else clip_model
 
     class Pool(CLIPVisionModelPool):
         def __init__(self) -> None:  # data plumbing only: no hub, no config
@@ -66,7 +63,7 @@ def finetune(
         train_dataset_names = property(lambda self: list(tasks))
 
         def load_clip_model(self, name: str, *a: Any, **k: Any) -> CLIPModel:
-            return clip_model()
+            return build()
 
         def load_processor(self, *a: Any, **k: Any) -> Any:
             return lambda image: image
