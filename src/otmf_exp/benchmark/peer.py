@@ -49,13 +49,14 @@ def _key(k: str) -> str:
     return k.removeprefix("vision_model.")
 
 
-def max_abs_diff(ours: dict, theirs: dict) -> float | None:
+def max_abs_diff(ours: dict, theirs: dict, skip: tuple[str, ...] = ()) -> float | None:
     """Max |Δw| over the tensors both merged models hold (keys compared without ``vision_model.``:
-    ``CLIPVisionModel`` state dicts carry it in some transformers versions only)."""
+    ``CLIPVisionModel`` state dicts carry it in some transformers versions only), keys ending in one
+    of ``skip`` left out."""
     theirs = {_key(k): v for k, v in theirs.items()}
     worst, shared = 0.0, 0
     for k, v in ours.items():
-        w = theirs.get(_key(k))
+        w = None if k.endswith(skip) else theirs.get(_key(k))
         if w is None or w.shape != v.shape:
             continue
         shared += 1
@@ -105,7 +106,8 @@ def measure_peer(
             if merged_to and side == ("fusionbench" if r % 2 == 0 else "ours"):  # both sides done
                 files = {s: Path(tmp) / f"{row}.{s}.safetensors" for s in ("ours", "fusionbench")}
                 if all(f.is_file() for f in files.values()):
-                    diffs[row] = max_abs_diff(load_file(files["ours"]), load_file(files["fusionbench"]))
+                    ours, theirs = (load_file(files[s]) for s in ("ours", "fusionbench"))
+                    diffs[row] = max_abs_diff(ours, theirs, PEER[row].skip)
     return {"raw": raw, "table": tabulate(raw), "max_abs_diff": diffs}
 
 

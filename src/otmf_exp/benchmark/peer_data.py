@@ -17,6 +17,19 @@ import torch
 from otmf_exp.benchmark.peer_fb import model_names
 
 
+def runner_sizes() -> dict[str, int]:
+    """The synthetic tasks' split sizes in a bench run: ``task_seq=synthetic``'s, validation as
+    :func:`~otmf_exp.benchmark.runs.run_overrides` sets it (the shuffles depend on the sizes)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from otmf_exp.benchmark.runs import EVAL_IMAGES
+
+    cfg = OmegaConf.load(str(files("otmf_exp.conf") / "task_seq" / "synthetic.yaml"))
+    return {**OmegaConf.to_container(cfg.split_sizes), "validation": EVAL_IMAGES}
+
+
 def write_batches(
     arch: str,
     tasks: int,
@@ -36,10 +49,14 @@ def write_batches(
     from otmf_exp.merging.base import MethodContext
     from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
 
+    sizes = sizes or runner_sizes()
     cfg = OmegaConf.structured(METHODS[method].Config(**options))
     ctx = MethodContext(
         None, torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False, seed=seed
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if method in ADAPTATION:
+        return _adaptation_batches(method, cfg, ctx, arch, model_names(tasks)[1:], path, sizes)
     out: dict[str, torch.Tensor] = {}
     for t in model_names(tasks)[1:]:
         data = SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)
@@ -56,6 +73,67 @@ def write_batches(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
     return sum(k.endswith("/labels") for k in out)
+
+
+def _adamerging(cfg: Any, ctx: Any, datas: list) -> tuple[list, dict | None]:
+    """Joint AdaMerging: its own streams (``batch_streams``, key ``("joint",)``, as ``joint`` builds
+    them), one batch per task per step."""
+    from otmf_exp.merging.adamerging.adamerging_pools import batch_streams
+
+    return [(s, cfg.steps) for s in batch_streams(cfg, ctx, datas, ("joint",), [0] * len(datas))], None
+
+
+def _concrete(cfg: Any, ctx: Any, datas: list) -> tuple[list, dict | None]:
+    """Joint Concrete: its streams (``joint``'s seeds), one batch per task per entropy (task_arithmetic:
+    one per mask step; adamerging: two per mask step, inner and mask, then one per AdaMerging step);
+    the spec holds our mask generator's seed, which parity's reference sets FusionBench's global RNG to."""
+    n = cfg.max_steps if cfg.merge == "task_arithmetic" else 2 * cfg.max_steps + cfg.max_adamerging_steps
+    seed = ctx.seed_for
+    streams = [
+        d.batches(cfg.adapt_split, cfg.batch_size, seed("concrete", "data", j)) for j, d in enumerate(datas)
+    ]
+    return [(s, n) for s in streams], {"mask_seed": seed("concrete", "mask")}
+
+
+def _continual_finetune(cfg: Any, ctx: Any, datas: list) -> tuple[list, dict | None]:
+    """Continual fine-tuning: step t's stream of task t (``step``'s seed), ``steps`` batches each; the
+    spec holds the settings parity's reference takes (tasks in order, steps, batch size, lr, LoRA)."""
+    seed = ctx.seed_for
+    streams = [
+        (d.batches(cfg.split, cfg.batch_size, seed("continual_finetune", t, "batches")), cfg.steps)
+        for t, d in enumerate(datas, start=1)
+    ]
+    spec = {"batch_size": cfg.batch_size, "lr": cfg.lr, "lora": cfg.lora.enabled}
+    return streams, {"tasks": [d.name for d in datas], "steps": cfg.steps, **spec}
+
+
+#: methods whose batches their own streams draw (not ``example_batches``): ``(cfg, ctx, datas)`` ->
+#: ``[(stream, batches drawn from it)]`` in the method's draw order, and the spec its reference reads
+ADAPTATION = {"adamerging": _adamerging, "concrete": _concrete, "continual_finetune": _continual_finetune}
+
+
+def _adaptation_batches(
+    method: str, cfg: Any, ctx: Any, arch: str, tasks: list[str], path: Path, sizes: dict
+) -> int:
+    """The batches of an :data:`ADAPTATION` method, recorded as drawn (parity's ``Recorder``), saved in
+    parity's layout (``<task>/<i>/x|y``, read back by its ``served``), the spec beside them as
+    ``<row>.spec.json``; returns how many batches in all."""
+    import json
+
+    from otmf_exp.offline.synthetic import ARCHS, SyntheticTaskData
+    from otmf_exp.parity.adamerging import Recorder, Setup
+
+    datas = {t: Recorder(SyntheticTaskData(t, ARCHS[arch]["image_size"], sizes=sizes)) for t in tasks}
+    streams, spec = ADAPTATION[method](cfg, ctx, list(datas.values()))
+    for _ in range(max(n for _, n in streams)):  # one batch per stream in turn, as the methods draw
+        for s, n in streams:
+            if n:
+                next(s)
+        streams = [(s, n - 1) for s, n in streams]
+    Setup(None, {}, {}, datas).save_batches(path)
+    if spec is not None:
+        path.with_name(path.name.replace(".batches.safetensors", ".spec.json")).write_text(json.dumps(spec))
+    return sum(len(d.served) for d in datas.values())
 
 
 def read_batches(path: Path, task: str) -> list[tuple[torch.Tensor, int]]:

@@ -9,7 +9,9 @@ Run with a Python that has ``fusion-bench==0.2.33`` (and ``transformers<5``), th
 Python with :func:`write_weights`) as ``CLIPVisionModel.save_pretrained`` checkpoints, once per bench, outside every timed run. ``run`` calls
 the row's FusionBench class unchanged on a ``CLIPVisionModelPool`` of those paths. Time: ``run()`` minus
 the time spent inside the pool's ``load_model`` (reading a checkpoint is loading, not merging: our
-runner subtracts it the same way). Memory: the process's sampled peak RSS during ``run()``, loading
+runner subtracts it the same way); data-driven rows add the reading of their batch and spec files and
+the building of the models a class is served in place of the pool's (AdaMerging++'s pruned copies,
+continual fine-tuning's CLIP model) to that loading time. Memory: the process's sampled peak RSS during ``run()``, loading
 included (what a user's process holds). Prints ``BENCH_RESULT {json}``.
 """
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 from otmf_exp.benchmark.throughput import MARK
+from otmf_exp.parity.reference.zoo import Zoo
 
 
 def model_names(tasks: int) -> list[str]:
@@ -96,22 +99,35 @@ def consensus(pool, spec: dict) -> dict:
     return _consensus(Towers(), bug=False)
 
 
+class _Heads:
+    """Our synthetic zero-shot heads and θ₀'s projection (:data:`~otmf_exp.benchmark.peer_data.HEADS`)
+    in the interface of parity's ``Zoo`` (``heads``, ``projection(dtype)``) that its plumbing takes."""
+
+    projection = Zoo.projection  # the frozen ``visual_projection`` FusionBench's CLIP algorithms hold
+
+    def __init__(self, root: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from otmf_exp.benchmark.peer_data import HEADS
+
+        self.heads = load_file(str(root / HEADS))
+        self.pretrained = {"visual_projection.weight": self.heads.pop("_projection_")}
+        self.dtype = torch.float32
+
+
 def _clip_setup(alg, root: Path) -> None:
     """Parity's plumbing (identity Fabric and processor) with our synthetic heads and projection."""
-    from safetensors.torch import load_file
-    from torch import nn
+    import torch
 
-    from otmf_exp.benchmark.peer_data import HEADS
     from otmf_exp.parity.reference.fisher_regmean import _Fabric
 
-    heads = load_file(str(root / HEADS))
-    proj = heads.pop("_projection_")
+    heads = _Heads(root)
     alg._fabric_instance = _Fabric()
     alg._clip_processor = lambda x: x
-    alg.visual_projection = nn.Linear(proj.shape[1], proj.shape[0], bias=False)
-    alg.visual_projection.weight.data.copy_(proj)
-    alg.logit_scale_exp = __import__("torch").tensor(1.0)
-    alg.zeroshot_weights = heads
+    alg.visual_projection = heads.projection()
+    alg.logit_scale_exp = torch.tensor(1.0)
+    alg.zeroshot_weights = heads.heads
 
 
 def _data_merge(pool, spec: dict, alg, weights_of, merge) -> dict:
@@ -175,6 +191,101 @@ def regmean(pool, spec: dict) -> dict:
         )
     finally:
         clip_regmean.DataLoader = real
+
+
+def adamerging(pool, spec: dict) -> dict:
+    """FusionBench's task- or layer-wise AdaMerging class (``run()`` unchanged) with parity's plumbing
+    (``reference.adamerging.algorithm``: its settings, the batches our method drew, our heads); for
+    AdaMerging++ the pool's task models TIES-pruned first (parity's ``ties_pruned``, merge time), the
+    pruned models' copies counted as loading as the pool's are."""
+    from otmf_exp.benchmark.peer_methods import PEER
+    from otmf_exp.parity.reference.adamerging import Pool, algorithm, served, ties_pruned
+
+    opts = PEER[spec["row"]].overrides
+    plus = opts.get("tv_prune") == "ties"
+    t0 = time.perf_counter()
+    streams = served(Path(spec["dir"]), spec["row"], pool.model_names)
+    spec["_loading"] += time.perf_counter() - t0
+    algo = algorithm(opts["granularity"], _Heads(Path(spec["dir"])), pool.model_names, streams, plus=plus)
+    if plus:
+        names = ["_pretrained_", *pool.model_names]
+        pruned = ties_pruned(Pool({n: pool.load_model(n) for n in names}), opts.get("ties_density", 0.2))
+        copy = pruned.load_model
+
+        def load_model(*a, **k):  # a copy of a pruned model stands for the pool's load: loading
+            t0 = time.perf_counter()
+            out = copy(*a, **k)
+            spec["_loading"] += time.perf_counter() - t0
+            return out
+
+        pruned.load_model = load_model
+        pool = pruned
+    return algo.run(pool)
+
+
+def concrete(pool, spec: dict):
+    """FusionBench's Concrete class for the row's merge (``run()`` unchanged) with parity's plumbing
+    (``reference.concrete.algorithm``: its settings, the batches our method drew, our heads, its global
+    RNG seeded with our mask seed after its model setup)."""
+    import json
+
+    from otmf_exp.benchmark.peer_methods import PEER
+    from otmf_exp.parity.reference.adamerging import served
+    from otmf_exp.parity.reference.concrete import algorithm
+
+    root, row = Path(spec["dir"]), spec["row"]
+    t0 = time.perf_counter()
+    streams = served(root, row, pool.model_names)
+    seed = json.loads((root / f"{row}.spec.json").read_text())["mask_seed"]
+    spec["_loading"] += time.perf_counter() - t0
+    merge = PEER[row].overrides["merge"]
+    return algorithm(merge, _Heads(root), pool.model_names, streams, seed)[0].run(pool)
+
+
+def continual_finetune(pool, spec: dict):
+    """FusionBench's ``ContinualImageClassificationFineTuningForCLIP`` (``run()`` unchanged) with
+    parity's plumbing (``reference.finetune.finetune``: the batches our method drew, our heads, θ₀ of
+    the pool with our projection; no per-task snapshots); building the CLIP model it is served counts
+    as loading, as the pool's loads do."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from otmf_exp.parity.reference.adamerging import weights
+    from otmf_exp.parity.reference.finetune import finetune
+
+    root, row = Path(spec["dir"]), spec["row"]
+    t0 = time.perf_counter()
+    settings = json.loads((root / f"{row}.spec.json").read_text())
+    batches = load_file(str(root / f"{row}.batches.safetensors"))
+    spec["_loading"] += time.perf_counter() - t0
+    heads = _Heads(root)
+    proj = heads.pretrained["visual_projection.weight"]
+    pre = pool.load_model("_pretrained_")
+    vision_cfg = {**pre.config.to_dict(), "projection_dim": proj.shape[0]}
+    pretrained = {**weights(pre), "visual_projection.weight": proj}
+    del pre
+
+    def timed(build):  # building the CLIP model it is served: loading, as the pool's loads
+        def wrapped():
+            t0 = time.perf_counter()
+            out = build()
+            spec["_loading"] += time.perf_counter() - t0
+            return out
+
+        return wrapped
+
+    final, _, _ = finetune(
+        vision_cfg,
+        pretrained,
+        heads.heads,
+        settings,
+        batches,
+        root / f"{row}.fb_logs",
+        snapshot=False,
+        wrap=timed,
+    )
+    return final
 
 
 def run(spec: dict) -> dict:

@@ -78,14 +78,27 @@ def peer_section(res: dict, table) -> list[str]:
         "on both sides: ours draws them (random images generated per example, inside its timed merge), "
         "FusionBench's per-task loops (get_fisher_weights, get_regmean_weights, then its merging_with_* "
         "function) get exactly those batches from a file written before the timed runs, its reading "
-        "counted as loading.",
+        "counted as loading; adamerging_task, adamerging_layer, adamerging_plus = parity.json's rows' "
+        "settings (joint, 20 Adam steps, one batch of 16 test images per task per step, init 0.3, lr 1e-3, "
+        "entropy −Σ p log(p + 1e-8); plus = TIES-pruned task vectors, K 20 %, λ clamped to [0, 1] in the "
+        "merge): ours draws its streams inside the timed merge, FusionBench's CLIPTaskWise/"
+        "CLIPLayerWiseAdaMergingAlgorithm (run() unchanged) gets the same batches from a file as its test "
+        "loader (reading counted as loading); for plus FusionBench's TIES functions prune the pool's models "
+        "first (timed), the pruned copies counted as loading; concrete_ta, concrete_adamerging = parity.json's "
+        "rows' settings (joint, task-wise, 20 mask steps, batch 16, fusionbench_stale_inner=true; adamerging: "
+        "then 20 AdaMerging steps), FusionBench's Concrete classes (run() unchanged) fed our batches, their "
+        "global RNG seeded with our mask generator's seed after their model setup; continual_finetune = "
+        "parity.json's row's settings (full, 8 Adam steps per task, batch 16, lr 1e-5, cosine), "
+        "FusionBench's ContinualImageClassificationFineTuningForCLIP (run() unchanged) served θ₀ as a CLIP "
+        "model (its building counted as loading) and our batches as its train loaders; its max abs Δw "
+        "leaves out the k_proj.bias tensors as the parity row does (true gradient 0: Adam turns each side's "
+        "float noise into ±lr steps).",
         "",
         "FusionBench classes: " + ", ".join(f"{n} = `{c}`" for n, c in sorted(fb.items())) + ".",
         "",
         *table(rows),
         "",
-        "Not timed side by side yet (both packages have them; the data-driven classes need the same "
-        "synthetic batches fed to FusionBench's CLIP task pool and data loaders, not built yet): "
-        + ", ".join(NOT_YET)
+        "Not timed side by side yet (both packages have them): "
+        + "; ".join(f"{name} ({why})" for name, why in NOT_YET.items())
         + ".",
     ]

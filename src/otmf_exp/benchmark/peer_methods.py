@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from otmf_exp.parity.reference.finetune import ZERO_GRAD  # the continual_finetune parity row's
+
 
 @dataclass(frozen=True)
 class PeerRow:
@@ -26,9 +28,14 @@ class PeerRow:
     fb_call: str | None = None
     #: data-driven: ours draws batches on the synthetic tasks; the bench saves the same ones for theirs
     data: bool = False
+    #: key suffixes the Δw check leaves out, as the method's parity row does (a true gradient of 0:
+    #: Adam turns each side's float noise into ±lr steps)
+    skip: tuple[str, ...] = ()
 
 
 FB = "fusion_bench.method"
+TASK_WISE = "clip_task_wise_adamerging.CLIPTaskWiseAdaMergingAlgorithm"
+LAYER_WISE = "clip_layer_wise_adamerging.CLIPLayerWiseAdaMergingAlgorithm"
 #: name in the table -> the two configurations (data-free methods; ours through the real runner)
 PEER: dict[str, PeerRow] = {
     "averaging": PeerRow("averaging", "joint", {}, f"{FB}.simple_average.SimpleAverageAlgorithm"),
@@ -119,14 +126,70 @@ PEER: dict[str, PeerRow] = {
         fb_call="otmf_exp.benchmark.peer_fb:regmean",
         data=True,
     ),
+    # AdaMerging as parity.json's adamerging_* rows run it (joint, 20 Adam steps, batch 16, init 0.3,
+    # lr 1e-3, entropy −Σ p log(p + 1e-8)); FusionBench's class fed the batches ours draws (its test
+    # streams), parity's plumbing; ++ = TIES-pruned task vectors (K 20 %, global), clamp(λ, 0, 1) in the merge
+    **{
+        name: PeerRow(
+            "adamerging",
+            "joint",
+            {"steps": 20, "batch_size": 16, "entropy_eps": 1e-8, **opts},
+            f"{FB}.adamerging.{cls}",
+            fb_call="otmf_exp.benchmark.peer_fb:adamerging",
+            data=True,
+        )
+        for name, opts, cls in (
+            ("adamerging_task", {"granularity": "task"}, TASK_WISE),
+            ("adamerging_layer", {"granularity": "layer"}, LAYER_WISE),
+            ("adamerging_plus", {"granularity": "layer", "tv_prune": "ties", "clamp": "merge"}, LAYER_WISE),
+        )
+    },
+    # Concrete as parity.json's concrete_* rows run it (joint, 20 mask steps, batch 16, task-wise,
+    # fusionbench_stale_inner; adamerging: then 20 AdaMerging steps); FusionBench's class fed the
+    # batches ours draws and our mask generator's seed (parity's plumbing)
+    **{
+        name: PeerRow(
+            "concrete",
+            "joint",
+            {
+                "merge": merge,
+                "granularity": "task",
+                "max_steps": 20,
+                "batch_size": 16,
+                "max_adamerging_steps": 20,
+                "fusionbench_stale_inner": True,
+            },
+            f"{FB}.concrete_subspace.{cls}",
+            fb_call="otmf_exp.benchmark.peer_fb:concrete",
+            data=True,
+        )
+        for name, merge, cls in (
+            (
+                "concrete_ta",
+                "task_arithmetic",
+                "clip_concrete_task_arithmetic.ConcreteTaskArithmeticAlgorithmForCLIP",
+            ),
+            (
+                "concrete_adamerging",
+                "adamerging",
+                "clip_concrete_adamerging.ConcreteTaskWiseAdaMergingForCLIP",
+            ),
+        )
+    },
+    # continual fine-tuning as parity.json's continual_finetune row runs it (full, 8 Adam steps per task,
+    # batch 16, lr 1e-5, cosine); FusionBench's class on θ₀ fed the batches ours draws (parity's plumbing)
+    "continual_finetune": PeerRow(
+        "continual_finetune",
+        "continual",
+        {"steps": 8, "batch_size": 16},
+        f"{FB}.classification.continual_clip_finetune.ContinualImageClassificationFineTuningForCLIP",
+        fb_call="otmf_exp.benchmark.peer_fb:continual_finetune",
+        data=True,
+        skip=(ZERO_GRAD,),
+    ),
 }
-#: methods both packages have that the peer table does not time yet (they need FusionBench's
-#: CLIP task pool and data loaders on the synthetic tasks; see BENCHMARKS.md "Peer")
-NOT_YET = (
-    "adamerging (task)",
-    "adamerging (layer)",
-    "adamerging++",
-    "concrete",
-    "wemoe",
-    "continual_finetune",
-)
+#: methods both packages have that the peer table does not time yet -> why (BENCHMARKS.md "Peer")
+NOT_YET = {
+    "wemoe": "the runner's merged.safetensors holds WEMoE's merged weights alone, not its routers and "
+    "experts, so the equal-results check would see its task-arithmetic part only",
+}

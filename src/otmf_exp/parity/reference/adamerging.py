@@ -92,14 +92,17 @@ def _config(**kw: Any):
     return DictConfig({**base, **kw})
 
 
-def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch.dtype, plus: bool = False):
-    zoo = Zoo(zoo_dir)
-    p = pool(zoo, TASKS, dtype)
-    if plus:
-        p = ties_pruned(p)
-    streams = served(work_dir, key, TASKS, dtype)
-    trace: list[Tensor] = []
-    clamp = (lambda c: c.clamp(0, 1)) if plus else (lambda c: c)
+def algorithm(
+    granularity: str,
+    heads: Any,
+    tasks: list[str],
+    streams: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    plus: bool = False,
+) -> Any:
+    """FusionBench's task- or layer-wise AdaMerging class with the rows' settings (``_config``), fed
+    ``streams`` (per task, the batches our side drew) and ``heads`` (``.heads``, ``.projection(dtype)``:
+    a :class:`Zoo` or bench-peer's synthetic heads): the plumbing parity and bench-peer share."""
     if granularity == "task":
         from fusion_bench.method.adamerging.clip_task_wise_adamerging import (
             CLIPTaskWiseAdaMergingAlgorithm as A,
@@ -123,8 +126,19 @@ def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch
         algo._fabric_instance = f
         algo.log_hyperparams = lambda *a, **k: None
         algo.fabric.log_dict = lambda *a, **k: None
-    algo.on_test_time_adaptation_start = heads_setup(algo, zoo, TASKS, dtype)
+    algo.on_test_time_adaptation_start = heads_setup(algo, heads, tasks, dtype)
     algo.get_shuffled_test_loader_iter = lambda task: streams[task]
+    return algo
+
+
+def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch.dtype, plus: bool = False):
+    zoo = Zoo(zoo_dir)
+    p = pool(zoo, TASKS, dtype)
+    if plus:
+        p = ties_pruned(p)
+    trace: list[Tensor] = []
+    clamp = (lambda c: c.clamp(0, 1)) if plus else (lambda c: c)
+    algo = algorithm(granularity, zoo, TASKS, served(work_dir, key, TASKS, dtype), dtype, plus)
     tta = algo.test_time_adaptation
 
     def traced(module):

@@ -24,11 +24,20 @@ YAMLS = {
 }
 
 
-def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype) -> dict[str, Tensor]:
+def algorithm(
+    merge: str,
+    heads: Any,
+    tasks: list[str],
+    streams: dict[str, Any],
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, dict[str, Any]]:
+    """FusionBench's Concrete class for ``merge`` with the rows' settings (its yaml, our step counts and
+    batch size), fed ``streams`` and ``heads`` (a :class:`Zoo` or bench-peer's synthetic heads), its
+    global RNG seeded with ``seed`` right after its model setup: the plumbing parity and bench-peer
+    share. Returns the algorithm and the dict its mask model, mask and merged module land in."""
     import lightning as L
-    from fusion_bench.modelpool import CLIPVisionModelPool
 
-    zoo = Zoo(zoo_dir)
     yaml_name, cls_name = YAMLS[merge]
     cfg_dir = Path(importlib.import_module("fusion_bench_config").__path__[0])
     cfg = OmegaConf.load(cfg_dir / "method" / "concrete_subspace" / f"{yaml_name}.yaml")
@@ -37,21 +46,11 @@ def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype
         cfg.max_adamerging_steps = ADAMERGING_STEPS
     mod = "clip_concrete_task_arithmetic" if merge == "task_arithmetic" else "clip_concrete_adamerging"
     cls = getattr(importlib.import_module(f"fusion_bench.method.concrete_subspace.{mod}"), cls_name)
-    paths = {}
-    for name in ["_pretrained_", *TASKS]:
-        paths[name] = str(work_dir / f"{key}.models" / name)
-        zoo.tower("pretrained" if name == "_pretrained_" else name, dtype=dtype).save_pretrained(paths[name])
-    target = "transformers.CLIPVisionModel.from_pretrained"
-    pool = CLIPVisionModelPool(
-        models={k: {"_target_": target, "pretrained_model_name_or_path": v} for k, v in paths.items()}
-    )
     algo = cls(cfg)
     algo.fabric = L.Fabric(accelerator="cpu", devices=1)
     algo.log_hyperparams = lambda *a, **k: None
-    streams = served(work_dir, key, TASKS, dtype)
     algo.get_shuffled_test_loader_iter = lambda task: streams[task]
-    algo.setup_zero_shot_classification_head = heads_setup(algo, zoo, TASKS, dtype)
-    seed = json.loads((work_dir / f"{key}.spec.json").read_text())["mask_seed"]
+    algo.setup_zero_shot_classification_head = heads_setup(algo, heads, tasks, dtype)
     seen: dict[str, Any] = {}
     setup_models = algo.setup_models
 
@@ -70,6 +69,23 @@ def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype
         return out
 
     algo.setup_models = seeded_setup
+    return algo, seen
+
+
+def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    zoo = Zoo(zoo_dir)
+    paths = {}
+    for name in ["_pretrained_", *TASKS]:
+        paths[name] = str(work_dir / f"{key}.models" / name)
+        zoo.tower("pretrained" if name == "_pretrained_" else name, dtype=dtype).save_pretrained(paths[name])
+    target = "transformers.CLIPVisionModel.from_pretrained"
+    pool = CLIPVisionModelPool(
+        models={k: {"_target_": target, "pretrained_model_name_or_path": v} for k, v in paths.items()}
+    )
+    seed = json.loads((work_dir / f"{key}.spec.json").read_text())["mask_seed"]
+    algo, seen = algorithm(merge, zoo, TASKS, served(work_dir, key, TASKS, dtype), seed, dtype)
     model = algo.run(pool)
     out = {f"weights/{k}": v for k, v in weights(model).items()}
     out.update({f"logits/{k}": v.detach() for k, v in seen["mask_model"].named_parameters()})

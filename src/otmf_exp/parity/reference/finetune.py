@@ -18,7 +18,22 @@ from otmf_exp.parity.reference.zoo import Zoo
 ZERO_GRAD = ".k_proj.bias"
 
 
-def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
+def finetune(
+    vision_cfg: dict,
+    pretrained: dict[str, Tensor],
+    heads: dict[str, Tensor],
+    spec: dict,
+    b: dict[str, Tensor],
+    log_dir: Path,
+    lora_init: dict[str, Tensor] | None = None,
+    snapshot: bool = True,
+    wrap: Any = None,
+) -> tuple[Any, list[dict[str, Tensor]], list[float]]:
+    """FusionBench's class ``run()`` on θ₀ (``pretrained``: vision tower + ``visual_projection``) with
+    the recorded batches ``b`` (``<task>/<i>/x|y``), ``heads`` (logit scale folded in) and ``spec``'s
+    settings: the plumbing parity and bench-peer share. Returns the final model, the vision weights
+    after every task (``snapshot``) and every step's loss; ``wrap`` wraps the function that builds the
+    CLIP model it is served (bench-peer times it as loading)."""
     import fusion_bench.method.classification.continual_clip_finetune as fb
     import lightning as L
     from fusion_bench.modelpool import CLIPVisionModelPool
@@ -26,23 +41,21 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
     from peft.tuners.lora import LoraLayer
     from transformers import CLIPConfig, CLIPModel
 
-    zoo = Zoo(zoo_dir)
-    spec = json.loads((work_dir / f"{key}.spec.json").read_text())
-    dtype = getattr(torch, spec.get("dtype", "float32"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))  # the float64 rows: both sides in float64
     tasks = spec["tasks"]
-    vision_cfg = zoo.config["module_config"]
     text_cfg = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
         text_config=text_cfg, vision_config=vision_cfg, projection_dim=vision_cfg["projection_dim"]
     )
-    b = load_file(str(work_dir / f"{key}.batches.safetensors"))
 
     def clip_model() -> CLIPModel:
         model = CLIPModel(config).to(dtype)
-        res = model.load_state_dict(zoo.pretrained, strict=False)
+        res = model.load_state_dict(pretrained, strict=False)
         assert not res.unexpected_keys, res.unexpected_keys
         model.logit_scale.data.fill_(0.0)  # exp = 1: the zoo's heads carry the logit scale
         return model.eval()
+
+    build = wrap(clip_model) if wrap else clip_model
 
     class Pool(CLIPVisionModelPool):
         def __init__(self) -> None:  # data plumbing only: no hub, no config
@@ -51,7 +64,7 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
         train_dataset_names = property(lambda self: list(tasks))
 
         def load_clip_model(self, name: str, *a: Any, **k: Any) -> CLIPModel:
-            return clip_model()
+            return build()
 
         def load_processor(self, *a: Any, **k: Any) -> Any:
             return lambda image: image
@@ -79,12 +92,12 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
         def log_hyperparams(self, params: Any, *a: Any, **k: Any) -> None:
             pass
 
-    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[Logger(str(work_dir / f"{key}.fb_logs"))])
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[Logger(str(log_dir))])
     fabric.launch()
     algo.fabric = fabric
     algo._program = SimpleNamespace(taskpool=None)
     algo.setup_zero_shot_classification_head = lambda **kw: setattr(
-        algo, "zeroshot_weights", {t: zoo.heads[t].to(dtype) for t in tasks}
+        algo, "zeroshot_weights", {t: heads[t].to(dtype) for t in tasks}
     )
     losses: list[float] = []
     fabric.log_dict = lambda metrics, step=None: losses.append(float(metrics["train/loss"]))
@@ -110,23 +123,36 @@ def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
         processor, classifier, optimizer, sched = setup_model()
         vm = classifier.clip_model.vision_model
         if spec["lora"]:
-            init = load_file(str(work_dir / f"{key}.lora_init.safetensors"))
             with torch.no_grad():
                 for name, p in vm.named_parameters():
                     if "lora_" in name:
-                        p.copy_(init["lora/vision_model." + name.replace("base_model.model.", "")])
+                        p.copy_(lora_init["lora/vision_model." + name.replace("base_model.model.", "")])
         reset = optimizer.load_state_dict
 
         def snapshot_then_reset(sd: Any) -> Any:  # called before each task: the weights after the previous
             snapshots.append(vision_weights(vm))
             return reset(sd)
 
-        optimizer.load_state_dict = snapshot_then_reset
+        if snapshot:
+            optimizer.load_state_dict = snapshot_then_reset
         return processor, classifier, optimizer, sched
 
     algo.setup_model = setup_model_with_our_adapters
     final = algo.run(Pool())
-    snapshots.append(vision_weights(final))
+    if snapshot:
+        snapshots.append(vision_weights(final))
+    return final, snapshots, losses
+
+
+def _run(zoo_dir: Path, work_dir: Path, key: str) -> dict[str, Tensor]:
+    zoo = Zoo(zoo_dir)
+    spec = json.loads((work_dir / f"{key}.spec.json").read_text())
+    b = load_file(str(work_dir / f"{key}.batches.safetensors"))
+    lora_init = load_file(str(work_dir / f"{key}.lora_init.safetensors")) if spec["lora"] else None
+    log_dir = work_dir / f"{key}.fb_logs"
+    _, snapshots, losses = finetune(
+        zoo.config["module_config"], zoo.pretrained, zoo.heads, spec, b, log_dir, lora_init
+    )
     out = {
         f"weights/task{i}/{k}": v
         for i, s in enumerate(snapshots[1:])
