@@ -109,13 +109,22 @@ def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch
             CLIPLayerWiseAdaMergingAlgorithm as A,
         )
     algo = A(_config(clamp_weights=plus))
-    if dtype == torch.float64:  # λ in float64 (FusionBench creates it float32, as we do)
-        import fusion_bench.method.adamerging.layer_wise_adamerging as lw
-        import fusion_bench.method.adamerging.task_wise_adamerging as tw
+    import fusion_bench.method.adamerging.layer_wise_adamerging as lw
+    import fusion_bench.method.adamerging.task_wise_adamerging as tw
 
-        for mod, name in ((tw, "get_task_wise_weights"), (lw, "get_layer_wise_weights")):
-            fn = getattr(mod, name)
+    patched = ((tw, "get_task_wise_weights"), (lw, "get_layer_wise_weights"))
+    saved = [getattr(mod, name) for mod, name in patched]
+    if dtype == torch.float64:  # λ in float64 while the row runs (FusionBench creates it float32, as we do)
+        for (mod, name), fn in zip(patched, saved):
             setattr(mod, name, lambda *a, _fn=fn, **k: _fn(*a, **k).detach().double())
+    try:
+        return _adapt(algo, zoo, p, streams, trace, clamp, granularity, dtype)
+    finally:  # restored: the runner's later float32 rows get FusionBench's own
+        for (mod, name), fn in zip(patched, saved):
+            setattr(mod, name, fn)
+
+
+def _adapt(algo, zoo, p, streams, trace, clamp, granularity, dtype):
     f = fabric()
     if granularity == "task":
         algo._fabric = f
@@ -210,3 +219,7 @@ def layer64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
 
 def plus(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     return _run(zoo_dir, work_dir, "adamerging_plus", "layer", torch.float32, plus=True)
+
+
+def plus64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "adamerging_plus64", "layer", torch.float64, plus=True)
