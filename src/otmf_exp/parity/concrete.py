@@ -85,7 +85,7 @@ _WHY_ADA = (
 )
 CASES: list[Case] = [
     Case("concrete_ta", "concrete", f"merge=task_arithmetic, {_SET}", "ConcreteTaskArithmeticAlgorithmForCLIP",
-         "mask logits, final mask, merged weights", 1e-4, _WHY, _concrete("task_arithmetic", "concrete_ta", eps=EPS64),
+         "mask logits, final mask, merged weights", 2e-4, _WHY, _concrete("task_arithmetic", "concrete_ta", eps=EPS64),
          f"{REF}:task_arithmetic"),
     Case("concrete_adamerging", "concrete",
          f"merge=adamerging granularity=task, {_SET}, then {ADAMERGING_STEPS} AdaMerging steps",

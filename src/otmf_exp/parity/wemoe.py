@@ -142,7 +142,7 @@ CASES: list[Case] = [
          f"Adam steps lr 1e-4, batch {BATCH}, batch_reduce in adaptation and after (eval_batch_reduce=true)",
          "CLIPWeightEnsemblingMoEAlgorithm", "router init, routers after adaptation, eval routing mode, logits",
          1e-10, F64_WHY + " (FusionBench's gates built in the default dtype float64; our entropy_loss follows the "
-         "logits' float64)", _joint(torch.float64),
+         "logits' float64: with its former float32 cast this row leaves 1.9e-8)", _joint(torch.float64),
          "otmf_exp.parity.reference.wemoe:joint_f64", "float64"),
     Case("wemoe_routing", "wemoe", "joint, 3 tasks, no adaptation, routers redrawn at order 1, router depth 0/1/2 "
          "× batch / per-sample routing (eval_batch_reduce)", "CLIPWeightEnsemblingMoEAlgorithm.construct_moe_model "
