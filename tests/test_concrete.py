@@ -179,3 +179,71 @@ def test_text_backbones_and_continual_are_refused():
         Concrete(ConcreteConfig(), ctx, "joint")
     assert Concrete.protocols == ("joint",)
     assert math.isclose(ConcreteConfig().temperature, 0.5)
+
+
+# ---- dtype: float32 unchanged, float64 learned in float64 ---------------------------------------------
+def _entropy_main(logits, eps=0.0):
+    """The entropy as it was while it always cast to float32 (``logits.float()``)."""
+    if eps == 0.0:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1).mean()
+    p = torch.softmax(logits.float(), dim=-1)
+    return -(p * torch.log(p + eps)).sum(-1).mean()
+
+
+def _seen_run(dtype=torch.float32, **over):
+    """``_run`` on the toy in ``dtype``, keeping the logits and coefficients the method learned."""
+    pre, tasks = _toy()
+    pre = {k: v.to(dtype) for k, v in pre.items()}
+    cfg = ConcreteConfig(**{"max_steps": 5, "max_adamerging_steps": 5, "batch_size": 8, **over})
+    ctx = MethodContext(ToyBackbone(), torch.device("cpu"), torch.Generator(), progress=False, seed=0)
+    m = Concrete(cfg, ctx, protocol="joint")
+    seen, final_mask, adamerging = {}, m._final_mask, m._adamerging
+    m._final_mask = lambda logits, gen: seen.setdefault("logits", dict(logits)) and final_mask(logits, gen)
+    m._adamerging = lambda *a, **k: seen.setdefault("coef", adamerging(*a, **k))
+    inputs = []
+    for i, (n, w, h, d) in enumerate(tasks):
+        data = ToyData(n, d.x.to(dtype))
+        inputs.append(TaskInput(n, i, {k: v.to(dtype) for k, v in w.items()}, h.to(dtype), data))
+    return m.joint(pre, inputs).merged, seen
+
+
+@pytest.mark.parametrize(
+    "over", [{}, {"merge": "adamerging"}, {"merge": "adamerging", "granularity": "layer"}]
+)
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_float32_runs_are_bit_identical_to_the_hard_coded_float32(over, eps, monkeypatch):
+    import otmf_exp.merging.concrete.concrete as cc
+
+    now, seen = _seen_run(entropy_eps=eps, **over)
+    assert all(v.dtype == torch.float32 for v in seen["logits"].values())
+    monkeypatch.setattr(cc, "work_dtype", lambda dtype: torch.float32)  # main's hard-coded float32
+    monkeypatch.setattr(cc, "entropy", _entropy_main)
+    before, _ = _seen_run(entropy_eps=eps, **over)
+    assert all(torch.equal(now[k], before[k]) for k in now)
+
+
+@pytest.mark.parametrize("merge", ["task_arithmetic", "adamerging"])
+def test_float64_models_learn_float64_logits_and_coefficients(merge):
+    merged, seen = _seen_run(torch.float64, merge=merge)
+    learned = [*seen["logits"].values(), *([seen["coef"]] if merge == "adamerging" else [])]
+    assert all(v.dtype == torch.float64 for v in [*learned, *merged.values()])
+    # the float64 noise is its own draw (the uniforms take twice the generator's bits), so no float32 twin
+    again, _ = _seen_run(torch.float64, merge=merge)
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+
+
+def test_entropy_eps_is_fusionbench_formula():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 30.0]], dtype=torch.float64)
+    p = torch.softmax(z, -1)
+    assert float(entropy(z, 1e-8)) == pytest.approx(
+        float(-(p * torch.log(p + 1e-8)).sum(-1).mean()), rel=1e-15
+    )
+    assert entropy(z).dtype == torch.float64 and entropy(z.float()).dtype == torch.float32
+    assert entropy(z.half()).dtype == torch.float32  # half precision still learned in float32
+    for x in (z.float(), z.half()):
+        assert torch.equal(entropy(x), _entropy_main(x)) and torch.equal(
+            entropy(x, 1e-8), _entropy_main(x, 1e-8)
+        )
+    with pytest.raises(UserError, match="entropy_eps"):
+        validate_method(Concrete, ConcreteConfig(entropy_eps=-1.0))

@@ -290,3 +290,67 @@ def test_open_clip_end_to_end(hub_root, tmp_path, make_cfg, method):
     if method == "regmean":  # each block's MHA in-projection and out_proj got Grams, not only its MLP
         counts = json.loads((tmp_path / "run" / "steps.jsonl").read_text())["regmean_weights"]
         assert counts["in_proj"] > 0 and counts["linear"] == 3 * counts["in_proj"]
+
+
+# ---- dtype: float32 unchanged, a float64 model accumulated in float64 --------------------------------------
+def _fisher_joint(dtype, monkeypatch=None):
+    import otmf_exp.merging.fisher_regmean.fisher as fm
+
+    if monkeypatch is not None:  # main's hard-coded float32 accumulators
+        monkeypatch.setattr(fm, "work_dtype", lambda d: torch.float32)
+    bb = LinearSoftmax()
+    method = Fisher(_cfg(Fisher, batch_size=4, num_examples=8), _ctx(bb))
+    g = torch.Generator().manual_seed(2)
+    thetas = [{"w": torch.randn(3, 4, generator=g).to(dtype)} for _ in range(2)]
+    datas = []
+    for s in (3, 4):
+        d = _toy_data(seed=s)
+        d.splits = {k: (x.to(dtype), y) for k, (x, y) in d.splits.items()}
+        datas.append(d)
+    tasks = [TaskInput(f"t{i}", i, t, None, d) for i, (t, d) in enumerate(zip(thetas, datas))]
+    fishers = [method.fisher(t.weights, None, method.batches(t), "x") for t in tasks]
+    merged = method.joint({"w": torch.zeros(3, 4, dtype=dtype)}, iter(tasks)).merged["w"]
+    return merged, fishers, thetas
+
+
+def test_fisher_float32_bit_identical_and_float64_accumulated_in_float64(monkeypatch):
+    now, _, _ = _fisher_joint(torch.float32)
+    before, _, _ = _fisher_joint(torch.float32, monkeypatch)
+    assert torch.equal(now, before)
+    monkeypatch.undo()
+    merged, fishers, thetas = _fisher_joint(torch.float64)
+    assert merged.dtype == torch.float64 and all(f["w"].dtype == torch.float64 for f in fishers)
+    coefs = [1 / (float(f["w"].norm()) + 1e-6) for f in fishers]
+    want = fisher_weighted_mean(thetas, fishers, coefs, 1e-6)["w"]
+    assert torch.allclose(merged, want, rtol=0, atol=1e-14)  # float32 accumulators: ~1e-7
+
+
+def _regmean_acc(dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
+    rec = GramRecorder()
+    xs = [torch.randn(3, 5, 4, dtype=dtype), torch.randn(2, 5, 4, dtype=dtype)]
+    with recording(net, {"0.weight", "2.weight"}, rec):
+        for x in xs:
+            net(x)
+    acc = RegMeanAccumulator(0.9)
+    thetas = [{k: v.detach() + i for k, v in net.state_dict().items()} for i in range(2)]
+    for t in thetas:
+        acc.add(t, rec.means)
+    return rec, acc.result(thetas[0]), thetas
+
+
+def test_regmean_float32_bit_identical_and_float64_grams_in_float64(monkeypatch):
+    import otmf_exp.merging.fisher_regmean.regmean as rm
+
+    _, now, _ = _regmean_acc(torch.float32)
+    monkeypatch.setattr(rm, "work_dtype", lambda d: torch.float32)  # main's hard-coded float32
+    _, before, _ = _regmean_acc(torch.float32)
+    assert all(torch.equal(now[k], before[k]) for k in now)
+    monkeypatch.undo()
+    rec, out, thetas = _regmean_acc(torch.float64)
+    assert all(g.dtype == torch.float64 for g in rec.means.values())
+    want = regmean_weight([rec.means["0.weight"]] * 2, [t["0.weight"] for t in thetas], 0.9)
+    assert out["0.weight"].dtype == torch.float64 and torch.allclose(
+        out["0.weight"], want, rtol=0, atol=1e-12
+    )

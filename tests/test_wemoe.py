@@ -234,3 +234,14 @@ def test_open_clip_blocks_and_run(hub_root, tmp_path, make_cfg, monkeypatch):
     )
     metrics = run_experiment(cfg, tmp_path / "run")
     assert len(metrics["acc_matrix"]) == 2 and metrics["state_mb"] > 0
+
+
+def test_entropy_loss_float32_unchanged_and_float64_kept():
+    z = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) * 4
+    for x in (z, z.half()):  # main's formula: softmax(logits.float())
+        p = torch.softmax(x.float(), dim=-1)
+        assert torch.equal(entropy_loss(x), -(p * torch.log(p + 1e-8)).sum(-1).mean())
+    z64 = z.double()
+    p64 = torch.softmax(z64, dim=-1)
+    assert entropy_loss(z64).dtype == torch.float64
+    assert torch.equal(entropy_loss(z64), -(p64 * torch.log(p64 + 1e-8)).sum(-1).mean())

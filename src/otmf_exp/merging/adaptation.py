@@ -22,11 +22,22 @@ GRANULARITIES = ("task", "layer")
 MAX_CURVE_POINTS = 100
 
 
-def entropy(logits: Tensor) -> Tensor:
+def entropy(logits: Tensor, eps: float = 0.0) -> Tensor:
     """Mean Shannon entropy (nats) of ``softmax(logits)`` over the last dim; ``logits`` ``[..., C]``.
-    Range [0, log C]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+    Range [0, log C]. Computed in float32, or float64 for float64 logits (:func:`work_dtype`);
+    ``eps > 0``: FusionBench's / MINGLE's ``−Σ p·log(p + eps)`` instead of the exact log-softmax."""
+    x = logits.to(work_dtype(logits.dtype))
+    if eps == 0.0:
+        logp = torch.log_softmax(x, dim=-1)
+        return -(logp.exp() * logp).sum(-1).mean()
+    p = torch.softmax(x, dim=-1)
+    return -(p * torch.log(p + eps)).sum(-1).mean()
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of learned adaptation tensors (coefficients, mask logits, entropies) for parameters
+    of ``dtype``: float32, or float64 for float64 parameters (half precision is learned in float32)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def init_coefficients(
@@ -35,10 +46,11 @@ def init_coefficients(
     granularity: str,
     values: Sequence[float],
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Coefficient tensor ``[n_vectors]`` (task) or ``[n_vectors, n_tensors]`` (layer), row i filled
-    with ``values[i]``; float32, requires grad."""
-    v = torch.tensor([float(x) for x in values], dtype=torch.float32, device=device)
+    with ``values[i]``; ``dtype`` (float32 unless asked), requires grad."""
+    v = torch.tensor([float(x) for x in values], dtype=dtype, device=device)
     if len(v) != n_vectors:
         raise ValueError(f"need {n_vectors} initial values, got {len(v)}")
     coef = v if granularity == "task" else v[:, None].expand(n_vectors, n_tensors).clone()

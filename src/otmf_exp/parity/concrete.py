@@ -6,7 +6,10 @@ Both sides get the zoo's towers, the same batches (ours recorded, served by Fusi
 ``get_shuffled_test_loader_iter``) and the same noise: FusionBench's global RNG is seeded, right after
 its model setup, with the seed our mask generator uses; both draw one uniform tensor per parameter in
 the same order. Our side runs with ``fusionbench_stale_inner=true`` (FusionBench's order in the meta
-step). Compared: the learned mask logits, the final (rescaled) mask, the coefficients, the weights.
+step) and FusionBench's entropy (``entropy_eps=1e-8``). Compared: the learned mask logits, the final
+(rescaled) mask, the coefficients, the weights. ``_f64``: both sides in float64 (towers, batches, mask
+logits, Λ: FusionBench's ``get_task_wise_weights`` patched to create it in float64 while the row runs; its
+task-arithmetic merged model read before ``run()``'s final ``.to(float32)``).
 """
 
 from __future__ import annotations
@@ -19,19 +22,21 @@ import torch
 from torch import Tensor
 
 from otmf_exp.parity.adamerging import setup
-from otmf_exp.parity.core import Case
+from otmf_exp.parity.core import F64_WHY, Case
 
 TASKS = ["rot90", "flip", "invert"]
 MASK_STEPS, ADAMERGING_STEPS, BATCH = 20, 20, 16
+EPS64 = 1e-8  # FusionBench's entropy_loss: −Σ p log(p + 1e-8)
 
 
-def _concrete(merge: str, key: str, dtype: torch.dtype = torch.float32):
+def _concrete(merge: str, key: str, dtype: torch.dtype = torch.float32, eps: float = 0.0):
     def ours(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
         from otmf_exp.merging.concrete.concrete import Concrete, ConcreteConfig
 
         s = setup(zoo_dir, TASKS, dtype)
         cfg = ConcreteConfig(merge=merge, granularity="task", max_steps=MASK_STEPS, batch_size=BATCH,
-                             max_adamerging_steps=ADAMERGING_STEPS, fusionbench_stale_inner=True)  # fmt: skip
+                             max_adamerging_steps=ADAMERGING_STEPS, fusionbench_stale_inner=True,
+                             entropy_eps=eps)  # fmt: skip
         ctx = s.ctx()
         method = Concrete(cfg, ctx, protocol="joint")
         seen: dict[str, Any] = {}
@@ -63,23 +68,35 @@ def _concrete(merge: str, key: str, dtype: torch.dtype = torch.float32):
 
 
 REF = "otmf_exp.parity.reference.concrete"
-_SET = f"joint, 3 tasks ({', '.join(TASKS)}), {MASK_STEPS} mask steps, batch {BATCH}, fusionbench_stale_inner=true"
+_SET = (
+    f"joint, 3 tasks ({', '.join(TASKS)}), {MASK_STEPS} mask steps, batch {BATCH}, fusionbench_stale_inner=true, "
+    "entropy_eps=1e-8"
+)
 _WHY = (
-    "same batches and noise; float32 rounding that the Adam steps on the logits amplify (measured: logits "
-    "1.1e-5, mask 5.2e-6, weights 1.2e-7, logits moved 1.7e-2)"
+    "same batches, noise and entropy (FusionBench's −Σ p log(p + 1e-8)); float32 rounding that the Adam steps on "
+    "the logits amplify (measured: logits 4.9e-5 of 1.8e-2 moved, mask 9.7e-6, weights 1.2e-7); the float64 row "
+    "agrees to 1.7e-14 (with entropy_eps=0 it would leave 2.7e-8: the 1e-8 inside the log is semantics)"
 )
 _WHY_ADA = (
-    "same batches and noise; float32 rounding (FusionBench sums Σ_i τ_i·(λ_i m), we m ⊙ Σ_i λ_i τ_i) fed "
+    "same batches, noise and entropy; float32 rounding (FusionBench sums Σ_i τ_i·(λ_i m), we m ⊙ Σ_i λ_i τ_i) fed "
     "through the inner Adam step at base_lr 1 (a step of ±1 in Λ on a near-sign gradient) into every mask "
-    "step: measured logits 3.9e-3 (of ~2e-2 moved), mask 2.5e-3, coefficients 1.5e-6, weights 2.2e-5; "
-    "no float64 row: our logits and Λ are float32 by construction"
+    "step: measured logits 1.1e-3 (of ~1.7e-2 moved), mask 8.3e-4, coefficients 1.2e-6, weights 4.9e-6; the "
+    "float64 row agrees to 1.3e-12 (with entropy_eps=0 it would leave 6.6e-5)"
 )
 CASES: list[Case] = [
     Case("concrete_ta", "concrete", f"merge=task_arithmetic, {_SET}", "ConcreteTaskArithmeticAlgorithmForCLIP",
-         "mask logits, final mask, merged weights", 1e-4, _WHY, _concrete("task_arithmetic", "concrete_ta"),
+         "mask logits, final mask, merged weights", 2e-4, _WHY, _concrete("task_arithmetic", "concrete_ta", eps=EPS64),
          f"{REF}:task_arithmetic"),
     Case("concrete_adamerging", "concrete",
          f"merge=adamerging granularity=task, {_SET}, then {ADAMERGING_STEPS} AdaMerging steps",
-         "ConcreteTaskWiseAdaMergingForCLIP", "mask logits, final mask, coefficients, merged weights", 1e-2, _WHY_ADA,
-         _concrete("adamerging", "concrete_adamerging"), f"{REF}:adamerging"),
+         "ConcreteTaskWiseAdaMergingForCLIP", "mask logits, final mask, coefficients, merged weights", 5e-3, _WHY_ADA,
+         _concrete("adamerging", "concrete_adamerging", eps=EPS64), f"{REF}:adamerging"),
+    Case("concrete_ta_f64", "concrete", f"merge=task_arithmetic, {_SET}, float64",
+         "ConcreteTaskArithmeticAlgorithmForCLIP", "mask logits, final mask, merged weights", 1e-10, F64_WHY,
+         _concrete("task_arithmetic", "concrete_ta64", torch.float64, EPS64), f"{REF}:task_arithmetic64", "float64"),
+    Case("concrete_adamerging_f64", "concrete",
+         f"merge=adamerging granularity=task, {_SET}, then {ADAMERGING_STEPS} AdaMerging steps, float64",
+         "ConcreteTaskWiseAdaMergingForCLIP", "mask logits, final mask, coefficients, merged weights", 1e-10,
+         F64_WHY, _concrete("adamerging", "concrete_adamerging64", torch.float64, EPS64),
+         f"{REF}:adamerging64", "float64"),
 ]  # fmt: skip

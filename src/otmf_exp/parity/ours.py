@@ -91,6 +91,8 @@ def run(
             from otmf_exp.data.digits import build_task
 
             data = build_task(t)
+            if dtype != "float32":  # the images in the model's dtype (as the reference side casts them)
+                data.splits = {s: (x.to(DTYPES[dtype]), y) for s, (x, y) in data.splits.items()}
         head = heads[t].to(DTYPES[dtype])
         return TaskInput(t, i, task_weights(zoo_dir, t, pre, dtype), head, data, owned=True)
 

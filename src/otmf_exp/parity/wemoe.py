@@ -31,11 +31,18 @@ TASKS = ["rot90", "flip", "invert"]
 STEPS, BATCH, N_EVAL = 10, 16, 32
 
 
-def ours(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+def _joint(dtype: torch.dtype):
+    def ours(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+        return _ours(zoo_dir, work_dir, dtype)
+
+    return ours
+
+
+def _ours(zoo_dir: Path, work_dir: Path, dtype: torch.dtype) -> dict[str, Tensor]:
     from otmf_exp.merging.wemoe.wemoe import WEMoE
     from otmf_exp.merging.wemoe.wemoe_config import WEMoEConfig
 
-    s = setup(zoo_dir, TASKS)
+    s = setup(zoo_dir, TASKS, dtype)
     cfg = OmegaConf.structured(WEMoEConfig(max_steps=STEPS, batch_size=BATCH, eval_batch_reduce=True))
     ctx = s.ctx()
     m = WEMoE(cfg, ctx, "joint")
@@ -117,9 +124,9 @@ def _routing(dtype: torch.dtype):
 
 _WHY = (
     "same router RNG states, batches and entropy (−Σ p log(p + 1e-8)): init equal (0), routers after 10 steps "
-    "7.6e-6 (moved ~1e-3), logits 1.0e-5 (float32 rounding of the expert sums, through Adam). FusionBench's "
-    "run() sets batch_reduce=False on the wrapper only: every MoE layer of the model it returns still routes "
-    "per batch (compared as batch_reduce), so ours runs with eval_batch_reduce=true here"
+    "7.6e-6 (moved ~1e-3), logits 1.1e-5 (|z| ~22; float32 rounding of the expert sums, through Adam); the float64 "
+    "row agrees to 2.0e-14. FusionBench's run() sets batch_reduce=False on the wrapper only: every MoE layer of the "
+    "model it returns still routes per batch (compared as batch_reduce), so ours runs with eval_batch_reduce=true here"
 )
 _WHY_ROUTING = (
     "the same redrawn routers (equal, 0); logits (|z| ~23; batch and per-sample routing 2.7 apart) 9.1e-6: float32 "
@@ -130,7 +137,13 @@ CASES: list[Case] = [
     Case("wemoe", "wemoe", f"joint, 3 tasks ({', '.join(TASKS)}), router depth 2, init_lambda 0.3, {STEPS} Adam "
          f"steps lr 1e-4, batch {BATCH}, batch_reduce in adaptation and after (eval_batch_reduce=true)",
          "CLIPWeightEnsemblingMoEAlgorithm", "router init, routers after adaptation, eval routing mode, logits",
-         1e-4, _WHY, ours, "otmf_exp.parity.reference.wemoe:joint"),
+         5e-5, _WHY, _joint(torch.float32), "otmf_exp.parity.reference.wemoe:joint"),
+    Case("wemoe_f64", "wemoe", f"joint, 3 tasks ({', '.join(TASKS)}), router depth 2, init_lambda 0.3, {STEPS} "
+         f"Adam steps lr 1e-4, batch {BATCH}, batch_reduce in adaptation and after (eval_batch_reduce=true)",
+         "CLIPWeightEnsemblingMoEAlgorithm", "router init, routers after adaptation, eval routing mode, logits",
+         1e-10, F64_WHY + " (FusionBench's gates built in the default dtype float64; our entropy_loss follows the "
+         "logits' float64: with its former float32 cast this row leaves 1.9e-8)", _joint(torch.float64),
+         "otmf_exp.parity.reference.wemoe:joint_f64", "float64"),
     Case("wemoe_routing", "wemoe", "joint, 3 tasks, no adaptation, routers redrawn at order 1, router depth 0/1/2 "
          "× batch / per-sample routing (eval_batch_reduce)", "CLIPWeightEnsemblingMoEAlgorithm.construct_moe_model "
          "(WeightEnsemblingMoE)", "routers, logits of 16 test images per task", 2e-5, _WHY_ROUTING,

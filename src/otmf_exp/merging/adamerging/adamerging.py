@@ -106,10 +106,7 @@ class AdaMergingConfig:
 
 def entropy_loss(logits: Tensor, eps: float = 0.0) -> Tensor:
     """:func:`entropy`, or with ``eps > 0`` MINGLE's ``−Σ p·log(p + eps)`` (mean over the batch)."""
-    if eps == 0.0:
-        return entropy(logits)
-    p = torch.softmax(logits.float(), dim=-1)
-    return -(p * torch.log(p + eps)).sum(-1).mean()
+    return entropy(logits, eps)
 
 
 class AdaMerging(MergeMethod):

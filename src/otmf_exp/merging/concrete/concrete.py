@@ -19,7 +19,8 @@ Adam on the summed prediction entropy of one unlabeled batch per task (FusionBen
 
 Joint only; vision backbones only (the reference is CLIP-only). Memory: ``task_arithmetic`` streams
 the task vectors into one λ·Σ τ_i; ``adamerging`` holds all T of them (as joint AdaMerging); both add
-the logits and their two Adam moments (3 weight-sized float32 sets) and one mask.
+the logits and their two Adam moments (3 weight-sized float32 sets; float64 for a float64 model) and
+one mask.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from otmf_exp.merging.adaptation import (
     entropy,
     init_coefficients,
     subsample,
+    work_dtype,
 )
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
@@ -90,6 +92,8 @@ class ConcreteConfig:
     #: previous inner step, then reset them): the inner gradient is taken at the stale coefficients.
     #: false = reset first (the inner step starts from scaling_factor as intended)
     fusionbench_stale_inner: bool = False
+    #: entropy −Σ p·log(p + eps): 0 = exact (log-softmax) | 1e-8 = FusionBench's entropy_loss
+    entropy_eps: float = num(0.0, ge=0)
 
 
 def sample_mask(
@@ -164,7 +168,7 @@ class Concrete(MergeMethod):
         leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         total = 0.0
         for h, s in zip(heads, streams):
-            loss = entropy(bb.logits(leaves, h, bb.to_device(next(s)["inputs"])))
+            loss = entropy(bb.logits(leaves, h, bb.to_device(next(s)["inputs"])), self.cfg.entropy_eps)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"Concrete {what}: non-finite entropy; lower method.lr")
             loss.backward()
@@ -211,10 +215,9 @@ class Concrete(MergeMethod):
             d.batches(cfg.adapt_split, cfg.batch_size, self.ctx.seed_for("concrete", "data", j))
             for j, d in enumerate(datas)
         ]
+        dtype = work_dtype(next(iter(pretrained.values())).dtype)  # float32, float64 for float64 models
         logits = {
-            k: torch.full(
-                v.shape, float(cfg.initial_logits), dtype=torch.float32, device=dev, requires_grad=True
-            )
+            k: torch.full(v.shape, float(cfg.initial_logits), dtype=dtype, device=dev, requires_grad=True)
             for k, v in pretrained.items()
         }
         opt = torch.optim.Adam(list(logits.values()), lr=cfg.lr)
@@ -225,7 +228,12 @@ class Concrete(MergeMethod):
                 merged = {k: (mask[k] * ta[k]).to(v.dtype) for k, v in pretrained.items()}
             return ContinualState(step=len(heads), merged=merged)
         init = init_coefficients(
-            len(tvs), len(pretrained), cfg.granularity, [cfg.scaling_factor] * len(tvs), device=dev
+            len(tvs),
+            len(pretrained),
+            cfg.granularity,
+            [cfg.scaling_factor] * len(tvs),
+            device=dev,
+            dtype=dtype,
         )
         self._learn_mask_adamerging(pretrained, tvs, logits, opt, gen, heads, streams, init.detach().clone())
         mask = self._final_mask(logits, gen)

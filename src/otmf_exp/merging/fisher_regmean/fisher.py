@@ -30,6 +30,7 @@ from torch import Tensor
 
 from otmf_exp.data.base import SPLITS, example_batches
 from otmf_exp.errors import NonFiniteLossError, UserError
+from otmf_exp.merging.adaptation import work_dtype
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict, global_norm
 from otmf_exp.schema import choice, num
@@ -72,7 +73,8 @@ def fisher_weighted_mean(
 
 
 class FisherAccumulator:
-    """Running Σ_i c_i (F_i + ε) θ_i and Σ_i c_i (F_i + ε) (float32): one task added at a time."""
+    """Running Σ_i c_i (F_i + ε) θ_i and Σ_i c_i (F_i + ε) (float32; float64 for float64 Fishers): one
+    task added at a time."""
 
     def __init__(self, eps: float) -> None:
         self.eps = eps
@@ -81,12 +83,12 @@ class FisherAccumulator:
 
     def add(self, theta: StateDict, fisher: StateDict, coef: float) -> None:
         for k, t in theta.items():
-            w = (fisher[k].float() + self.eps).mul_(coef)
+            w = (fisher[k].to(work_dtype(fisher[k].dtype)) + self.eps).mul_(coef)
             if k in self.num:
-                self.num[k].add_(w * t.float())
+                self.num[k].add_(w * t.to(w.dtype))
                 self.den[k].add_(w)
             else:
-                self.num[k], self.den[k] = w * t.float(), w
+                self.num[k], self.den[k] = w * t.to(w.dtype), w
 
     def result(self, like: StateDict) -> StateDict:
         return {k: (self.num[k] / self.den[k]).to(like[k].dtype) for k in like}
@@ -119,14 +121,14 @@ class Fisher(MergeMethod):
         bb = self.ctx.backbone
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         names, params = list(leaves), list(leaves.values())
-        acc = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in theta.items()}
+        acc = {k: torch.zeros_like(v, dtype=work_dtype(v.dtype)) for k, v in theta.items()}
         n = 0
 
         def add(loss: Tensor, weight: float = 1.0, retain: bool = False) -> None:
             grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
             for k, g in zip(names, grads):
                 if g is not None:  # a parameter the forward does not use has zero Fisher
-                    acc[k].add_(g.float().square(), alpha=weight)
+                    acc[k].add_(g.to(acc[k].dtype).square(), alpha=weight)
 
         with torch.enable_grad():
             for batch in batches:
@@ -140,7 +142,8 @@ class Fisher(MergeMethod):
                     continue
                 for i in range(len(batch["labels"])):  # exact: every class of every example
                     xi = x[i : i + 1] if isinstance(x, Tensor) else {k: v[i : i + 1] for k, v in x.items()}
-                    logp = torch.log_softmax(bb.logits(leaves, head, xi).float(), dim=-1)[0]
+                    z = bb.logits(leaves, head, xi)
+                    logp = torch.log_softmax(z.to(work_dtype(z.dtype)), dim=-1)[0]
                     if not torch.isfinite(logp).all():
                         raise NonFiniteLossError(f"fisher {what}: non-finite log-likelihood")
                     p = logp.detach().exp().tolist()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from otmf_exp.data.base import SPLITS, example_batches
 from otmf_exp.errors import UserError
+from otmf_exp.merging.adaptation import work_dtype
 from otmf_exp.merging.base import ContinualState, MergeMethod, TaskInput
 from otmf_exp.merging.task_vectors import StateDict
 from otmf_exp.models.mha import mha_forward
@@ -71,7 +72,7 @@ def regmean_weight(grams: Sequence[Tensor], weights: Sequence[Tensor], alpha: fl
 
 
 class GramRecorder:
-    """The running mean over tokens of x·xᵀ (float32) of the inputs of each recorded weight, updated
+    """The running mean over tokens of x·xᵀ (float32; float64 for float64 inputs) of the inputs of each recorded weight, updated
     per batch as FusionBench does (G ← (G·n + XᵀX)/(n + m)), and the token count n."""
 
     def __init__(self) -> None:
@@ -80,7 +81,8 @@ class GramRecorder:
 
     def add(self, name: str, x: Tensor) -> None:
         with torch.autocast(x.device.type, enabled=False):
-            f = x.detach().reshape(-1, x.shape[-1]).float()
+            f = x.detach().reshape(-1, x.shape[-1])
+            f = f.to(work_dtype(f.dtype))
             xtx = f.T @ f
         n, m = self.rows.get(name, 0), f.shape[0]
         self.means[name] = xtx / m if name not in self.means else (self.means[name] * n + xtx) / (n + m)
@@ -125,7 +127,8 @@ def recording(module: nn.Module, mergeable: set[str], rec: GramRecorder) -> Iter
 
 
 class RegMeanAccumulator:
-    """Running Σ_i G̃_i and Σ_i G̃_i W_iᵀ of the recorded weights, Σ_i θ_i of the others (float32)."""
+    """Running Σ_i G̃_i and Σ_i G̃_i W_iᵀ of the recorded weights, Σ_i θ_i of the others (float32; float64
+    for a float64 model)."""
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
@@ -141,16 +144,16 @@ class RegMeanAccumulator:
         for k, t in theta.items():
             if k in grams:
                 g = reduce_non_diagonal(grams[k], self.alpha)
-                gw = g @ t.float().T
+                gw = g @ t.to(g.dtype).T
                 if k in self.gram:
                     self.gram[k].add_(g)
                     self.rhs[k].add_(gw)
                 else:
                     self.gram[k], self.rhs[k] = g, gw
             elif k in self.total:
-                self.total[k].add_(t.float())
+                self.total[k].add_(t.to(self.total[k].dtype))
             else:
-                self.total[k] = t.float().clone()
+                self.total[k] = t.to(work_dtype(t.dtype)).clone()
 
     def result(self, like: StateDict) -> StateDict:
         out = {}

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from otmf_exp.merging.adaptation import entropy
 from otmf_exp.merging.lora_moe import Site
 
 
 def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
-    """FusionBench's ``entropy_loss``: −Σ p·log(p + eps) over the last dim, mean over the rest."""
-    p = torch.softmax(logits.float(), dim=-1)
-    return -(p * torch.log(p + eps)).sum(-1).mean()
+    """FusionBench's ``entropy_loss``: −Σ p·log(p + eps) over the last dim, mean over the rest (float32,
+    float64 for float64 logits: :func:`otmf_exp.merging.adaptation.entropy`)."""
+    return entropy(logits, eps)
 
 
 # ---- routers ---------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ fed the batches our side recorded; also the FusionBench-side plumbing the other 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -112,13 +114,6 @@ def algorithm(
             CLIPLayerWiseAdaMergingAlgorithm as A,
         )
     algo = A(_config(clamp_weights=plus))
-    if dtype == torch.float64:  # λ in float64 (FusionBench creates it float32, as we do)
-        import fusion_bench.method.adamerging.layer_wise_adamerging as lw
-        import fusion_bench.method.adamerging.task_wise_adamerging as tw
-
-        for mod, name in ((tw, "get_task_wise_weights"), (lw, "get_layer_wise_weights")):
-            fn = getattr(mod, name)
-            setattr(mod, name, lambda *a, _fn=fn, **k: _fn(*a, **k).detach().double())
     f = fabric()
     if granularity == "task":
         algo._fabric = f
@@ -129,6 +124,25 @@ def algorithm(
     algo.on_test_time_adaptation_start = heads_setup(algo, heads, tasks, dtype)
     algo.get_shuffled_test_loader_iter = lambda task: streams[task]
     return algo
+
+
+@contextmanager
+def float64_coefficients(dtype: torch.dtype) -> Iterator[None]:
+    """For a float64 row, FusionBench's λ made float64 while it runs (it creates them float32, as we do);
+    restored after, so the runner's later float32 rows get FusionBench's own."""
+    import fusion_bench.method.adamerging.layer_wise_adamerging as lw
+    import fusion_bench.method.adamerging.task_wise_adamerging as tw
+
+    patched = ((tw, "get_task_wise_weights"), (lw, "get_layer_wise_weights"))
+    saved = [getattr(mod, name) for mod, name in patched]
+    if dtype == torch.float64:
+        for (mod, name), fn in zip(patched, saved):
+            setattr(mod, name, lambda *a, _fn=fn, **k: _fn(*a, **k).detach().double())
+    try:
+        yield
+    finally:
+        for (mod, name), fn in zip(patched, saved):
+            setattr(mod, name, fn)
 
 
 def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch.dtype, plus: bool = False):
@@ -156,7 +170,8 @@ def _run(zoo_dir: Path, work_dir: Path, key: str, granularity: str, dtype: torch
             torch.optim.Adam.step = opt_step
 
     algo.test_time_adaptation = traced
-    merged = algo.run(p)
+    with float64_coefficients(dtype):
+        merged = algo.run(p)
     out = {f"weights/{k}": v for k, v in weights(merged).items()}
     keys = [k for k, q in p.models["_pretrained_"].named_parameters() if q.requires_grad]
     out.update(
@@ -224,3 +239,7 @@ def layer64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
 
 def plus(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     return _run(zoo_dir, work_dir, "adamerging_plus", "layer", torch.float32, plus=True)
+
+
+def plus64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "adamerging_plus64", "layer", torch.float64, plus=True)

@@ -57,6 +57,14 @@ def algorithm(
     def seeded_setup() -> Any:
         out = setup_models()
         seen["mask_model"] = out[1]
+        unload = out[0].merge_and_unload
+
+        def kept(*a: Any, **k: Any) -> Any:  # the merged weights before task arithmetic's .to(float32)
+            model = unload(*a, **k)
+            seen["weights"] = weights(model)
+            return model
+
+        out[0].merge_and_unload = kept
         sample = out[1].sample_mask
 
         def keep(*a: Any, **k: Any) -> Any:
@@ -75,24 +83,44 @@ def algorithm(
 def _run(zoo_dir: Path, work_dir: Path, merge: str, key: str, dtype: torch.dtype) -> dict[str, Tensor]:
     from fusion_bench.modelpool import CLIPVisionModelPool
 
-    zoo = Zoo(zoo_dir)
+    zoo = Zoo(zoo_dir, dtype)
     paths = {}
     for name in ["_pretrained_", *TASKS]:
         paths[name] = str(work_dir / f"{key}.models" / name)
         zoo.tower("pretrained" if name == "_pretrained_" else name, dtype=dtype).save_pretrained(paths[name])
     target = "transformers.CLIPVisionModel.from_pretrained"
+    extra = {"torch_dtype": "auto"} if dtype == torch.float64 else {}  # the checkpoint's float64
     pool = CLIPVisionModelPool(
-        models={k: {"_target_": target, "pretrained_model_name_or_path": v} for k, v in paths.items()}
+        models={
+            k: {"_target_": target, "pretrained_model_name_or_path": v, **extra} for k, v in paths.items()
+        }
     )
     seed = json.loads((work_dir / f"{key}.spec.json").read_text())["mask_seed"]
-    algo, seen = algorithm(merge, zoo, TASKS, served(work_dir, key, TASKS, dtype), seed, dtype)
-    model = algo.run(pool)
-    out = {f"weights/{k}": v for k, v in weights(model).items()}
+    mod = "clip_concrete_task_arithmetic" if merge == "task_arithmetic" else "clip_concrete_adamerging"
+    module = importlib.import_module(f"fusion_bench.method.concrete_subspace.{mod}")
+    saved = module.get_task_wise_weights
+    if dtype == torch.float64:  # Λ in float64 while the row runs (FusionBench creates it float32)
+        module.get_task_wise_weights = _full64
+    try:
+        algo, seen = algorithm(merge, zoo, TASKS, served(work_dir, key, TASKS, dtype), seed, dtype)
+        model = algo.run(pool)
+    finally:  # the runner's later rows get FusionBench's own
+        module.get_task_wise_weights = saved
+    final = weights(model)
+    if dtype == torch.float32:
+        assert all(torch.equal(final[k], v) for k, v in seen["weights"].items())
+    out = {f"weights/{k}": v for k, v in seen["weights"].items()}
     out.update({f"logits/{k}": v.detach() for k, v in seen["mask_model"].named_parameters()})
     out.update({f"mask/{k}": v.detach() for k, v in seen["mask"].items()})
     if merge == "adamerging":
         out["coef"] = seen["module"].merge_weight.detach().reshape(-1)
     return out
+
+
+def _full64(num_models: int, init_values: float | None = None) -> Tensor:
+    """FusionBench's ``get_task_wise_weights`` in float64."""
+    value = 1.0 / num_models if init_values is None else init_values
+    return torch.full((num_models,), value, dtype=torch.float64)
 
 
 def task_arithmetic(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
@@ -101,3 +129,11 @@ def task_arithmetic(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
 
 def adamerging(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     return _run(zoo_dir, work_dir, "adamerging", "concrete_adamerging", torch.float32)
+
+
+def task_arithmetic64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "task_arithmetic", "concrete_ta64", torch.float64)
+
+
+def adamerging64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _run(zoo_dir, work_dir, "adamerging", "concrete_adamerging64", torch.float64)

@@ -28,13 +28,13 @@ class _Fabric:
         return model
 
 
-def _dataset(work_dir: Path, task: str) -> list[tuple[torch.Tensor, int]]:
+def _dataset(work_dir: Path, task: str, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, int]]:
     """Our batches of ``task`` as a list of (image, label) examples, in order."""
     saved = load_file(str(work_dir / "batches.safetensors"))
     n = len({k.split("/")[1] for k in saved if k.startswith(f"{task}/")})
     out = []
     for i in range(n):
-        x, y = saved[f"{task}/{i}/inputs"], saved[f"{task}/{i}/labels"]
+        x, y = saved[f"{task}/{i}/inputs"].to(dtype), saved[f"{task}/{i}/labels"]
         out += [(x[j], int(y[j])) for j in range(len(y))]
     return out
 
@@ -43,8 +43,8 @@ def _setup(alg, zoo: Zoo) -> None:
     alg._fabric_instance = _Fabric()
     alg._clip_processor = lambda x: x
     alg.visual_projection = zoo.projection()
-    alg.logit_scale_exp = torch.tensor(1.0)
-    alg.zeroshot_weights = dict(zoo.heads)
+    alg.logit_scale_exp = torch.tensor(1.0, dtype=zoo.dtype)
+    alg.zeroshot_weights = {t: h.to(zoo.dtype) for t, h in zoo.heads.items()}
 
 
 def _loader_kwargs():
@@ -79,10 +79,10 @@ def regmean_algorithm():
     )
 
 
-def fisher(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+def fisher(zoo_dir: Path, work_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
 
-    zoo = Zoo(zoo_dir)
+    zoo = Zoo(zoo_dir, dtype)
     alg = fisher_algorithm()
     _setup(alg, zoo)
     params: dict[str, list[torch.Tensor]] = {}
@@ -92,17 +92,17 @@ def fisher(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items():
             params.setdefault(k, []).append(v.detach().clone())
         names = list(model.state_dict())
-        fishers.append(alg.get_fisher_weights(t, model, _dataset(work_dir, t), names))
-    weights = torch.ones(len(zoo.tasks)) / len(zoo.tasks)
+        fishers.append(alg.get_fisher_weights(t, model, _dataset(work_dir, t, dtype), names))
+    weights = torch.ones(len(zoo.tasks), dtype=dtype) / len(zoo.tasks)  # run()'s, in the default dtype
     return merging_with_fisher_weights(params, fishers, weights, True, 1e-6)
 
 
-def regmean(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+def regmean(zoo_dir: Path, work_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     import fusion_bench.method.regmean.clip_regmean as clip_regmean
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
     from fusion_bench.method.regmean.utils import get_modules_to_merge
 
-    zoo = Zoo(zoo_dir)
+    zoo = Zoo(zoo_dir, dtype)
     alg = regmean_algorithm()
     _setup(alg, zoo)
     real_loader = clip_regmean.DataLoader
@@ -115,7 +115,20 @@ def regmean(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items():
                 params.setdefault(k, []).append(v.detach().clone())
             linear = get_modules_to_merge(model, [torch.nn.Linear])
-            grams.append(alg.get_regmean_weights(t, model, _dataset(work_dir, t), linear))
+            grams.append(alg.get_regmean_weights(t, model, _dataset(work_dir, t, dtype), linear))
     finally:
         clip_regmean.DataLoader = real_loader
     return merging_with_regmean_weights(params, grams, 0.95, True)
+
+
+def fisher64(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+    return fisher(zoo_dir, work_dir, torch.float64)
+
+
+def regmean64(zoo_dir: Path, work_dir: Path) -> dict[str, torch.Tensor]:
+    # reduce_non_diagonal_elements builds its factors with torch.ones (the default dtype): float64 too
+    torch.set_default_dtype(torch.float64)
+    try:
+        return regmean(zoo_dir, work_dir, torch.float64)
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -29,11 +29,23 @@ def _routers(moe: Any, blocks: list[str]) -> dict[str, Tensor]:
 
 
 def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    return _joint(zoo_dir, work_dir, torch.float32)
+
+
+def joint_f64(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
+    torch.set_default_dtype(torch.float64)  # the gates are nn.Linear / Parameters of the default dtype
+    try:
+        return _joint(zoo_dir, work_dir, torch.float64)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _joint(zoo_dir: Path, work_dir: Path, dtype: torch.dtype) -> dict[str, Tensor]:
     import fusion_bench.method.we_moe.clip_we_moe as cw
     import fusion_bench.models.we_moe as wm
     from omegaconf import DictConfig
 
-    zoo = Zoo(zoo_dir)
+    zoo = Zoo(zoo_dir, dtype)
     spec = json.loads((work_dir / "wemoe.spec.json").read_text())
     seeds = iter(spec["router_seeds"])
     init = wm.Depth_2_Gate.init_weight
@@ -78,8 +90,8 @@ def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
                       "fast_dev_run": False})  # fmt: skip
     algo = cw.CLIPWeightEnsemblingMoEAlgorithm(cfg)
     algo._fabric = fabric()
-    algo.setup_zero_shot_classification_head = heads_setup(algo, zoo, TASKS)
-    streams = served(work_dir, "wemoe", TASKS)
+    algo.setup_zero_shot_classification_head = heads_setup(algo, zoo, TASKS, dtype)
+    streams = served(work_dir, "wemoe", TASKS, dtype)
     algo.get_shuffled_test_loader_iter = lambda task: streams[task]
     out: dict[str, Tensor] = {}
     tta = algo.test_time_adaptation
@@ -90,7 +102,7 @@ def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
 
     algo.test_time_adaptation = keep_init
     try:
-        moe = algo.run(pool(zoo, TASKS))
+        moe = algo.run(pool(zoo, TASKS, dtype))
     finally:  # the other cases of this process get FusionBench's own init
         wm.Depth_2_Gate.init_weight = init
     out["batch_reduce"] = torch.tensor(
@@ -100,7 +112,7 @@ def joint(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     ev = load_file(str(work_dir / "wemoe.eval.safetensors"))
     with torch.no_grad():
         for t in TASKS:
-            out[f"logits/{t}"] = algo.compute_logits(moe, (ev[f"{t}/x"], None), t)
+            out[f"logits/{t}"] = algo.compute_logits(moe, (ev[f"{t}/x"].to(dtype), None), t)
     return out
 
 
