@@ -371,3 +371,6 @@ def test_peer_table_renders_the_data_driven_rows_and_what_is_not_timed():
     not_timed = next(ln for ln in text.splitlines() if ln.startswith("Not timed side by side yet"))
     assert all(n in not_timed for n in NOT_YET) and "adamerging" not in not_timed
     assert not set(rows) & set(NOT_YET)
+    # the rows bench-peer has that this measurement lacks are named, not left out silently
+    missing = next(ln for ln in text.splitlines() if ln.startswith("Rows of `bench-peer` not in this"))
+    assert "fisher" in missing and "dop" in missing and "adamerging_task" not in missing

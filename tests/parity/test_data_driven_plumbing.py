@@ -72,7 +72,7 @@ def test_every_row_names_an_existing_reference_function_and_a_measured_bound(mod
 @pytest.mark.parametrize("module", MODULES + ["zoo"])
 def test_reference_modules_import_only_the_allowed_packages(module):
     allowed = {"torch", "transformers", "safetensors", "peft", "fusion_bench", "omegaconf", "lightning",
-               "__future__", "json", "pathlib", "typing", "types", "copy", "importlib"}  # fmt: skip
+               "__future__", "json", "pathlib", "typing", "types", "copy", "importlib", "collections", "contextlib"}  # fmt: skip
     tree = ast.parse((SRC / "reference" / f"{module}.py").read_text())
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []

@@ -97,8 +97,18 @@ def peer_section(res: dict, table) -> list[str]:
         "FusionBench classes: " + ", ".join(f"{n} = `{c}`" for n, c in sorted(fb.items())) + ".",
         "",
         *table(rows),
+        *_unmeasured({r["method"] for r in rows}),
         "",
         "Not timed side by side yet (both packages have them): "
         + "; ".join(f"{name} ({why})" for name, why in NOT_YET.items())
         + ".",
     ]
+
+
+def _unmeasured(measured: set[str]) -> list[str]:
+    """The rows ``bench-peer`` has that this measurement predates (said, not left out silently)."""
+    missing = [n for n in PEER if n not in measured]
+    if not missing:
+        return []
+    return ["", f"Rows of `bench-peer` not in this measurement (it predates them; `make bench-peer` adds them): "
+            f"{', '.join(missing)}."]  # fmt: skip
