@@ -31,7 +31,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from otmf_exp.benchmark.markdown import render
+from otmf_exp.benchmark.markdown import render, scrub
 from otmf_exp.benchmark.plan import LEVER_ROWS, LIVE_RSS_ENV, PARTS, method_runs, plan
 from otmf_exp.benchmark.report import merge_into, summarise
 from otmf_exp.benchmark.runs import machine
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     res: dict = {
-        "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        # absolute paths as PATH: benchmarks.json holds no machine's paths either
+        "command": scrub("python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick,
         "arch": args.arch,

@@ -58,6 +58,8 @@ def test_bench_writes_tables_and_json(tmp_path):
         assert heading in md
     assert f"{ratios['otmf_vs_joint_adamerging_memory']:.3f}" in md  # the targets table's 3 decimals
     assert "python scripts/bench.py --quick --arch tiny" in md
+    # the --out directory's absolute path is in neither file (no machine's paths)
+    assert str(out) not in res["command"] and "--out PATH" in res["command"] and str(out) not in md
 
 
 def test_bench_bad_input_one_line(tmp_path):
