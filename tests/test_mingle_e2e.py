@@ -74,7 +74,15 @@ def _cmd(out, *extra):
 
 
 def _strip(d: dict) -> dict:
-    skip = ("time", "wall", "peak", "baseline", "start_memory", "eval_time", "provenance")  # provenance: the command line
+    skip = (
+        "time",
+        "wall",
+        "peak",
+        "baseline",
+        "start_memory",
+        "eval_time",
+        "provenance",
+    )  # provenance: the command line
     return {k: v for k, v in d.items() if not k.startswith(skip)}
 
 
