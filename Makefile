@@ -122,5 +122,5 @@ parity-authors: setup ## rows against the authors' code: make parity-authors OTM
 	$(PARITY_PY) -m pip install -q $(TORCH) geomloss open_clip_torch matplotlib  # the OTMF scripts import them
 	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m otmf_exp.parity --authors --python $(PARITY_PY)
 
-parity-authors-test: setup ## the tests that need the authors' clones (marker authors): make parity-authors-test OTMF_REPO=DIR
+parity-authors-test: setup ## the tests that need the authors' clones (marker authors): make parity-authors-test OTMF_REPO=DIR MINGLE_REPO=DIR
 	OTMF_REPO='$(OTMF_REPO)' MINGLE_REPO='$(MINGLE_REPO)' $(BIN)/python -m pytest -q -m authors tests/parity

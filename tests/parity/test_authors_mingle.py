@@ -121,7 +121,7 @@ def _driver(tmp_path: Path, cases: str, perturb: str | None) -> subprocess.Compl
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
-@pytest.mark.parity
+@pytest.mark.authors  # needs MINGLE_REPO: make parity-authors-test, not CI
 def test_the_mingle_rows_pass_and_a_perturbed_one_fails_with_exit_1(tmp_path):
     rows = "wemoe_continual_mingle,mingle_mingle"
     clean = _driver(tmp_path, rows, None)
