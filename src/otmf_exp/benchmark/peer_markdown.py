@@ -106,9 +106,10 @@ def peer_section(res: dict, table) -> list[str]:
 
 
 def _unmeasured(measured: set[str]) -> list[str]:
-    """The rows ``bench-peer`` has that this measurement predates (said, not left out silently)."""
+    """The rows ``bench-peer`` has that this measurement lacks (said, not left out silently)."""
     missing = [n for n in PEER if n not in measured]
     if not missing:
         return []
-    return ["", f"Rows of `bench-peer` not in this measurement (it predates them; `make bench-peer` adds them): "
+    return ["", f"Rows of `bench-peer` not in this measurement (left out or added since; `make bench-peer` "
+            "measures them all): "
             f"{', '.join(missing)}."]  # fmt: skip

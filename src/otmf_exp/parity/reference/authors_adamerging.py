@@ -331,17 +331,22 @@ def _c_adamerging(zoo: Zoo, case: dict) -> dict[str, Tensor]:
     )
 
 
-def main(argv: list[str]) -> int:
-    """The child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``."""
+def child_main(argv: list[str], runs: dict[str, tuple]) -> int:
+    """A reference child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``, where
+    ``runs[NAME] = (fn, dtype)`` and ``fn(Zoo(ZOO, dtype), case, dtype)`` gives the tensors."""
     name, zoo_dir, work_dir = argv[0], Path(argv[1]), Path(argv[2])
     torch.set_num_threads(1)
-    sys.modules.setdefault(
-        "timer", types.SimpleNamespace(timer=None)
-    )  # their scripts import it; not in their repo
+    sys.modules.setdefault("timer", types.SimpleNamespace(timer=None))  # the OTMF scripts import it
     case = torch.load(work_dir / "case.pt", weights_only=True)
-    run = {"otmf_task": _otmf_task, "otmf_layer": _otmf_layer, "c_adamerging": _c_adamerging}[name]
-    save(run(Zoo(zoo_dir), case), work_dir / "theirs.child.safetensors")
+    fn, dtype = runs[name]
+    save(fn(Zoo(zoo_dir, dtype), case, dtype), work_dir / "theirs.child.safetensors")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    f32 = torch.float32
+    runs = {"otmf_task": _otmf_task, "otmf_layer": _otmf_layer, "c_adamerging": _c_adamerging}
+    return child_main(argv, {n: (lambda zoo, case, dtype, _f=f: _f(zoo, case), f32) for n, f in runs.items()})
 
 
 if __name__ == "__main__":

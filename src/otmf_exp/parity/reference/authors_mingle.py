@@ -29,8 +29,8 @@ from torch import Tensor
 
 from otmf_exp.parity.reference.adamerging import pool
 from otmf_exp.parity.reference.authors_adamerging import _child as child
-from otmf_exp.parity.reference.authors_adamerging import _Classifier, _Epochs
-from otmf_exp.parity.reference.zoo import Zoo, save
+from otmf_exp.parity.reference.authors_adamerging import _Classifier, _Epochs, child_main
+from otmf_exp.parity.reference.zoo import Zoo
 
 CPU = torch.device("cpu")
 REPO = "MINGLE_REPO"
@@ -291,13 +291,10 @@ def _mingle(zoo: Zoo, case: dict, dtype: torch.dtype) -> dict[str, Tensor]:
 
 def main(argv: list[str]) -> int:
     """The child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``."""
-    name, zoo_dir, work_dir = argv[0], Path(argv[1]), Path(argv[2])
-    torch.set_num_threads(1)
-    case = torch.load(work_dir / "case.pt", weights_only=True)
-    dtype = torch.float64 if name.endswith("_f64") else torch.float32
-    run = {"c_wemoe": _c_wemoe, "c_wemoe_f64": _c_wemoe, "mingle": _mingle, "mingle_f64": _mingle}[name]
-    save(run(Zoo(zoo_dir, dtype), case, dtype), work_dir / "theirs.child.safetensors")
-    return 0
+    f32, f64 = torch.float32, torch.float64
+    runs = {"c_wemoe": (_c_wemoe, f32), "c_wemoe_f64": (_c_wemoe, f64), "mingle": (_mingle, f32),
+            "mingle_f64": (_mingle, f64)}  # fmt: skip
+    return child_main(argv, runs)
 
 
 if __name__ == "__main__":

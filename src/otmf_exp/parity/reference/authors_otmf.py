@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from otmf_exp.parity.reference.authors_adamerging import _child, _setup
-from otmf_exp.parity.reference.zoo import Zoo, save
+from otmf_exp.parity.reference.authors_adamerging import _child, _setup, child_main
+from otmf_exp.parity.reference.zoo import Zoo
 
 ALPHA = 0.8  # their Program.mask_alpha
 _CACHE: dict[str, dict[str, Tensor]] = {}  # one run of theirs per case.pt serves both float32 rows
@@ -161,15 +161,8 @@ def _route(zoo: Zoo, case: dict) -> dict[str, Tensor]:
 
 def main(argv: list[str]) -> int:
     """The child process: ``NAME ZOO WORK`` → ``WORK/theirs.child.safetensors``."""
-    name, zoo_dir, work_dir = argv[0], Path(argv[1]), Path(argv[2])
-    torch.set_num_threads(1)
-    sys.modules.setdefault(
-        "timer", types.SimpleNamespace(timer=None)
-    )  # the script imports it; not in their repo
-    case = torch.load(work_dir / "case.pt", weights_only=True)
-    dtype = {"otmf_sr": torch.float32, "otmf_sr_f64": torch.float64}[name]
-    save(_route(Zoo(zoo_dir, dtype), case), work_dir / "theirs.child.safetensors")
-    return 0
+    run = lambda zoo, case, dtype: _route(zoo, case)  # noqa: E731
+    return child_main(argv, {"otmf_sr": (run, torch.float32), "otmf_sr_f64": (run, torch.float64)})
 
 
 if __name__ == "__main__":
