@@ -91,6 +91,19 @@ def c_adamerging(zoo_dir: Path, work_dir: Path) -> dict[str, Tensor]:
     return _child("c_adamerging", zoo_dir, work_dir)
 
 
+class CopiesPretrainedOnMerge:
+    """Mixin for the authors' merged-model classes: their in-place ``merge_weights`` works on a copy of
+    θ₀ (on their GPU ``.to(device)`` copies; on CPU it would add into θ₀ itself, see the docstring)."""
+
+    def merge_weights(self):
+        keep = self.pretrained_state_dict
+        self.pretrained_state_dict = {k: v.clone() for k, v in keep.items()}
+        try:
+            super().merge_weights()
+        finally:
+            self.pretrained_state_dict = keep
+
+
 def _setup(zoo: Zoo, case: dict):
     from src.modeling import ClassificationHead
 
@@ -135,19 +148,11 @@ def _otmf_task(zoo: Zoo, case: dict) -> dict[str, Tensor]:
 
     clamp = case["options"]["clamp"] != "none"
 
-    class CopyingTaskWiseMergedModel(TaskWiseMergedModel):
+    class CopyingTaskWiseMergedModel(CopiesPretrainedOnMerge, TaskWiseMergedModel):
         """Their class, θ₀ copied before the in-place merge (see the module's docstring)."""
 
         def __init__(self, *a, clamp_weights=True, **k):
             super().__init__(*a, clamp_weights=clamp, **k)  # none: their class with clamp_weights=False
-
-        def merge_weights(self):
-            keep = self.pretrained_state_dict
-            self.pretrained_state_dict = {k: v.clone() for k, v in keep.items()}
-            try:
-                super().merge_weights()
-            finally:
-                self.pretrained_state_dict = keep
 
     order, pre, tvs, heads = _setup(zoo, case)
     consumed: list = []

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from otmf_exp.parity.reference.authors_adamerging import _child, _setup, child_main
+from otmf_exp.parity.reference.authors_adamerging import CopiesPretrainedOnMerge, _child, _setup, child_main
 from otmf_exp.parity.reference.zoo import Zoo
 
 ALPHA = 0.8  # their Program.mask_alpha
@@ -97,16 +97,8 @@ def _route(zoo: Zoo, case: dict) -> dict[str, Tensor]:
 
     srm = sys.modules["src.tasks.shortest_route_mask"]  # compute_sr_mask's globals
 
-    class CopyingRouteMergedModel(srm.RouteMergedModel):
+    class CopyingRouteMergedModel(CopiesPretrainedOnMerge, srm.RouteMergedModel):
         """Their class, θ₀ copied before the in-place merge (see the module's docstring)."""
-
-        def merge_weights(self):
-            keep = self.pretrained_state_dict
-            self.pretrained_state_dict = {k: v.clone() for k, v in keep.items()}
-            try:
-                super().merge_weights()
-            finally:
-                self.pretrained_state_dict = keep
 
     losses: list[float] = []
     geomloss = srm.geomloss
